@@ -1,0 +1,72 @@
+"""The `fundament` command: thin commands that call the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .config import ServeConfig
+from .errors import FundamentError
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    from .models.registry import spec_from_path
+    from .server.app import create_app
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    cfg.host = args.host or cfg.host
+    cfg.port = args.port or cfg.port
+    keys = args.api_key or ([os.environ["FUNDAMENT_API_KEY"]] if os.environ.get("FUNDAMENT_API_KEY") else [])
+    if keys:
+        cfg.api_keys = keys
+    if args.model:
+        extra = [spec_from_path(p) for p in args.model]
+        cfg.models = ([] if args.no_default_models else cfg.models) + extra
+    for a in args.alias or []:
+        name, _, target = a.partition("=")
+        if not target:
+            raise FundamentError(f"--alias must look like NAME=MODEL, got {a!r}", "alias")
+        cfg.aliases[name] = target
+    if args.max_body_bytes:
+        cfg.max_body_bytes = args.max_body_bytes
+    t0 = time.perf_counter()
+    app = create_app(cfg)
+
+    @app.on_event("startup")
+    async def _ready():  # runs after the lifespan has loaded the models
+        logging.getLogger("fundament").info("ready in %.1fs on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)
+
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fundament", description="Serve, adapt and measure foundation models offline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve models through the OpenAI HTTP API")
+    s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    s.add_argument("--config", help="YAML config file (see docs/configuration.md)")
+    s.add_argument("--model", action="append", help="serve a local model by path: GGUF file, HF or sentence-transformers directory (repeatable)")
+    s.add_argument("--no-default-models", action="store_true", help="serve only the models given with --model")
+    s.add_argument("--alias", action="append", help="NAME=MODEL, e.g. gpt-4o-mini=smollm2-135m-instruct (repeatable)")
+    s.add_argument("--api-key", action="append", help="require this API key (repeatable; or set FUNDAMENT_API_KEY)")
+    s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 8 MiB)")
+    s.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            _serve(args)
+    except FundamentError as e:
+        print(f"fundament: {e.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The engine: token ids in, token ids out. Scheduling, KV caches, sampling, logits processing."""
+
+from .engine import Engine, EngineOutput, EngineRequest
+from .sampling import SamplingParams
+
+__all__ = ["Engine", "EngineOutput", "EngineRequest", "SamplingParams"]

@@ -1,0 +1,265 @@
+"""The engine loop: continuous (iteration-level) batching over one model, on its own thread.
+
+Every step the scheduler admits waiting requests while the KV budget allows, then runs one forward
+pass over a flat batch holding one token per decoding sequence plus chunks of prompts being
+prefilled, then samples one token per row that needs one. Requests join and leave at every step.
+Knows token ids, sampling parameters and the model; knows nothing of text, HTTP or chat templates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import ContextLengthExceededError, QueueFullError
+from ..models.llama import KVCache, LlamaModel, Segment
+from .sampling import SamplingParams, sample_row
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass
+class EngineOutput:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
+    prompt_logprobs: list[float | None] | None = None  # only on a request's first output
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[EngineOutput | BaseException], None]
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # Scheduler state
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    cache: KVCache | None = None
+    generator: torch.Generator | None = None
+    processors: list = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: list[int]):
+        self.model, self.config = model, config
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_context = model.cfg.max_position_embeddings
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self._aborts: set[str] = set()
+        self._reserved = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- public API (any thread) -------------------------------------------------------------
+
+    def check_fits(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
+        total = n_prompt + max_tokens
+        if total > self.max_context:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                "Reduce the length of the prompt or of max_completion_tokens.",
+                param,
+            )
+        if total > self.config.kv_cache_tokens:
+            raise ContextLengthExceededError(
+                f"The request needs {total} tokens of KV cache but the engine holds at most "
+                f"{self.config.kv_cache_tokens} (engine.kv_cache_tokens).",
+                param,
+            )
+
+    def submit(self, req: EngineRequest) -> None:
+        with self._cv:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"The server is busy: {len(self.waiting)} requests are already waiting. Retry shortly.")
+            self.waiting.append(req)
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[EngineOutput]:
+        """Submit one sequence and yield its outputs; closing the iterator aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        req = EngineRequest(list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o))
+        self.submit(req)
+        done = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    done = True
+                    raise out
+                done = out.finish_reason is not None
+                yield out
+                if done:
+                    return
+        finally:
+            if not done:
+                self.abort(req.request_id)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fundament-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.running and not self._aborts:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never let one bad step kill the thread: fail its requests
+                log.exception("engine step failed")
+                for req in self.running:
+                    req.on_output(e)
+                    self._release(req)
+                self.running = []
+
+    def _release(self, req: EngineRequest) -> None:
+        req.finished = True
+        req.cache = None
+        self._reserved -= req.reserved_tokens
+
+    def _schedule(self) -> None:
+        with self._cv:
+            aborts, self._aborts = self._aborts, set()
+            if aborts:
+                self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
+            while self.waiting and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                if self._reserved + req.reserved_tokens > self.config.kv_cache_tokens:
+                    break  # memory is full: it waits until a running sequence finishes
+                self.waiting.popleft()
+                self._reserved += req.reserved_tokens
+                req.cache = self.model.new_cache()
+                if req.params.seed is not None:
+                    req.generator = torch.Generator().manual_seed(req.params.seed)
+                req.processors = req.params.processors()
+                self.running.append(req)
+        if aborts:
+            for req in [r for r in self.running if r.request_id in aborts]:
+                self._release(req)
+            self.running = [r for r in self.running if not r.finished]
+
+    def step(self) -> None:
+        self._schedule()
+        if not self.running:
+            return
+        budget = self.config.max_num_batched_tokens
+        tokens: list[int] = []
+        segments: list[Segment] = []
+        plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
+        # Decoding sequences first (one token each), so long prompts never stall them.
+        for req in self.running:
+            if req.num_computed >= len(req.prompt_ids):
+                seq = req.prompt_ids + req.output_ids
+                plan.append((req, len(tokens), 1))
+                segments.append(Segment(req.cache, req.num_computed, 1))
+                tokens.append(seq[req.num_computed])
+        for req in self.running:
+            remaining = len(req.prompt_ids) - req.num_computed
+            if remaining > 0 and budget > 0:
+                n = min(remaining, budget)
+                budget -= n
+                plan.append((req, len(tokens), n))
+                segments.append(Segment(req.cache, req.num_computed, n))
+                tokens.extend(req.prompt_ids[req.num_computed : req.num_computed + n])
+        if not plan:
+            return
+        # Rows whose logits are needed: each segment's last, or every prompt row for prompt_logprobs.
+        rows: list[int] = []
+        row_of: dict[int, int] = {}
+        for i, (req, first, n) in enumerate(plan):
+            if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
+                rows.extend(range(first, first + n))
+            else:
+                rows.append(first + n - 1)
+            row_of[i] = len(rows) - 1
+        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows))
+        self.steps += 1
+        for i, (req, first, n) in enumerate(plan):
+            was_prefill = req.num_computed < len(req.prompt_ids)
+            if req.params.prompt_logprobs and was_prefill:
+                self._record_prompt_logprobs(req, logits[row_of[i] - n + 1 : row_of[i] + 1], n)
+            req.num_computed += n
+            if req.num_computed < len(req.prompt_ids):
+                continue  # more prompt to prefill
+            self._sample(req, logits[row_of[i]])
+        self.running = [r for r in self.running if not r.finished]
+
+    def _record_prompt_logprobs(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
+        # logits (n, V): row j predicts prompt token num_computed + j + 1.
+        if req.num_computed == 0:
+            req.prompt_logprobs.append(None)  # the first token has no context
+        lp = torch.log_softmax(logits, dim=-1)
+        start = req.num_computed
+        for j in range(n):
+            nxt = start + j + 1
+            if nxt < len(req.prompt_ids):
+                req.prompt_logprobs.append(float(lp[j, req.prompt_ids[nxt]]))
+
+    def _sample(self, req: EngineRequest, logits: torch.Tensor) -> None:
+        for proc in req.processors:
+            logits = proc(req.output_ids, logits)
+        token = sample_row(logits, req.params, req.generator)
+        out = EngineOutput(token_id=token)
+        if req.params.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            out.logprob = float(lp[token])
+            k = req.params.logprobs
+            if k > 0:
+                top = torch.topk(lp, k)
+                out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if not req.output_ids and req.params.prompt_logprobs:
+            out.prompt_logprobs = req.prompt_logprobs
+        req.output_ids.append(token)
+        if token in req.params.stop_token_ids or (token in self.eos_token_ids and not req.params.ignore_eos):
+            out.finish_reason = "stop"
+        elif len(req.output_ids) >= req.params.max_tokens or req.num_computed + 1 >= self.max_context:
+            out.finish_reason = "length"
+        if out.finish_reason:
+            self._release(req)
+        req.on_output(out)

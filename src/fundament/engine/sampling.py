@@ -1,0 +1,80 @@
+"""Sampling parameters and the sampler: per-row logits processing, then greedy or nucleus sampling.
+
+Logits processors are plain callables `(output_ids, logits (V,)) -> logits`, applied per row, so
+penalties, `logit_bias` and token masks (later: grammar masks) share one hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    prompt_logprobs: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    def processors(self) -> list[LogitsProcessor]:
+        procs = list(self.logits_processors)
+        if self.presence_penalty or self.frequency_penalty:
+            procs.insert(0, _penalties(self.presence_penalty, self.frequency_penalty))
+        if self.logit_bias:
+            procs.insert(0, _bias(self.logit_bias))
+        return procs
+
+
+def _bias(bias: dict[int, float]) -> LogitsProcessor:
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+    vals = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def apply(output_ids, logits):
+        logits[ids] += vals
+        return logits
+
+    return apply
+
+
+def _penalties(presence: float, frequency: float) -> LogitsProcessor:
+    # OpenAI's definition: logit -= count * frequency + (count > 0) * presence, over generated tokens.
+    def apply(output_ids, logits):
+        if output_ids:
+            ids, counts = torch.tensor(output_ids).unique(return_counts=True)
+            logits[ids] -= counts.float() * frequency + presence
+        return logits
+
+    return apply
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of processed logits (V,)."""
+    if params.temperature <= 0 or params.top_k == 1:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p > params.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p[drop] = 0.0
+        token = idx[torch.multinomial(sorted_p, 1, generator=generator)]
+        return int(token)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,201 @@
+"""A Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in plain PyTorch, built for the engine.
+
+It knows tensors only: a flat batch of tokens from many sequences (prefill chunks and decode steps
+mixed), each sequence with its own KV cache. It knows nothing of tokenizers, requests or sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..errors import InvalidRequestError
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise InvalidRequestError(
+                f"architecture {arch} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model"
+            )
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise InvalidRequestError(f"rope type {rope.get('rope_type')} is not supported", "model")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+        )
+
+
+class KVCache:
+    """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens."""
+
+    BLOCK = 256
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.k = self.v = None  # (L, KVH, cap, hd)
+        self.capacity = 0
+
+    def reserve(self, n_tokens: int) -> None:
+        if n_tokens <= self.capacity:
+            return
+        cap = -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK
+        c = self.cfg
+        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.capacity:
+            k[:, :, : self.capacity] = self.k
+            v[:, :, : self.capacity] = self.v
+        self.k, self.v, self.capacity = k, v, cap
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Segment:
+    """A run of consecutive tokens of one sequence inside the flat batch."""
+
+    cache: KVCache
+    start: int  # position of the first token (tokens before it are in the cache)
+    length: int
+
+
+class LlamaModel:
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+
+        def w(name):
+            return weights[name].to(dtype=dtype, device=self.device).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")  # (V, C)
+        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.norm = w("model.norm.weight")
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layer = {
+                "in_norm": w(p + "input_layernorm.weight"),
+                "post_norm": w(p + "post_attention_layernorm.weight"),
+                # Fused projections: one matmul for q,k,v and one for gate,up.
+                "qkv": torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                "o": w(p + "self_attn.o_proj.weight"),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                "down": w(p + "mlp.down_proj.weight"),
+                "qkv_bias": None,
+            }
+            if cfg.attention_bias:
+                layer["qkv_bias"] = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            self.layers.append(layer)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
+        self.cos = emb.cos().to(dtype=dtype, device=self.device)
+        self.sin = emb.sin().to(dtype=dtype, device=self.device)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu") -> "LlamaModel":
+        path = Path(path)
+        cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+        weights = {}
+        for f in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(f))
+        if not weights:
+            raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
+        return cls(cfg, weights, dtype=dtype, device=device)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg, self.dtype, self.device)
+
+    def _rms_norm(self, x, weight):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return weight * (x.float() * torch.rsqrt(var + self.cfg.rms_norm_eps)).to(x.dtype)
+
+    @staticmethod
+    def _rope(x, cos, sin):
+        # x: (N, heads, hd); cos/sin: (N, 1, hd)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
+        rows of the flat batch named by logit_rows (usually each segment's last token)."""
+        cfg = self.cfg
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
+        for s in segments:
+            s.cache.reserve(s.start + s.length)
+        cos = self.cos[positions].unsqueeze(1)  # (N, 1, hd)
+        sin = self.sin[positions].unsqueeze(1)
+        N = input_ids.shape[0]
+        x = self.embed[input_ids]  # (N, C)
+        q_dim, kv_dim = H * hd, KVH * hd
+        for li, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer["in_norm"])
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])  # (N, q_dim + 2 kv_dim)
+            q = self._rope(qkv[:, :q_dim].view(N, H, hd), cos, sin)
+            k = self._rope(qkv[:, q_dim : q_dim + kv_dim].view(N, KVH, hd), cos, sin)
+            v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
+            attn = torch.empty(N, H, hd, dtype=x.dtype, device=x.device)
+            off = 0
+            for s in segments:
+                end = s.start + s.length
+                kc, vc = s.cache.k[li], s.cache.v[li]  # (KVH, cap, hd)
+                kc[:, s.start : end] = k[off : off + s.length].transpose(0, 1)
+                vc[:, s.start : end] = v[off : off + s.length].transpose(0, 1)
+                qs = q[off : off + s.length].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
+                ks, vs = kc[:, :end].unsqueeze(0), vc[:, :end].unsqueeze(0)  # (1, KVH, end, hd)
+                if s.length == 1:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)
+                elif s.start == 0:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                else:  # a later prefill chunk: causal, offset by the cached prefix
+                    mask = torch.ones(s.length, end, dtype=torch.bool).tril(diagonal=s.start)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+                attn[off : off + s.length] = o[0].transpose(0, 1)
+                off += s.length
+            x = x + F.linear(attn.view(N, q_dim), layer["o"])
+            h = self._rms_norm(x, layer["post_norm"])
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        x = self._rms_norm(x[logit_rows], self.norm)
+        return F.linear(x, self.lm_head).float()  # (R, V)

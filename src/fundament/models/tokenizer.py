@@ -1,0 +1,65 @@
+"""Text <-> token ids for a generation model, and the chat template from the model's own metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InvalidRequestError
+
+
+class ChatTokenizer:
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(path))
+        if not self.hf.chat_template:
+            raise InvalidRequestError(f"the tokenizer in {path} has no chat template in its metadata", "model")
+        self.eos_token_ids = sorted({i for i in [self.hf.eos_token_id] if i is not None} | self._end_of_turn_ids())
+        self.vocab_size = len(self.hf)
+        # One decoded string per id, for logprobs' `token` fields.
+        self._pieces: dict[int, str] = {}
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids = set()
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            i = self.hf.convert_tokens_to_ids(tok)
+            if isinstance(i, int) and i != self.hf.unk_token_id:
+                ids.add(i)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        p = self._pieces.get(token_id)
+        if p is None:
+            p = self._pieces[token_id] = self.hf.decode([token_id])
+        return p
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return self.encode(text)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters.
+    (The prefix/read offset scheme vLLM and TGI use: decode a short window, emit what is new.)"""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""  # an incomplete character, or a special token that decodes to nothing
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return full[len(prefix) :]

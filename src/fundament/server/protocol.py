@@ -1,0 +1,293 @@
+"""Pydantic wire types mirroring OpenAI's API reference, field names and order as OpenAI's.
+
+Requests accept (and ignore) valid OpenAI fields we do not use. Our extensions are fenced under an
+`# --- fundament extensions ---` comment in each type and documented in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Request(BaseModel):
+    # Unknown keys are dropped: OpenAI clients send fields we may not know (and extra_body).
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: Any
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Request):
+    role: Literal["developer", "system", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class StreamOptions(Request):
+    include_usage: Optional[bool] = None
+    include_obfuscation: Optional[bool] = None
+
+
+class SamplingFields(Request):
+    """The sampling fields chat and completions share."""
+
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: Optional[int] = Field(1, ge=1, le=128)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    user: Optional[str] = None
+    # --- fundament extensions (vLLM's names; sent by the official client through extra_body) ---
+    top_k: Optional[int] = Field(None, ge=0)
+    ignore_eos: Optional[bool] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences are allowed")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        for k, b in v.items():
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (integers as strings), not {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {b} for token {k}")
+        return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    model: str
+    logprobs: Optional[bool] = False
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    metadata: Optional[dict[str, str]] = None
+    modalities: Optional[list[str]] = None
+    parallel_tool_calls: Optional[bool] = None
+    prediction: Optional[Any] = None
+    prompt_cache_key: Optional[str] = None
+    reasoning_effort: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None
+    safety_identifier: Optional[str] = None
+    service_tier: Optional[str] = None
+    store: Optional[bool] = None
+    tool_choice: Optional[Any] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    verbosity: Optional[str] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+    refusal: Optional[list[TokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    refusal: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Optional[str] = None
+    logprobs: Optional[ChoiceLogprobs] = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: Optional[str] = None
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Optional[str] = None
+    logprobs: Optional[ChoiceLogprobs] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+    system_fingerprint: Optional[str] = None
+
+
+# ---- completions ------------------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Optional[str] = None
+    logprobs: Optional[CompletionLogprobs] = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+    system_fingerprint: Optional[str] = None
+
+
+# ---- embeddings -------------------------------------------------------------------------------
+
+
+class EmbeddingRequest(Request):
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str
+    dimensions: Optional[int] = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[str] = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

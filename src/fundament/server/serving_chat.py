@@ -1,0 +1,143 @@
+"""POST /v1/chat/completions: resolve the model, render the chat template, run n sequences,
+answer as one ChatCompletion or as a stream of chunks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import AsyncIterator
+
+from ..errors import InvalidRequestError, error_payload
+from ..models.registry import GenerationModel, ModelRegistry
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+)
+from .sequences import Delta, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+
+
+def render_messages(req: ChatCompletionRequest) -> list[dict]:
+    """Wire messages to the dicts a chat template reads. `developer` is OpenAI's new name for
+    `system`; templates only know the latter."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role in ("user", "system", "developer") and m.content is None:
+            raise InvalidRequestError(f"messages[{i}] ({m.role}) has no content.", f"messages[{i}].content")
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id")
+        d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            d["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+def _token_logprobs(lm: GenerationModel, delta: Delta) -> list[TokenLogprob]:
+    tok = lm.tokenizer
+    items = []
+    for o in delta.outputs:
+        if o.logprob is None:
+            continue
+        piece = tok.piece(o.token_id)
+        tops = [TopLogprob(token=tok.piece(t), logprob=lp, bytes=list(tok.piece(t).encode())) for t, lp in (o.top_logprobs or [])]
+        items.append(TokenLogprob(token=piece, logprob=o.logprob, bytes=list(piece.encode()), top_logprobs=tops))
+    return items
+
+
+class ChatHandler:
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    def prepare(self, req: ChatCompletionRequest):
+        lm = self.registry.generator(req.model)
+        messages = render_messages(req)
+        try:
+            prompt_ids = lm.tokenizer.apply_chat_template(messages)
+        except Exception as e:  # a template that rejects the conversation (e.g. role order)
+            raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", "messages") from e
+        check_prompt_length(lm, len(prompt_ids), "messages")
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true.", "top_logprobs")
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        try:
+            params = sampling_params(lm, req, len(prompt_ids), requested, (req.top_logprobs or 0) if req.logprobs else None, "messages")
+        except InvalidRequestError as e:
+            if requested is not None and e.param == "messages" and e.code == "context_length_exceeded":
+                e.param = param if len(prompt_ids) < lm.engine.max_context else "messages"
+            raise
+        return lm, prompt_ids, params
+
+    def _streams(self, lm, prompt_ids, params, req) -> list[AsyncIterator[Delta]]:
+        stops = stop_list(req.stop)
+        out = []
+        for i in range(req.n or 1):
+            p = params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
+            out.append(run_sequence(lm, prompt_ids, p, stops))
+        return out
+
+    async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
+        lm, prompt_ids, params = self.prepare(req)
+        n = req.n or 1
+        texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
+        async for i, d in merge(self._streams(lm, prompt_ids, params, req)):
+            texts[i] += d.text
+            finish[i] = d.finish_reason or finish[i]
+            generated[i] = d.num_generated
+            if req.logprobs:
+                logprobs[i].extend(_token_logprobs(lm, d))
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=texts[i]),
+                finish_reason=finish[i],
+                logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
+            )
+            for i in range(n)
+        ]
+        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(generated), total_tokens=len(prompt_ids) + sum(generated))
+        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+
+    def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        lm, prompt_ids, params = self.prepare(req)  # errors here are still plain 4xx responses
+        return self._stream(lm, prompt_ids, params, req)
+
+    async def _stream(self, lm, prompt_ids, params, req) -> AsyncIterator[str]:
+        cid, created, n = new_id("chatcmpl"), now(), req.n or 1
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices, usage=None) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+            return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
+
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        generated = [0] * n
+        try:
+            async for i, d in merge(self._streams(lm, prompt_ids, params, req)):
+                generated[i] = d.num_generated
+                lp = ChoiceLogprobs(content=_token_logprobs(lm, d)) if req.logprobs else None
+                if d.text or lp is not None and lp.content:
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
+                if d.finish_reason:
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=d.finish_reason)])
+        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            yield f"data: {json.dumps(error_payload(e))}\n\n"
+            return
+        if include_usage:
+            total = sum(generated)
+            yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=total, total_tokens=len(prompt_ids) + total))
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,139 @@
+"""POST /v1/completions: plain-text prompts (string, list, or token arrays), `echo`, `logprobs`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import AsyncIterator
+
+from ..errors import InvalidRequestError, error_payload
+from ..models.registry import GenerationModel, ModelRegistry
+from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
+from .sequences import Delta, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+
+
+def _prompts(lm: GenerationModel, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [lm.tokenizer.encode(prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    out = []
+    for i, p in enumerate(prompt):
+        ids = lm.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        bad = [t for t in ids if not 0 <= t < lm.tokenizer.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt[{i}] has token id {bad[0]} outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})", "prompt")
+        out.append(ids)
+    return out
+
+
+class _Logprobs:
+    """Accumulates OpenAI's legacy logprobs object for one choice."""
+
+    def __init__(self, lm: GenerationModel, offset: int):
+        self.lm, self.offset = lm, offset
+        self.lp = CompletionLogprobs()
+
+    def add(self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None):
+        piece = self.lm.tokenizer.piece(token_id)
+        self.lp.tokens.append(piece)
+        self.lp.token_logprobs.append(logprob)
+        self.lp.top_logprobs.append(None if top is None else {self.lm.tokenizer.piece(t): v for t, v in top})
+        self.lp.text_offset.append(self.offset)
+        self.offset += len(piece)
+
+    def add_delta(self, d: Delta):
+        for o in d.outputs:
+            self.add(o.token_id, o.logprob, o.top_logprobs or [])
+
+
+class CompletionHandler:
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    def prepare(self, req: CompletionRequest):
+        lm = self.registry.generator(req.model)
+        if req.suffix:
+            raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this model.", "suffix")
+        prompts = _prompts(lm, req.prompt)
+        jobs = []
+        for p_i, ids in enumerate(prompts):
+            check_prompt_length(lm, len(ids), "prompt")
+            params = sampling_params(lm, req, len(ids), req.max_tokens, req.logprobs, "prompt")
+            if req.echo and req.logprobs is not None:
+                params = replace(params, prompt_logprobs=True)
+            for j in range(req.n or 1):
+                seed = None if params.seed is None else params.seed + j
+                jobs.append((ids, replace(params, seed=seed)))
+        return lm, jobs
+
+    def _start(self, lm, req, jobs) -> tuple[list[str], list[_Logprobs | None], list[AsyncIterator[Delta]]]:
+        texts, lps, streams = [], [], []
+        stops = stop_list(req.stop)
+        for ids, params in jobs:
+            echo = lm.tokenizer.decode(ids) if req.echo else ""
+            texts.append(echo)
+            lps.append(_Logprobs(lm, 0) if req.logprobs is not None else None)
+            streams.append(run_sequence(lm, ids, params, stops))
+        return texts, lps, streams
+
+    @staticmethod
+    def _add_echo_logprobs(lm, lp: _Logprobs, ids, d: Delta):
+        if d.prompt_logprobs is not None:
+            for t, v in zip(ids, d.prompt_logprobs):
+                lp.add(t, v, None)
+
+    async def create(self, req: CompletionRequest) -> Completion:
+        lm, jobs = self.prepare(req)
+        texts, lps, streams = self._start(lm, req, jobs)
+        finish, generated = [None] * len(jobs), [0] * len(jobs)
+        async for i, d in merge(streams):
+            if lps[i] is not None:
+                if req.echo:
+                    self._add_echo_logprobs(lm, lps[i], jobs[i][0], d)
+                lps[i].add_delta(d)
+            texts[i] += d.text
+            finish[i] = d.finish_reason or finish[i]
+            generated[i] = d.num_generated
+        choices = [
+            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], logprobs=lps[i].lp if lps[i] else None)
+            for i in range(len(jobs))
+        ]
+        n_prompt = sum(len(ids) for ids, _ in jobs[:: req.n or 1])
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated))
+        return Completion(id=new_id("cmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+
+    def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+        lm, jobs = self.prepare(req)
+        return self._stream(lm, jobs, req)
+
+    async def _stream(self, lm, jobs, req) -> AsyncIterator[str]:
+        cid, created = new_id("cmpl"), now()
+        texts, lps, streams = self._start(lm, req, jobs)
+        generated = [0] * len(jobs)
+
+        def chunk(choices, usage=None):
+            c = Completion(id=cid, created=created, model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+            return f"data: {c.model_dump_json()}\n\n"
+
+        try:
+            async for i, d in merge(streams):
+                generated[i] = d.num_generated
+                text = d.text
+                lp = None
+                if lps[i] is not None:
+                    lp = _Logprobs(lm, lps[i].offset)
+                    if req.echo:
+                        self._add_echo_logprobs(lm, lp, jobs[i][0], d)
+                    lp.add_delta(d)
+                    lps[i].offset = lp.offset
+                if texts[i]:  # the echoed prompt goes out with the first delta
+                    text, texts[i] = texts[i] + text, ""
+                yield chunk([CompletionChoice(index=i, text=text, finish_reason=d.finish_reason, logprobs=lp.lp if lp else None)])
+        except Exception as e:
+            yield f"data: {json.dumps(error_payload(e))}\n\n"
+            return
+        if req.stream_options and req.stream_options.include_usage:
+            n_prompt = sum(len(ids) for ids, _ in jobs[:: req.n or 1])
+            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated)))
+        yield "data: [DONE]\n\n"
