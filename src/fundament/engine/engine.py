@@ -184,6 +184,7 @@ class Engine:
                 self._release(req)
             self.running = [r for r in self.running if not r.finished]
 
+    @torch.inference_mode()
     def step(self) -> None:
         self._schedule()
         if not self.running:

@@ -16,7 +16,7 @@ class Embedder:
         if not (Path(path) / "modules.json").exists():
             raise InvalidRequestError(f"{path} is not a sentence-transformers directory (no modules.json)", "model")
         self.st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.dimensions = self.st.get_sentence_embedding_dimension()
+        self.dimensions = self.st.get_embedding_dimension()
         self.max_tokens = self.st.max_seq_length
         self.tokenizer = self.st.tokenizer
         self.vocab_size = len(self.tokenizer)

@@ -152,7 +152,8 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fa
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        engines = {n: {"running": len(g.engine.running), "waiting": len(g.engine.waiting), "steps": g.engine.steps} for n, g in reg.generators.items()}
+        return {"status": "ok", "engines": engines}
 
     @app.get("/v1/models", dependencies=v1)
     async def list_models() -> ModelList:

@@ -1,0 +1,186 @@
+"""The engine on a tiny random Llama: equality with HF transformers, batch invariance, chunked
+prefill, memory bound, queue limit, aborts, seeds and logits processors."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from fundament.config import EngineConfig
+from fundament.engine import Engine, EngineRequest, SamplingParams
+from fundament.errors import ContextLengthExceededError, QueueFullError
+from fundament.models.llama import LlamaModel
+
+
+def run_all(engine: Engine, reqs: list[EngineRequest], max_steps: int = 10_000) -> None:
+    for r in reqs:
+        engine.submit(r)
+    for _ in range(max_steps):
+        if all(r.finished for r in reqs):
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def greedy(prompt, n, **kw):
+    outs = []
+    return EngineRequest(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw), outs.append), outs
+
+
+def tokens(outs):
+    return [o.token_id for o in outs]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return LlamaModel.from_dir(tiny_llama)
+
+
+def test_greedy_equals_transformers_generate(tiny_llama, model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    prompt = [5, 17, 99, 3, 250, 41, 7]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
+    engine = Engine(model, EngineConfig(), eos_token_ids=[2])
+    req, outs = greedy(prompt, 64)
+    run_all(engine, [req])
+    assert tokens(outs) == ref
+
+
+def test_batch_of_16_equals_each_alone(model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(1, 60))] for _ in range(16)]
+    alone = []
+    for p in prompts:
+        req, outs = greedy(p, 24)
+        run_all(Engine(model, EngineConfig(), [2]), [req])
+        alone.append(tokens(outs))
+    engine = Engine(model, EngineConfig(max_num_batched_tokens=64), [2])
+    pairs = [greedy(p, 24) for p in prompts]
+    run_all(engine, [r for r, _ in pairs])
+    assert [tokens(o) for _, o in pairs] == alone
+
+
+def test_chunked_prefill_equals_one_shot(model):
+    prompt = list(range(3, 203))
+    one, o1 = greedy(prompt, 16)
+    run_all(Engine(model, EngineConfig(max_num_batched_tokens=512), [2]), [one])
+    chunked, o2 = greedy(prompt, 16)
+    engine = Engine(model, EngineConfig(max_num_batched_tokens=37), [2])
+    run_all(engine, [chunked])
+    assert tokens(o1) == tokens(o2)
+    assert engine.steps >= 200 // 37 + 16
+
+
+def test_requests_wait_when_kv_budget_is_full(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=100), [2])
+    reqs = [greedy([3] * 20, 30)[0] for _ in range(4)]  # 50 tokens each: two fit at once
+    for r in reqs:
+        engine.submit(r)
+    peak = 0
+    while not all(r.finished for r in reqs):
+        engine.step()
+        peak = max(peak, len(engine.running))
+        assert engine._reserved <= 100
+    assert peak == 2
+
+
+def test_queue_limit_raises_queue_full(model):
+    engine = Engine(model, EngineConfig(max_queue=2), [2])
+    engine.submit(greedy([3], 2)[0])
+    engine.submit(greedy([3], 2)[0])
+    with pytest.raises(QueueFullError):
+        engine.submit(greedy([3], 2)[0])
+
+
+def test_check_fits_names_the_limit(model):
+    engine = Engine(model, EngineConfig(), [2])
+    with pytest.raises(ContextLengthExceededError, match="512"):
+        engine.check_fits(500, 20)
+
+
+def test_abort_leaves_the_batch_at_once(model):
+    engine = Engine(model, EngineConfig(), [2])
+    keep, keep_out = greedy([5, 6], 10)
+    gone, gone_out = greedy([7, 8], 1000)
+    engine.submit(keep)
+    engine.submit(gone)
+    engine.step()
+    engine.abort(gone.request_id)
+    engine.step()
+    assert [r.request_id for r in engine.running] == [keep.request_id]
+    assert engine._reserved == keep.reserved_tokens
+    assert len(gone_out) == 1
+
+
+def test_same_seed_same_sample_different_seed_differs(model):
+    def sample(seed):
+        outs = []
+        req = EngineRequest([5, 9, 11], SamplingParams(max_tokens=20, temperature=1.5, seed=seed, ignore_eos=True), outs.append)
+        run_all(Engine(model, EngineConfig(), [2]), [req])
+        return tokens(outs)
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_logit_bias_forces_a_token(model):
+    req, outs = greedy([5, 9], 5, logit_bias={123: 100.0})
+    run_all(Engine(model, EngineConfig(), [2]), [req])
+    assert tokens(outs) == [123] * 5
+
+
+def test_frequency_penalty_changes_repetition(model):
+    plain, o1 = greedy([5, 9], 30)
+    pen, o2 = greedy([5, 9], 30, frequency_penalty=2.0, presence_penalty=2.0)
+    run_all(Engine(model, EngineConfig(), [2]), [plain, pen])
+    assert len(set(tokens(o2))) > len(set(tokens(o1)))
+
+
+def test_stop_token_ends_with_stop(model):
+    req, outs = greedy([5, 9], 50)
+    run_all(Engine(model, EngineConfig(), [2]), [req])
+    target = tokens(outs)[3]
+    req2, outs2 = greedy([5, 9], 50, stop_token_ids=[target])
+    run_all(Engine(model, EngineConfig(), [2]), [req2])
+    assert tokens(outs2)[-1] == target and outs2[-1].finish_reason == "stop"
+    assert len(outs2) == tokens(outs).index(target) + 1
+
+
+def test_logprobs_are_log_softmax_of_the_row(model):
+    req, outs = greedy([5, 9, 4], 3, logprobs=5)
+    run_all(Engine(model, EngineConfig(), [2]), [req])
+    first = outs[0]
+    assert first.logprob == pytest.approx(first.top_logprobs[0][1])  # greedy picks the top token
+    assert [t for t, _ in first.top_logprobs][0] == first.token_id
+    lps = [v for _, v in first.top_logprobs]
+    assert lps == sorted(lps, reverse=True) and all(v <= 0 for v in lps)
+
+
+def test_async_generate_on_the_thread_and_cancel(model):
+    engine = Engine(model, EngineConfig(), [2])
+    engine.start()
+
+    async def main():
+        got = []
+        async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)):
+            got.append(out)
+        gen = engine.generate([5, 6, 7], SamplingParams(max_tokens=10_000 - 10, temperature=0, ignore_eos=True))
+        await gen.__anext__()
+        await gen.aclose()  # a client that went away
+        for _ in range(100):
+            if not engine.running and not engine.waiting:
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert [o.finish_reason for o in got] == [None] * 4 + ["length"]
+    assert not engine.running and engine._reserved == 0
