@@ -15,7 +15,7 @@ from .errors import FundamentError
 def _serve(args) -> None:
     import uvicorn
 
-    from .models.registry import spec_from_path
+    from .models.registry import ModelRegistry, spec_from_path
     from .server.app import create_app
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
@@ -35,12 +35,10 @@ def _serve(args) -> None:
     if args.max_body_bytes:
         cfg.max_body_bytes = args.max_body_bytes
     t0 = time.perf_counter()
-    app = create_app(cfg)
-
-    @app.on_event("startup")
-    async def _ready():  # runs after the lifespan has loaded the models
-        logging.getLogger("fundament").info("ready in %.1fs on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)
-
+    registry = ModelRegistry(cfg)
+    registry.load_all()  # before binding the port: a model that cannot load is a one-line error
+    logging.getLogger("fundament").info("models loaded in %.1fs; serving on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)
+    app = create_app(cfg, registry)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
 
 

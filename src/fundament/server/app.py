@@ -23,12 +23,23 @@ from .serving_embeddings import EmbeddingHandler
 log = logging.getLogger(__name__)
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
 def _param_from_loc(loc) -> str | None:
-    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or "(" in p or "-" in p))]
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'; union-member and tag names are dropped."""
     out = ""
-    for p in parts:
+    for p in loc:
+        if p == "body" or (isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))):
+            continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
+
+
+def _describe(value) -> str:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return json.dumps(value)[:100]
+    return type(value).__name__
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -36,14 +47,16 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         msg = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}). Send a JSON object."
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
-    param = _param_from_loc(first.get("loc", ()))
-    if first.get("type") == "missing":
-        msg = f"Missing required parameter: '{param}'."
+        param = None
     else:
-        got = first.get("input")
-        got_s = json.dumps(got)[:100] if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
-        msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {got_s})."
+        param = _param_from_loc(first.get("loc", ()))
+        same = [e for e in errors if _param_from_loc(e.get("loc", ())) == param]
+        if first.get("type") == "missing":
+            msg = f"Missing required parameter: '{param}'."
+        elif len(same) > 1:  # a union: none of the accepted shapes matched
+            msg = f"Invalid type for '{param}' (got {_describe(first.get('input'))}); see the API reference for the accepted shapes."
+        else:
+            msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {_describe(first.get('input'))})."
     return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param, "code": None}}, status_code=400)
 
 
