@@ -57,17 +57,18 @@ def main():
 
     from fundament.config import DEFAULT_MODELS, EngineConfig
     from fundament.engine import Engine, EngineRequest, SamplingParams
-    from fundament.models.llama import LlamaModel
+    from fundament.models.llama import LlamaModel, resolve_dtype
     from fundament.models.loading import hf_dir_for
     from fundament.models.tokenizer import ChatTokenizer
 
     d = hf_dir_for(DEFAULT_MODELS[0])
     tok = ChatTokenizer(d)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}])
-    ours = Engine(LlamaModel.from_dir(d), EngineConfig(), tok.eos_token_ids)
+    cfg = EngineConfig()  # the server's defaults (dtype auto: bfloat16 + int8 decode weights here)
+    ours = Engine(LlamaModel.from_dir(d, dtype=resolve_dtype(cfg.dtype), int8_decode=cfg.int8_decode), cfg, tok.eos_token_ids)
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     n = args.tokens
-    print(f"threads: {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new tokens, greedy")
+    print(f"fundament dtype {ours.model.dtype}, threads: {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new tokens, greedy")
 
     def run_ours():
         outs = []

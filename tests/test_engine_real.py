@@ -1,0 +1,58 @@
+"""The engine on the real default model: float32 greedy output equals transformers' own `generate`
+token for token, and the fast default (bfloat16 with int8 decode weights) stays close to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fundament.config import EngineConfig
+from fundament.engine import Engine, EngineRequest, SamplingParams
+from fundament.models.llama import LlamaModel, Segment
+from fundament.models.tokenizer import ChatTokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def greedy_tokens(model, prompt, n):
+    outs = []
+    req = EngineRequest(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), outs.append)
+    engine = Engine(model, EngineConfig(), [2])
+    engine.submit(req)
+    while not req.finished:
+        engine.step()
+    return [o.token_id for o in outs]
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm_dir):
+    return ChatTokenizer(smollm_dir).apply_chat_template([{"role": "user", "content": "Explain what a foundation model is."}])
+
+
+def test_float32_greedy_equals_transformers_generate_for_64_tokens(smollm_dir, prompt):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
+    assert greedy_tokens(LlamaModel.from_dir(smollm_dir), prompt, 64) == ref
+
+
+def next_token_logits(model, seq, n_prompt):
+    """Teacher-forced predictions: prefill the prompt, then feed seq one token at a time (the
+    decode path, which uses the int8 weights in the fast configuration)."""
+    cache, preds = model.new_cache(), []
+    model.forward(torch.tensor(seq[:n_prompt]), [Segment(cache, 0, n_prompt)], torch.tensor([n_prompt - 1]))
+    for pos in range(n_prompt, len(seq)):
+        preds.append(model.forward(torch.tensor([seq[pos]]), [Segment(cache, pos, 1)], torch.tensor([0]))[0])
+    return preds
+
+
+def test_bfloat16_int8_logits_stay_close_to_float32(smollm_dir, prompt):
+    fp32 = LlamaModel.from_dir(smollm_dir)
+    fast = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, int8_decode=True)
+    seq = prompt + greedy_tokens(fp32, prompt, 32)
+    ref, got = next_token_logits(fp32, seq, len(prompt)), next_token_logits(fast, seq, len(prompt))
+    for a, b in zip(ref, got):
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+    agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(ref, got))
+    assert agree >= 0.9 * len(ref)
