@@ -121,3 +121,20 @@ def make_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, layers: in
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_lora(base_dir: Path, out: Path, seed: int = 0, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"), r: int = 4, std: float = 0.05) -> Path:
+    """A PEFT LoRA adapter for base_dir with random (non-zero) A and B, saved as PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    model.save_pretrained(out)
+    return out

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .config import ServeConfig
+from .config import AdapterSpec, ServeConfig
 from .errors import FundamentError
 
 
@@ -32,6 +32,12 @@ def _serve(args) -> None:
         if not target:
             raise FundamentError(f"--alias must look like NAME=MODEL, got {a!r}", "alias")
         cfg.aliases[name] = target
+    for spec in args.lora or []:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise FundamentError(f"--lora must look like NAME=PATH, got {spec!r}", "lora")
+        base = next((m.name for m in cfg.models if m.task == "generate"), None)
+        cfg.adapters.append(AdapterSpec(name=name, path=path, base=base or ""))
     if args.max_body_bytes:
         cfg.max_body_bytes = args.max_body_bytes
     t0 = time.perf_counter()
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", action="append", help="serve a local model by path: GGUF file, HF or sentence-transformers directory (repeatable)")
     s.add_argument("--no-default-models", action="store_true", help="serve only the models given with --model")
     s.add_argument("--alias", action="append", help="NAME=MODEL, e.g. gpt-4o-mini=smollm2-135m-instruct (repeatable)")
+    s.add_argument("--lora", action="append", help="NAME=PATH: serve a PEFT LoRA directory as model NAME on the first generation model (repeatable)")
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or set FUNDAMENT_API_KEY)")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 8 MiB)")
     s.add_argument("--log-level", default="info")

@@ -83,6 +83,15 @@ DEFAULT_MODELS = [
     ),
 ]
 
+@dataclass
+class AdapterSpec:
+    """A PEFT LoRA adapter directory served as its own model id on top of a base model."""
+
+    name: str
+    path: str
+    base: str = "smollm2-135m-instruct"
+
+
 DEFAULT_ALIASES = {"gpt-4o-mini": "smollm2-135m-instruct", "text-embedding-3-small": "all-minilm-l6-v2"}
 
 
@@ -94,6 +103,7 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     models: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_MODELS))
     aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    adapters: list[AdapterSpec] = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @classmethod
@@ -113,6 +123,8 @@ class ServeConfig:
         for key, value in raw.items():
             if key == "models":
                 value = [ModelSpec(**m) for m in value]
+            elif key == "adapters":
+                value = [AdapterSpec(**a) for a in value]
             elif key == "engine":
                 value = EngineConfig(**value)
             elif key == "api_keys" and isinstance(value, str):

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..config import EngineConfig
-from ..errors import ContextLengthExceededError, QueueFullError
+from ..errors import ContextLengthExceededError, ModelNotFoundError, NotFoundError, QueueFullError
 from ..models.llama import KVCache, LlamaModel, Segment
 from .sampling import SamplingParams, sample_row
 
@@ -42,6 +42,7 @@ class EngineRequest:
     params: SamplingParams
     on_output: Callable[[EngineOutput | BaseException], None]
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    adapter: str | None = None  # a LoRA adapter loaded with Engine.load_adapter, or the base model
     # Scheduler state
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
@@ -64,11 +65,14 @@ class Engine:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self._aborts: set[str] = set()
+        self._pending_removals: list[int] = []
         self._reserved = 0
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.adapters: dict[str, int] = {}  # adapter name -> slot in the model
+        self._slots = itertools.count()
 
     # ---- public API (any thread) -------------------------------------------------------------
 
@@ -88,7 +92,31 @@ class Engine:
                 param,
             )
 
+    def load_adapter(self, name: str, path) -> None:
+        """Make a PEFT LoRA directory servable as `name`; requests may name it at once."""
+        with self._cv:
+            slot = self.adapters.get(name)
+            if slot is None:
+                slot = next(self._slots)
+            self.model.add_adapter(slot, path)
+            self.adapters[name] = slot
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; its queued and running requests are failed first."""
+        with self._cv:
+            slot = self.adapters.pop(name, None)
+            if slot is None:
+                return
+            for req in [*self.waiting, *self.running]:
+                if req.adapter == name:
+                    self._aborts.add(req.request_id)
+                    req.on_output(NotFoundError(f"the model '{name}' was deleted while this request ran", "model"))
+            self._pending_removals.append(slot)
+            self._cv.notify()
+
     def submit(self, req: EngineRequest) -> None:
+        if req.adapter is not None and req.adapter not in self.adapters:
+            raise ModelNotFoundError(req.adapter)
         with self._cv:
             if len(self.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"The server is busy: {len(self.waiting)} requests are already waiting. Retry shortly.")
@@ -100,11 +128,11 @@ class Engine:
             self._aborts.add(request_id)
             self._cv.notify()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[EngineOutput]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> AsyncIterator[EngineOutput]:
         """Submit one sequence and yield its outputs; closing the iterator aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req = EngineRequest(list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o))
+        req = EngineRequest(list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o), adapter=adapter)
         self.submit(req)
         done = False
         try:
@@ -145,7 +173,7 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         while True:
             with self._cv:
-                while not self._stop and not self.waiting and not self.running and not self._aborts:
+                while not self._stop and not self.waiting and not self.running and not self._aborts and not self._pending_removals:
                     self._cv.wait()
                 if self._stop:
                     return
@@ -166,6 +194,9 @@ class Engine:
     def _schedule(self) -> None:
         with self._cv:
             aborts, self._aborts = self._aborts, set()
+            for slot in self._pending_removals:  # safe here: no forward pass is running
+                self.model.remove_adapter(slot)
+            self._pending_removals = []
             if aborts:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
             while self.waiting and len(self.running) < self.config.max_num_seqs:
@@ -198,7 +229,7 @@ class Engine:
             if req.num_computed >= len(req.prompt_ids):
                 seq = req.prompt_ids + req.output_ids
                 plan.append((req, len(tokens), 1))
-                segments.append(Segment(req.cache, req.num_computed, 1))
+                segments.append(Segment(req.cache, req.num_computed, 1, self.adapters.get(req.adapter)))
                 tokens.append(seq[req.num_computed])
         for req in self.running:
             remaining = len(req.prompt_ids) - req.num_computed
@@ -206,7 +237,7 @@ class Engine:
                 n = min(remaining, budget)
                 budget -= n
                 plan.append((req, len(tokens), n))
-                segments.append(Segment(req.cache, req.num_computed, n))
+                segments.append(Segment(req.cache, req.num_computed, n, self.adapters.get(req.adapter)))
                 tokens.extend(req.prompt_ids[req.num_computed : req.num_computed + n])
         if not plan:
             return

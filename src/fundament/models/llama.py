@@ -69,23 +69,32 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False):
         self.weight, self.bias = weight, bias
         self.q8 = self.scale = None
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
         if int8:
             w = weight.float()
             scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
             self.q8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor, n_decode: int = 0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
         """x: (N, in). The first n_decode rows are decode tokens: they always take the int8 path
         and the rest the bf16 path, so a row's result never depends on what else is in the batch
         (both kernels compute each row independently of the others; switching kernels by batch
         size would not)."""
         if self.q8 is None or n_decode == 0:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale)
-        if n_decode < x.shape[0]:
-            y = torch.cat([y, F.linear(x[n_decode:], self.weight)])
-        return y if self.bias is None else y + self.bias
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale)
+            if n_decode < x.shape[0]:
+                y = torch.cat([y, F.linear(x[n_decode:], self.weight)])
+            if self.bias is not None:
+                y = y + self.bias
+        # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
+        for slot, rows in lora_rows:
+            ab = self.lora.get(slot)
+            if ab is not None:
+                y.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), ab[0]), ab[1]))
+        return y
 
 
 def cpu_supports_bf16() -> bool:
@@ -137,6 +146,7 @@ class Segment:
     cache: KVCache
     start: int  # position of the first token (tokens before it are in the cache)
     length: int
+    adapter: int | None = None  # LoRA adapter slot, None for the base model
 
 
 class LlamaModel:
@@ -186,6 +196,24 @@ class LlamaModel:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
         return cls(cfg, weights, dtype=dtype, device=device, int8_decode=int8_decode)
 
+    def add_adapter(self, slot: int, path: str | Path) -> None:
+        """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""
+        from .lora import load_lora
+
+        c = self.cfg
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        sizes = {"qkv": [q, kv, kv], "o": [c.hidden_size], "gate_up": [c.intermediate_size] * 2, "down": [c.hidden_size]}
+        layers = load_lora(path, sizes, c.num_hidden_layers, self.dtype, self.device)
+        self.remove_adapter(slot)
+        for layer, weights in zip(self.layers, layers):
+            for name, ab in weights.items():
+                layer[name].lora[slot] = ab
+
+    def remove_adapter(self, slot: int) -> None:
+        for layer in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                layer[name].lora.pop(slot, None)
+
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg, self.dtype, self.device)
 
@@ -202,6 +230,17 @@ class LlamaModel:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    @staticmethod
+    def _lora_rows(segments: list[Segment]) -> list[tuple[int, torch.Tensor]]:
+        """For each adapter in the batch, the flat-batch rows that use it."""
+        rows: dict[int, list[int]] = {}
+        off = 0
+        for s in segments:
+            if s.adapter is not None:
+                rows.setdefault(s.adapter, []).extend(range(off, off + s.length))
+            off += s.length
+        return [(slot, torch.tensor(r)) for slot, r in rows.items()]
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
@@ -213,6 +252,7 @@ class LlamaModel:
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].length == 1:
             n_dec += 1
+        lora_rows = self._lora_rows(segments)
         if all(s.length == 1 for s in segments):
             positions = torch.tensor([s.start for s in segments])
         else:
@@ -226,7 +266,7 @@ class LlamaModel:
         q_dim, kv_dim = H * hd, KVH * hd
         for li, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer["in_norm"])
-            qkv = layer["qkv"](h, n_dec)  # (N, q_dim + 2 kv_dim)
+            qkv = layer["qkv"](h, n_dec, lora_rows)  # (N, q_dim + 2 kv_dim)
             qk = self._rope(qkv[:, : q_dim + kv_dim].view(N, H + KVH, hd), cos, sin)  # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
@@ -255,9 +295,9 @@ class LlamaModel:
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
                 attn[off : off + s.length] = o[0].transpose(0, 1)
                 off += s.length
-            x = x + layer["o"](attn.view(N, q_dim), n_dec)
+            x = x + layer["o"](attn.view(N, q_dim), n_dec, lora_rows)
             h = self._rms_norm(x, layer["post_norm"])
-            gate, up = layer["gate_up"](h, n_dec).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up, n_dec)
+            gate, up = layer["gate_up"](h, n_dec, lora_rows).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows)
         x = self._rms_norm(x[logit_rows], self.norm)
         return self.lm_head(x, n_dec).float()  # (R, V)

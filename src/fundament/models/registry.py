@@ -73,6 +73,7 @@ class ModelRegistry:
         self.generators: dict[str, GenerationModel] = {}
         self.embedders: dict[str, EmbeddingModel] = {}
         self.aliases = dict(config.aliases)
+        self.adapters: dict[str, tuple[str, int]] = {}  # adapter model id -> (base name, created)
 
     def load_all(self) -> None:
         for spec in self.config.models:
@@ -82,8 +83,24 @@ class ModelRegistry:
             else:
                 self.embedders[spec.name] = load_embedding_model(spec)
             log.info("loaded %s in %.1fs", spec.name, time.perf_counter() - t)
-        names = set(self.generators) | set(self.embedders)
+        for a in self.config.adapters:
+            self.add_adapter(a.name, a.path, a.base)
+        names = set(self.generators) | set(self.embedders) | set(self.adapters)
         self.aliases = {a: t for a, t in self.aliases.items() if t in names and a not in names}
+
+    def add_adapter(self, name: str, path, base: str) -> None:
+        """Serve a PEFT LoRA directory as model `name` on top of the generation model `base`."""
+        base = self.canonical(base)
+        if base not in self.generators:
+            raise InvalidRequestError(f"adapter '{name}': base model '{base}' is not served here", "base")
+        if name in self.generators or name in self.embedders:
+            raise InvalidRequestError(f"adapter name '{name}' is already a base model's name", "name")
+        self.generators[base].engine.load_adapter(name, path)
+        self.adapters[name] = (base, int(time.time()))
+
+    def remove_adapter(self, name: str) -> None:
+        base, _ = self.adapters.pop(name)
+        self.generators[base].engine.remove_adapter(name)
 
     def start(self) -> None:
         for g in self.generators.values():
@@ -96,10 +113,13 @@ class ModelRegistry:
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
 
-    def generator(self, name: str) -> GenerationModel:
+    def generator(self, name: str) -> tuple[GenerationModel, str | None]:
+        """The generation model behind a model id, and the LoRA adapter to apply (None: base)."""
         key = self.canonical(name)
         if key in self.generators:
-            return self.generators[key]
+            return self.generators[key], None
+        if key in self.adapters:
+            return self.generators[self.adapters[key][0]], key
         if key in self.embedders:
             raise InvalidRequestError(f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model")
         raise ModelNotFoundError(name)
@@ -115,6 +135,7 @@ class ModelRegistry:
     def model_ids(self) -> list[tuple[str, int]]:
         """Every id a client may use, served names first, then aliases, with creation times."""
         created = {n: m.created for n, m in {**self.generators, **self.embedders}.items()}
+        created.update({n: c for n, (_, c) in self.adapters.items()})
         ids = list(created.items())
         ids += [(a, created[t]) for a, t in self.aliases.items()]
         return ids

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..engine import EngineOutput, SamplingParams
-from ..errors import ContextLengthExceededError, InvalidRequestError
+from ..errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 from ..models.registry import GenerationModel
 from ..models.tokenizer import IncrementalDetokenizer
 from .protocol import SamplingFields
@@ -69,6 +69,13 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def check_capacity(lm: GenerationModel, n_sequences: int) -> None:
+    """Refuse up front (429) what the engine's queue cannot take, before a stream's headers go out."""
+    engine = lm.engine
+    if len(engine.waiting) + n_sequences > engine.config.max_queue:
+        raise QueueFullError(f"The server is busy: {len(engine.waiting)} requests are already waiting (limit {engine.config.max_queue}). Retry shortly.")
+
+
 def check_prompt_length(lm: GenerationModel, n_prompt: int, param: str) -> None:
     if n_prompt == 0:
         raise InvalidRequestError("The prompt is empty.", param)
@@ -78,14 +85,14 @@ def check_prompt_length(lm: GenerationModel, n_prompt: int, param: str) -> None:
         )
 
 
-async def run_sequence(lm: GenerationModel, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> AsyncIterator[Delta]:
+async def run_sequence(lm: GenerationModel, adapter: str | None, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> AsyncIterator[Delta]:
     """Yield text deltas for one sequence. Text that might begin a stop string is held back until
     it cannot; a matched stop string ends the sequence (finish_reason "stop") and is not returned."""
     detok = IncrementalDetokenizer(lm.tokenizer)
     holdback = max((len(s) for s in stop), default=1) - 1
     text, sent, pending, n = "", 0, [], 0
     prompt_lp = None
-    gen = lm.engine.generate(prompt_ids, params)
+    gen = lm.engine.generate(prompt_ids, params, adapter)
     try:
         async for out in gen:
             n += 1

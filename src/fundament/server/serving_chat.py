@@ -24,7 +24,7 @@ from .protocol import (
     new_id,
     now,
 )
-from .sequences import Delta, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 
 
 def render_messages(req: ChatCompletionRequest) -> list[dict]:
@@ -62,7 +62,7 @@ class ChatHandler:
         self.registry = registry
 
     def prepare(self, req: ChatCompletionRequest):
-        lm = self.registry.generator(req.model)
+        lm, adapter = self.registry.generator(req.model)
         messages = render_messages(req)
         try:
             prompt_ids = lm.tokenizer.apply_chat_template(messages)
@@ -79,21 +79,22 @@ class ChatHandler:
             if requested is not None and e.param == "messages" and e.code == "context_length_exceeded":
                 e.param = param if len(prompt_ids) < lm.engine.max_context else "messages"
             raise
-        return lm, prompt_ids, params
+        check_capacity(lm, req.n or 1)
+        return lm, adapter, prompt_ids, params
 
-    def _streams(self, lm, prompt_ids, params, req) -> list[AsyncIterator[Delta]]:
+    def _streams(self, lm, adapter, prompt_ids, params, req) -> list[AsyncIterator[Delta]]:
         stops = stop_list(req.stop)
         out = []
         for i in range(req.n or 1):
             p = params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
-            out.append(run_sequence(lm, prompt_ids, p, stops))
+            out.append(run_sequence(lm, adapter, prompt_ids, p, stops))
         return out
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
-        lm, prompt_ids, params = self.prepare(req)
+        lm, adapter, prompt_ids, params = self.prepare(req)
         n = req.n or 1
         texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
-        async for i, d in merge(self._streams(lm, prompt_ids, params, req)):
+        async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, req)):
             texts[i] += d.text
             finish[i] = d.finish_reason or finish[i]
             generated[i] = d.num_generated
@@ -112,10 +113,10 @@ class ChatHandler:
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
 
     def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        lm, prompt_ids, params = self.prepare(req)  # errors here are still plain 4xx responses
-        return self._stream(lm, prompt_ids, params, req)
+        lm, adapter, prompt_ids, params = self.prepare(req)  # errors here are still plain 4xx responses
+        return self._stream(lm, adapter, prompt_ids, params, req)
 
-    async def _stream(self, lm, prompt_ids, params, req) -> AsyncIterator[str]:
+    async def _stream(self, lm, adapter, prompt_ids, params, req) -> AsyncIterator[str]:
         cid, created, n = new_id("chatcmpl"), now(), req.n or 1
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -127,7 +128,7 @@ class ChatHandler:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * n
         try:
-            async for i, d in merge(self._streams(lm, prompt_ids, params, req)):
+            async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, req)):
                 generated[i] = d.num_generated
                 lp = ChoiceLogprobs(content=_token_logprobs(lm, d)) if req.logprobs else None
                 if d.text or lp is not None and lp.content:

@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from ..errors import InvalidRequestError, error_payload
 from ..models.registry import GenerationModel, ModelRegistry
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
-from .sequences import Delta, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 
 
 def _prompts(lm: GenerationModel, prompt) -> list[list[int]]:
@@ -52,7 +52,7 @@ class CompletionHandler:
         self.registry = registry
 
     def prepare(self, req: CompletionRequest):
-        lm = self.registry.generator(req.model)
+        lm, adapter = self.registry.generator(req.model)
         if req.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this model.", "suffix")
         prompts = _prompts(lm, req.prompt)
@@ -65,16 +65,17 @@ class CompletionHandler:
             for j in range(req.n or 1):
                 seed = None if params.seed is None else params.seed + j
                 jobs.append((ids, replace(params, seed=seed)))
-        return lm, jobs
+        check_capacity(lm, len(jobs))
+        return lm, adapter, jobs
 
-    def _start(self, lm, req, jobs) -> tuple[list[str], list[_Logprobs | None], list[AsyncIterator[Delta]]]:
+    def _start(self, lm, adapter, req, jobs) -> tuple[list[str], list[_Logprobs | None], list[AsyncIterator[Delta]]]:
         texts, lps, streams = [], [], []
         stops = stop_list(req.stop)
         for ids, params in jobs:
             echo = lm.tokenizer.decode(ids) if req.echo else ""
             texts.append(echo)
             lps.append(_Logprobs(lm, 0) if req.logprobs is not None else None)
-            streams.append(run_sequence(lm, ids, params, stops))
+            streams.append(run_sequence(lm, adapter, ids, params, stops))
         return texts, lps, streams
 
     @staticmethod
@@ -84,8 +85,8 @@ class CompletionHandler:
                 lp.add(t, v, None)
 
     async def create(self, req: CompletionRequest) -> Completion:
-        lm, jobs = self.prepare(req)
-        texts, lps, streams = self._start(lm, req, jobs)
+        lm, adapter, jobs = self.prepare(req)
+        texts, lps, streams = self._start(lm, adapter, req, jobs)
         finish, generated = [None] * len(jobs), [0] * len(jobs)
         async for i, d in merge(streams):
             if lps[i] is not None:
@@ -104,12 +105,12 @@ class CompletionHandler:
         return Completion(id=new_id("cmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
 
     def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
-        lm, jobs = self.prepare(req)
-        return self._stream(lm, jobs, req)
+        lm, adapter, jobs = self.prepare(req)
+        return self._stream(lm, adapter, jobs, req)
 
-    async def _stream(self, lm, jobs, req) -> AsyncIterator[str]:
+    async def _stream(self, lm, adapter, jobs, req) -> AsyncIterator[str]:
         cid, created = new_id("cmpl"), now()
-        texts, lps, streams = self._start(lm, req, jobs)
+        texts, lps, streams = self._start(lm, adapter, req, jobs)
         generated = [0] * len(jobs)
 
         def chunk(choices, usage=None):
