@@ -15,6 +15,7 @@ from .errors import FundamentError
 def _serve(args) -> None:
     import uvicorn
 
+    from .engine.engine import reserve_cpu_for_engines
     from .models.registry import ModelRegistry, spec_from_path
     from .server.app import create_app
 
@@ -41,6 +42,7 @@ def _serve(args) -> None:
     if args.max_body_bytes:
         cfg.max_body_bytes = args.max_body_bytes
     t0 = time.perf_counter()
+    reserve_cpu_for_engines()
     registry = ModelRegistry(cfg)
     registry.load_all()  # before binding the port: a model that cannot load is a one-line error
     logging.getLogger("fundament").info("models loaded in %.1fs; serving on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)

@@ -7,12 +7,12 @@ mixed), each sequence with its own KV cache. It knows nothing of tokenizers, req
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from ..errors import InvalidRequestError
 
@@ -149,6 +149,36 @@ class Segment:
     adapter: int | None = None  # LoRA adapter slot, None for the base model
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+class _LazyWeights:
+    """Safetensors tensors read one at a time (`pop`) with plain file reads. safe_open would mmap
+    the file, and every page it touches counts toward the process's resident memory until the
+    end, so a float32 checkpoint would sit beside its converted copy (+540 MB peak here)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (f, 8 + n + meta["data_offsets"][0], _ST_DTYPES[meta["dtype"]], meta["shape"])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def pop(self, name: str) -> torch.Tensor:
+        f, offset, dtype, shape = self._where.pop(name)
+        t = torch.empty(shape, dtype=dtype)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            fh.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        return t
+
+
 class LlamaModel:
     def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
@@ -189,12 +219,10 @@ class LlamaModel:
     def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True) -> "LlamaModel":
         path = Path(path)
         cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
-        weights = {}
-        for f in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(f))
-        if not weights:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
-        return cls(cfg, weights, dtype=dtype, device=device, int8_decode=int8_decode)
+        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode)
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
         """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""

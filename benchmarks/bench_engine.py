@@ -1,0 +1,263 @@
+"""fundament's engine against llama.cpp on the default GGUF, the two interleaved in one run.
+
+  1. single-stream decode tokens/s (128 tokens after a short prompt) vs llama-cpp-python
+  2. prefill tokens/s for a 512-token prompt vs llama-cpp-python
+  3. aggregate decode tokens/s and p50/p95 time to first token at 1, 4, 16, 64 concurrent
+     streaming chat requests: `fundament serve` vs llama.cpp's `llama-server -np C`
+  4. peak resident memory of each server, and of fundament with 16 streams of 1,000 tokens
+  5. the physical bound: measured memory bandwidth / bytes of weights read per decode step
+
+Not a test. The peers are built by benchmarks/build_peers.sh (llama.cpp with AMX off). Run:
+
+    .venv/bin/python benchmarks/bench_engine.py --llama-server /work/peer/build-server/bin/llama-server \
+        --llama-lib /work/peer/build-server/bin --llama-py /work/peer/py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+THREADS = 2
+SHORT = "Tell me about the history of Paris."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+# ---- 1, 2: in-process engines ---------------------------------------------------------------
+
+
+def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
+    import torch
+
+    from fundament.config import DEFAULT_MODELS, EngineConfig
+    from fundament.engine import Engine, EngineRequest, SamplingParams
+    from fundament.models.llama import LlamaModel, Segment, resolve_dtype
+    from fundament.models.loading import hf_dir_for
+    from fundament.models.tokenizer import ChatTokenizer
+
+    torch.set_num_threads(THREADS)
+    d = hf_dir_for(DEFAULT_MODELS[0])
+    tok = ChatTokenizer(d)
+    cfg = EngineConfig()
+    model = LlamaModel.from_dir(d, dtype=resolve_dtype(cfg.dtype), int8_decode=cfg.int8_decode)
+    engine = Engine(model, cfg, tok.eos_token_ids)
+    short = tok.apply_chat_template([{"role": "user", "content": SHORT}])
+    long_ids = (tok.encode(Path(__file__).read_text()) * 4)[:512]
+
+    def ours_decode():
+        outs = []
+        req = EngineRequest(short, SamplingParams(max_tokens=129, temperature=0, ignore_eos=True), outs.append)
+        engine.submit(req)
+        engine.step()
+        t = time.perf_counter()
+        while not req.finished:
+            engine.step()
+        return 128 / (time.perf_counter() - t)
+
+    def ours_prefill():
+        cache = model.new_cache()
+        t = time.perf_counter()
+        model.forward(torch.tensor(long_ids), [Segment(cache, 0, 512)], torch.tensor([511]))
+        return 512 / (time.perf_counter() - t)
+
+    peer = None
+    if llama_py:
+        sys.path.insert(0, llama_py)
+        from llama_cpp import Llama
+
+        peer = Llama(model_path=gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=2048, n_batch=512, verbose=False)
+
+    def peer_decode():
+        peer.reset()
+        it = peer.generate(short, temp=0.0, reset=True)
+        next(it)
+        t = time.perf_counter()
+        for i, _ in enumerate(it, 1):
+            if i == 128:
+                break
+        return 128 / (time.perf_counter() - t)
+
+    def peer_prefill():
+        peer.reset()
+        t = time.perf_counter()
+        peer.eval(long_ids)
+        return 512 / (time.perf_counter() - t)
+
+    res = {"decode": {"fundament": [], "llama.cpp": []}, "prefill": {"fundament": [], "llama.cpp": []}}
+    ours_decode(), ours_prefill()
+    if peer:
+        peer_decode(), peer_prefill()
+    for _ in range(reps):  # interleaved
+        res["decode"]["fundament"].append(ours_decode())
+        res["prefill"]["fundament"].append(ours_prefill())
+        if peer:
+            res["decode"]["llama.cpp"].append(peer_decode())
+            res["prefill"]["llama.cpp"].append(peer_prefill())
+    weight_bytes = sum(
+        (lin.q8.numel() + lin.scale.numel() * lin.scale.element_size()) if lin.q8 is not None else lin.weight.numel() * lin.weight.element_size()
+        for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])
+    )
+    head = model.lm_head
+    weight_bytes += head.q8.numel() if head.q8 is not None else head.weight.numel() * head.weight.element_size()
+    res["weight_bytes_per_step"] = weight_bytes
+    del engine, model, peer
+    return res
+
+
+def bandwidth_gbs() -> float:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.ones(256 * 1024 * 1024, dtype=torch.int8)  # 256 MiB, far beyond the caches
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum(dtype=torch.int32)
+        best = max(best, x.numel() / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ---- 3, 4: HTTP servers ---------------------------------------------------------------------
+
+
+async def load(base: str, model: str, n: int, max_tokens: int, prompts: list[str]) -> dict:
+    ttft, done = [], 0
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one(i):
+            nonlocal done
+            body = {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "ignore_eos": True}
+            t = time.perf_counter()
+            first = None
+            async with client.stream("POST", f"{base}/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]" and first is None:
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                            first = time.perf_counter() - t
+            ttft.append(first)
+            done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(ttft, n=20) if len(ttft) > 1 else [ttft[0]] * 19
+    return {"tokens_per_s": n * max_tokens / wall, "ttft_p50": statistics.median(ttft), "ttft_p95": q[18]}
+
+
+def start_ours(home: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, FUNDAMENT_HOME=home)
+    proc = subprocess.Popen([sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def start_llama_server(binary: str, gguf: str, parallel: int, ctx_per_slot: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", gguf, "-t", str(THREADS), "-tb", str(THREADS), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
+                             "--port", str(port), "--host", "127.0.0.1", "--jinja"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/health", proc)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def stop(proc):
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-server", help="path to llama.cpp's llama-server")
+    ap.add_argument("--llama-lib", help="folder with libllama.so for llama-cpp-python (LLAMA_CPP_LIB_PATH)")
+    ap.add_argument("--llama-py", help="folder holding the llama_cpp Python package")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    if args.llama_lib:
+        os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
+    from fundament.config import DEFAULT_MODELS
+    from fundament.models.loading import resolve_path
+
+    gguf = str(resolve_path(DEFAULT_MODELS[0]))
+    home = os.environ.get("FUNDAMENT_HOME") or tempfile.mkdtemp(prefix="fundament-bench-")
+    os.environ["FUNDAMENT_HOME"] = home
+    print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
+
+    e = engine_figures(gguf, args.llama_py, args.reps)
+    for what in ("decode", "prefill"):
+        a = statistics.median(e[what]["fundament"])
+        b = statistics.median(e[what]["llama.cpp"]) if e[what]["llama.cpp"] else float("nan")
+        print(f"{what:8s} tokens/s: fundament {a:8.1f}  llama.cpp {b:8.1f}  ratio {a / b:5.2f}x")
+    bw = bandwidth_gbs()
+    bound = bw * 1e9 / e["weight_bytes_per_step"]
+    print(f"bound   : memory bandwidth {bw:.1f} GB/s / {e['weight_bytes_per_step'] / 1e6:.0f} MB of weights per decode step = {bound:.0f} tokens/s; "
+          f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it")
+
+    prompts = [f"Write a short story about a robot number {i}." for i in range(64)]
+    ours, ours_url = start_ours(home)
+    try:
+        for c in [int(x) for x in args.levels.split(",")]:
+            a = asyncio.run(load(ours_url, "gpt-4o-mini", c, args.max_tokens, prompts))
+            line = f"C={c:<3d} fundament {a['tokens_per_s']:7.1f} tok/s ttft p50 {a['ttft_p50']:.2f}s p95 {a['ttft_p95']:.2f}s"
+            if args.llama_server:
+                srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
+                try:
+                    b = asyncio.run(load(url, "smollm2", c, args.max_tokens, prompts))
+                    line += (f" | llama-server {b['tokens_per_s']:7.1f} tok/s ttft p50 {b['ttft_p50']:.2f}s p95 {b['ttft_p95']:.2f}s"
+                             f" | ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS llama-server {peak_rss_mb(srv.pid):.0f} MB")
+                finally:
+                    stop(srv)
+            print(line + f", fundament peak RSS so far {peak_rss_mb(ours.pid):.0f} MB", flush=True)
+        if not args.skip_memory:
+            stop(ours)
+            ours, ours_url = start_ours(home)  # a fresh process: its peak is this load's alone
+            a = asyncio.run(load(ours_url, "gpt-4o-mini", 16, 1000, prompts))
+            print(f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {peak_rss_mb(ours.pid):.0f} MB ({a['tokens_per_s']:.0f} tok/s)")
+    finally:
+        stop(ours)
+
+
+if __name__ == "__main__":
+    main()
