@@ -14,10 +14,10 @@ from fundament.models.tokenizer import ChatTokenizer
 pytestmark = pytest.mark.slow
 
 
-def greedy_tokens(model, prompt, n):
+def greedy_tokens(model, prompt, n, config=None):
     outs = []
     req = EngineRequest(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), outs.append)
-    engine = Engine(model, EngineConfig(), [2])
+    engine = Engine(model, config or EngineConfig(), [2])
     engine.submit(req)
     while not req.finished:
         engine.step()
@@ -56,3 +56,25 @@ def test_bfloat16_int8_logits_stay_close_to_float32(smollm_dir, prompt):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
     agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(ref, got))
     assert agree >= 0.9 * len(ref)
+
+
+def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
+    """bfloat16 + int8 decode: 16 prompts of different lengths (crossing the attention buckets)
+    give the same greedy tokens batched together as each alone."""
+    import random
+
+    fast = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, int8_decode=True)
+    tok = ChatTokenizer(smollm_dir)
+    rng = random.Random(0)
+    words = "the a model river city light small code green runs fast over under music data".split()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 120)))}]) for _ in range(16)]
+    config = EngineConfig(max_num_batched_tokens=96)  # long prompts prefill in several chunks
+    alone = [greedy_tokens(fast, p, 24, config) for p in prompts]
+    engine = Engine(fast, config, [2])
+    outs = [[] for _ in prompts]
+    reqs = [EngineRequest(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), o.append) for p, o in zip(prompts, outs)]
+    for r in reqs:
+        engine.submit(r)
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [[o.token_id for o in out] for out in outs] == alone

@@ -235,10 +235,16 @@ class Engine:
                 plan.append((req, len(tokens), 1))
                 segments.append(Segment(req.cache, req.num_computed, 1, self.adapters.get(req.adapter)))
                 tokens.append(seq[req.num_computed])
+        # Prompts are prefilled in chunks at fixed boundaries (multiples of the step budget from
+        # the first token), never cut to whatever budget is left: the chunking, and so the
+        # numerics, of a request's prefill must not depend on what else is running.
+        chunk = self.config.max_num_batched_tokens
         for req in self.running:
             remaining = len(req.prompt_ids) - req.num_computed
-            if remaining > 0 and budget > 0:
-                n = min(remaining, budget)
+            if remaining > 0:
+                n = min(remaining, chunk - req.num_computed % chunk)
+                if n > budget:
+                    break  # first come, first served: later prompts wait for the next step
                 budget -= n
                 plan.append((req, len(tokens), n))
                 segments.append(Segment(req.cache, req.num_computed, n, self.adapters.get(req.adapter)))
