@@ -92,7 +92,7 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
         return 128 / (time.perf_counter() - t)
 
     def ours_prefill():
-        cache = model.new_cache()
+        cache = model.new_cache(512)
         t = time.perf_counter()
         model.forward(torch.tensor(long_ids), [Segment(cache, 0, 512)], torch.tensor([511]))
         return 512 / (time.perf_counter() - t)

@@ -12,7 +12,7 @@ import torch
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.errors import ContextLengthExceededError, QueueFullError
-from fundament.models.llama import LlamaModel
+from fundament.models.llama import KVCache, LlamaModel
 
 
 def run_all(engine: Engine, reqs: list[EngineRequest], max_steps: int = 10_000) -> None:
@@ -77,15 +77,15 @@ def test_chunked_prefill_equals_one_shot(model):
 
 
 def test_requests_wait_when_kv_budget_is_full(model):
-    engine = Engine(model, EngineConfig(kv_cache_tokens=100), [2])
-    reqs = [greedy([3] * 20, 30)[0] for _ in range(4)]  # 50 tokens each: two fit at once
+    engine = Engine(model, EngineConfig(kv_cache_tokens=130), [2])
+    reqs = [greedy([3] * 20, 30)[0] for _ in range(4)]  # 50 tokens, 64 reserved (a bucket) each: two fit
     for r in reqs:
         engine.submit(r)
     peak = 0
     while not all(r.finished for r in reqs):
         engine.step()
         peak = max(peak, len(engine.running))
-        assert engine._reserved <= 100
+        assert engine._reserved <= 130
     assert peak == 2
 
 
@@ -184,3 +184,23 @@ def test_async_generate_on_the_thread_and_cancel(model):
         engine.stop()
     assert [o.finish_reason for o in got] == [None] * 4 + ["length"]
     assert not engine.running and engine._reserved == 0
+
+
+def test_memory_stays_within_the_bound_under_64_long_requests(model):
+    """64 concurrent requests that each want 300 tokens against a 4,000-token KV budget: the
+    allocated caches never exceed the bound, and every request still completes."""
+    config = EngineConfig(kv_cache_tokens=4000, max_num_batched_tokens=256)
+    engine = Engine(model, config, [2])
+    per_token = KVCache.bytes_per_token(model.cfg, model.dtype)
+    reqs = [greedy([3 + i % 50] * (20 + i), 280 - i)[0] for i in range(64)]
+    for r in reqs:
+        engine.submit(r)
+    peak_bytes, peak_running = 0, 0
+    while not all(r.finished for r in reqs):
+        engine.step()
+        allocated = sum(r.cache.nbytes() for r in engine.running if r.cache is not None)
+        peak_bytes, peak_running = max(peak_bytes, allocated), max(peak_running, len(engine.running))
+        assert engine._reserved <= config.kv_cache_tokens
+        assert allocated <= config.kv_cache_tokens * per_token
+    assert 1 < peak_running < 64  # some ran together, the rest waited for memory
+    assert peak_bytes > config.kv_cache_tokens * per_token // 2  # and the budget was really used

@@ -40,7 +40,7 @@ def test_float32_greedy_equals_transformers_generate_for_64_tokens(smollm_dir, p
 def next_token_logits(model, seq, n_prompt):
     """Teacher-forced predictions: prefill the prompt, then feed seq one token at a time (the
     decode path, which uses the int8 weights in the fast configuration)."""
-    cache, preds = model.new_cache(), []
+    cache, preds = model.new_cache(len(seq)), []
     model.forward(torch.tensor(seq[:n_prompt]), [Segment(cache, 0, n_prompt)], torch.tensor([n_prompt - 1]))
     for pos in range(n_prompt, len(seq)):
         preds.append(model.forward(torch.tensor([seq[pos]]), [Segment(cache, pos, 1)], torch.tensor([0]))[0])

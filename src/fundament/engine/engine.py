@@ -52,10 +52,7 @@ class EngineRequest:
     processors: list = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finished: bool = False
-
-    @property
-    def reserved_tokens(self) -> int:
-        return len(self.prompt_ids) + self.params.max_tokens
+    reserved_tokens: int = 0  # KV cache tokens held for it while it runs
 
 
 class Engine:
@@ -86,9 +83,10 @@ class Engine:
                 "Reduce the length of the prompt or of max_completion_tokens.",
                 param,
             )
-        if total > self.config.kv_cache_tokens:
+        need = self.model.cache_tokens(total)
+        if need > self.config.kv_cache_tokens:
             raise ContextLengthExceededError(
-                f"The request needs {total} tokens of KV cache but the engine holds at most "
+                f"The request needs {need} tokens of KV cache but the engine holds at most "
                 f"{self.config.kv_cache_tokens} (engine.kv_cache_tokens).",
                 param,
             )
@@ -205,11 +203,13 @@ class Engine:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
             while self.waiting and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                if self._reserved + req.reserved_tokens > self.config.kv_cache_tokens:
+                need = self.model.cache_tokens(len(req.prompt_ids) + req.params.max_tokens)
+                if self._reserved + need > self.config.kv_cache_tokens:
                     break  # memory is full: it waits until a running sequence finishes
                 self.waiting.popleft()
-                self._reserved += req.reserved_tokens
-                req.cache = self.model.new_cache()
+                req.reserved_tokens = need
+                self._reserved += need
+                req.cache = self.model.new_cache(need)
                 if req.params.seed is not None:
                     req.generator = torch.Generator().manual_seed(req.params.seed)
                 req.processors = req.params.processors()

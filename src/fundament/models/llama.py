@@ -71,9 +71,14 @@ class Linear:
         self.q8 = self.scale = None
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
         if int8:
-            w = weight.float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
-            self.q8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            # In slices of rows, so the float32 temporaries of a large matrix (the 49k x 576 output
+            # head) never add hundreds of MB to the peak while loading.
+            scale = torch.empty(weight.shape[0])
+            self.q8 = torch.empty(weight.shape, dtype=torch.int8)
+            for i in range(0, weight.shape[0], 4096):
+                w = weight[i : i + 4096].float()
+                scale[i : i + 4096] = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (rows,)
+                self.q8[i : i + 4096] = torch.round(w / scale[i : i + 4096, None]).clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(weight.dtype)
 
     def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
@@ -113,29 +118,41 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 
 class KVCache:
-    """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens."""
+    """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens,
+    never past `limit` tokens (what the engine reserved for it), so the engine's memory bound is
+    a bound on what is really allocated."""
 
     BLOCK = 256
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device):
-        self.cfg, self.dtype, self.device = cfg, dtype, device
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, limit: int):
+        self.cfg, self.dtype, self.device, self.limit = cfg, dtype, device, limit
         self.k = self.v = None  # (L, KVH, cap, hd)
         self.capacity = 0
+        self.clean = 0  # positions [0, clean) hold zeros or real keys, never stale memory
 
-    def reserve(self, n_tokens: int) -> None:
-        if n_tokens <= self.capacity:
-            return
-        cap = -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK
-        c = self.cfg
-        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
-        # Zeros, not empty: positions past a sequence's length are read (masked) by padded
-        # attention, and masked garbage could still be NaN (0 * NaN).
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.capacity:
-            k[:, :, : self.capacity] = self.k
-            v[:, :, : self.capacity] = self.v
-        self.k, self.v, self.capacity = k, v, cap
+    @staticmethod
+    def bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+    def reserve(self, n_tokens: int, readable: int) -> None:
+        """Room for n_tokens, with positions up to `readable` (>= n_tokens) safe to read: decode
+        attention reads whole buckets, masked past the end, and masked stale memory could still
+        be NaN (0 * NaN). Zeroing only that far keeps untouched capacity out of resident memory."""
+        if n_tokens > self.capacity:
+            cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
+            assert cap >= readable, "a sequence outgrew its reservation"
+            c = self.cfg
+            shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            if self.capacity:
+                k[:, :, : self.clean] = self.k[:, :, : self.clean]
+                v[:, :, : self.clean] = self.v[:, :, : self.clean]
+            self.k, self.v, self.capacity = k, v, cap
+        if readable > self.clean:
+            self.k[:, :, self.clean : readable] = 0
+            self.v[:, :, self.clean : readable] = 0
+            self.clean = readable
 
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
@@ -245,8 +262,13 @@ class LlamaModel:
             for name in ("qkv", "o", "gate_up", "down"):
                 layer[name].lora.pop(slot, None)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg, self.dtype, self.device)
+    def cache_tokens(self, n_tokens: int) -> int:
+        """The KV cache a sequence of n_tokens needs: rounded up to ATTN_BUCKET, since decode
+        attention reads keys in whole buckets (masked past the sequence's end)."""
+        return -(-n_tokens // self.ATTN_BUCKET) * self.ATTN_BUCKET
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        return KVCache(self.cfg, self.dtype, self.device, self.cache_tokens(max_tokens))
 
     def _rms_norm(self, x, weight):
         # HF's order of operations (statistics in float32), so float32 greedy output matches it.
@@ -334,7 +356,7 @@ class LlamaModel:
         else:
             positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
         for s in segments:
-            s.cache.reserve(s.start + s.length)
+            s.cache.reserve(s.start + s.length, self.cache_tokens(s.start + s.length))
         # Decode rows grouped by their length rounded up to ATTN_BUCKET (see _attention).
         buckets: dict[int, list[int]] = {}
         for i, s in enumerate(segments[:n_dec]):
