@@ -77,6 +77,7 @@ def by_path_server(server, smollm_dir, tmp_path_factory):
         f"  - {{name: tiny-chat, path: '{tiny}', sampling: {{temperature: 0.0, max_completion_tokens: 7}}}}\n"
         f"  - {{name: smol-by-path, path: '{gguf}'}}\n"
         "aliases: {gpt-4o-mini: smol-by-path}\n"
+        "engine: {max_num_seqs: 1, max_queue: 1}\n"
     )
     srv = ServerProcess(["--config", str(cfg), "--api-key", "sk-right"], smollm_dir.parents[2])
     yield srv
@@ -108,3 +109,23 @@ def test_api_keys_when_configured(by_path_server):
 def test_any_key_is_accepted_when_none_is_configured(server):
     c = openai.OpenAI(base_url=server.base_url, api_key="whatever-i-like", max_retries=0)
     assert c.models.list().data
+
+
+def test_full_queue_is_429_with_retry_after(by_path_server):
+    import asyncio
+
+    import httpx
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60, headers={"authorization": "Bearer sk-right"}) as c:
+            body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 400, "ignore_eos": True}
+            return await asyncio.gather(*(c.post(f"{by_path_server.base_url}/chat/completions", json=body) for _ in range(6)))
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and 429 in codes  # one runs, one waits, the rest are turned away
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    c = openai.OpenAI(base_url=by_path_server.base_url, api_key="sk-right", max_retries=3)
+    assert c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}]).choices  # the client's retries get through
