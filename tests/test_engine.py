@@ -77,15 +77,15 @@ def test_chunked_prefill_equals_one_shot(model):
 
 
 def test_requests_wait_when_kv_budget_is_full(model):
-    engine = Engine(model, EngineConfig(kv_cache_tokens=130), [2])
-    reqs = [greedy([3] * 20, 30)[0] for _ in range(4)]  # 50 tokens, 64 reserved (a bucket) each: two fit
+    engine = Engine(model, EngineConfig(kv_cache_tokens=100), [2])
+    reqs = [greedy([3] * 20, 30)[0] for _ in range(4)]  # 50 tokens each: two fit at once
     for r in reqs:
         engine.submit(r)
     peak = 0
     while not all(r.finished for r in reqs):
         engine.step()
         peak = max(peak, len(engine.running))
-        assert engine._reserved <= 130
+        assert engine._reserved <= 100
     assert peak == 2
 
 

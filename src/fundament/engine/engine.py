@@ -83,10 +83,9 @@ class Engine:
                 "Reduce the length of the prompt or of max_completion_tokens.",
                 param,
             )
-        need = self.model.cache_tokens(total)
-        if need > self.config.kv_cache_tokens:
+        if total > self.config.kv_cache_tokens:
             raise ContextLengthExceededError(
-                f"The request needs {need} tokens of KV cache but the engine holds at most "
+                f"The request needs {total} tokens of KV cache but the engine holds at most "
                 f"{self.config.kv_cache_tokens} (engine.kv_cache_tokens).",
                 param,
             )
@@ -203,7 +202,7 @@ class Engine:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
             while self.waiting and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                need = self.model.cache_tokens(len(req.prompt_ids) + req.params.max_tokens)
+                need = len(req.prompt_ids) + req.params.max_tokens
                 if self._reserved + need > self.config.kv_cache_tokens:
                     break  # memory is full: it waits until a running sequence finishes
                 self.waiting.popleft()
@@ -225,16 +224,11 @@ class Engine:
         if not self.running:
             return
         budget = self.config.max_num_batched_tokens
-        tokens: list[int] = []
-        segments: list[Segment] = []
-        plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
+        work: list[tuple[EngineRequest, list[int]]] = []  # (request, its tokens this step)
         # Decoding sequences first (one token each), so long prompts never stall them.
         for req in self.running:
             if req.num_computed >= len(req.prompt_ids):
-                seq = req.prompt_ids + req.output_ids
-                plan.append((req, len(tokens), 1))
-                segments.append(Segment(req.cache, req.num_computed, 1, self.adapters.get(req.adapter)))
-                tokens.append(seq[req.num_computed])
+                work.append((req, [(req.prompt_ids + req.output_ids)[req.num_computed]]))
         # Prompts are prefilled in chunks at fixed boundaries (multiples of the step budget from
         # the first token), never cut to whatever budget is left: the chunking, and so the
         # numerics, of a request's prefill must not depend on what else is running.
@@ -246,9 +240,18 @@ class Engine:
                 if n > budget:
                     break  # first come, first served: later prompts wait for the next step
                 budget -= n
-                plan.append((req, len(tokens), n))
-                segments.append(Segment(req.cache, req.num_computed, n, self.adapters.get(req.adapter)))
-                tokens.extend(req.prompt_ids[req.num_computed : req.num_computed + n])
+                work.append((req, req.prompt_ids[req.num_computed : req.num_computed + n]))
+        # Every one-token segment (a decode step, or a prompt's one-token last chunk) goes first:
+        # the model runs those rows through its decode kernels, and which kernels a row meets must
+        # not depend on what else is in the batch.
+        work.sort(key=lambda w: len(w[1]) != 1)
+        tokens: list[int] = []
+        segments: list[Segment] = []
+        plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
+        for req, toks in work:
+            plan.append((req, len(tokens), len(toks)))
+            segments.append(Segment(req.cache, req.num_computed, len(toks), self.adapters.get(req.adapter)))
+            tokens.extend(toks)
         if not plan:
             return
         # Rows whose logits are needed: each segment's last, or every prompt row for prompt_logprobs.

@@ -61,16 +61,47 @@ class LlamaConfig:
         )
 
 
-class Linear:
-    """y = x W^T (+ b). On CPU in bfloat16 it also keeps a weight-only int8 copy (per output row
-    scales), used when only a few rows go through: decode is bound by reading weights, and int8
-    halves the bytes read again (torch's `_weight_int8pack_mm`, the kernel gpt-fast uses)."""
+INT4_GROUP = 32
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False):
+
+def _int4_if_lossless(weight: torch.Tensor):
+    """Packed int4 (groups of 32 along the input, scale and offset per group) for torch's
+    `_weight_int4pack_mm_for_cpu`, but only if it represents `weight` exactly: true of weights
+    that came from a Q4_0/Q4_1 GGUF, where a group's min and max are its lowest and highest
+    levels. Anything else keeps the int8 path, so int4 never costs quality. None if not exact."""
+    N, K = weight.shape
+    if K % INT4_GROUP or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)  # (N, groups)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    if ((q * scale[..., None] + lo[..., None] - w).abs() > 1e-3 * scale[..., None]).any():
+        return None
+    # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
+    sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, N, 2)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).to(torch.int32), 1)
+    except RuntimeError:
+        return None
+    return packed, sz
+
+
+class Linear:
+    """y = x W^T (+ b). On CPU in bfloat16 it also keeps a low-bit copy of the weight for decode
+    rows, since decode reads every weight once per token and is bound by bytes read: int4 where
+    that is exact (weights from a 4-bit GGUF), else weight-only int8 with per-row scales (torch's
+    `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`, the kernels gpt-fast uses)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False, source: torch.Tensor | None = None):
+        """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
+        int4 is exact; without it only int8 is considered."""
         self.weight, self.bias = weight, bias
-        self.q8 = self.scale = None
+        self.q8 = self.scale = self.q4 = None
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
-        if int8:
+        if int8 and source is not None:
+            self.q4 = _int4_if_lossless(source)
+        if int8 and self.q4 is None:
             # In slices of rows, so the float32 temporaries of a large matrix (the 49k x 576 output
             # head) never add hundreds of MB to the peak while loading.
             scale = torch.empty(weight.shape[0])
@@ -86,10 +117,13 @@ class Linear:
         and the rest the bf16 path, so a row's result never depends on what else is in the batch
         (both kernels compute each row independently of the others; switching kernels by batch
         size would not)."""
-        if self.q8 is None or n_decode == 0:
+        if (self.q8 is None and self.q4 is None) or n_decode == 0:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale)
+            if self.q4 is not None:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale)
             if n_decode < x.shape[0]:
                 y = torch.cat([y, F.linear(x[n_decode:], self.weight)])
             if self.bias is not None:
@@ -128,31 +162,26 @@ class KVCache:
         self.cfg, self.dtype, self.device, self.limit = cfg, dtype, device, limit
         self.k = self.v = None  # (L, KVH, cap, hd)
         self.capacity = 0
-        self.clean = 0  # positions [0, clean) hold zeros or real keys, never stale memory
 
     @staticmethod
     def bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
-    def reserve(self, n_tokens: int, readable: int) -> None:
-        """Room for n_tokens, with positions up to `readable` (>= n_tokens) safe to read: decode
-        attention reads whole buckets, masked past the end, and masked stale memory could still
-        be NaN (0 * NaN). Zeroing only that far keeps untouched capacity out of resident memory."""
-        if n_tokens > self.capacity:
-            cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
-            assert cap >= readable, "a sequence outgrew its reservation"
-            c = self.cfg
-            shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
-            k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.dtype, device=self.device)
-            if self.capacity:
-                k[:, :, : self.clean] = self.k[:, :, : self.clean]
-                v[:, :, : self.clean] = self.v[:, :, : self.clean]
-            self.k, self.v, self.capacity = k, v, cap
-        if readable > self.clean:
-            self.k[:, :, self.clean : readable] = 0
-            self.v[:, :, self.clean : readable] = 0
-            self.clean = readable
+    def reserve(self, n_tokens: int) -> None:
+        if n_tokens <= self.capacity:
+            return
+        cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
+        assert cap >= n_tokens, "a sequence outgrew its reservation"
+        c = self.cfg
+        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
+        # empty, not zeros: attention reads only written positions, and untouched capacity then
+        # stays out of resident memory.
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.capacity:
+            k[:, :, : self.capacity] = self.k
+            v[:, :, : self.capacity] = self.v
+        self.k, self.v, self.capacity = k, v, cap
 
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
@@ -199,7 +228,6 @@ class _LazyWeights:
 
 
 class LlamaModel:
-    ATTN_BUCKET = 64  # decode rows pad their keys to a multiple of this (divides KVCache.BLOCK)
     def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
@@ -208,9 +236,9 @@ class LlamaModel:
             return weights.pop(name).to(dtype=dtype, device=self.device).contiguous()
 
         def lin(*names, bias=False):
-            weight = torch.cat([w(n + ".weight") for n in names]) if len(names) > 1 else w(names[0] + ".weight")
+            source = torch.cat([weights.pop(n + ".weight") for n in names])  # as stored (float32 from a GGUF)
             b = torch.cat([w(n + ".bias") for n in names]) if bias else None
-            return Linear(weight, b, int8=int8)
+            return Linear(source.to(dtype=dtype, device=self.device).contiguous(), b, int8=int8, source=source if int8 else None)
 
         self.embed = w("model.embed_tokens.weight")  # (V, C)
         head = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in weights else None
@@ -262,13 +290,8 @@ class LlamaModel:
             for name in ("qkv", "o", "gate_up", "down"):
                 layer[name].lora.pop(slot, None)
 
-    def cache_tokens(self, n_tokens: int) -> int:
-        """The KV cache a sequence of n_tokens needs: rounded up to ATTN_BUCKET, since decode
-        attention reads keys in whole buckets (masked past the sequence's end)."""
-        return -(-n_tokens // self.ATTN_BUCKET) * self.ATTN_BUCKET
-
     def new_cache(self, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, self.dtype, self.device, self.cache_tokens(max_tokens))
+        return KVCache(self.cfg, self.dtype, self.device, max_tokens)
 
     def _rms_norm(self, x, weight):
         # HF's order of operations (statistics in float32), so float32 greedy output matches it.
@@ -283,7 +306,7 @@ class LlamaModel:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _attention(self, li, q, k, v, segments, n_dec, dec_groups) -> torch.Tensor:
+    def _attention(self, li, q, k, v, segments, n_dec) -> torch.Tensor:
         """Causal attention of every segment over its own cache (after writing this step's k, v).
         q: (N, H, hd), k and v: (N, KVH, hd). Decode rows (the first n_dec) run as one batch."""
         H, KVH, hd = q.shape[1], k.shape[1], q.shape[2]
@@ -294,20 +317,14 @@ class LlamaModel:
             s.cache.v[li, :, s.start] = v[i]
         # A decode row is one query, so the G query heads sharing a kv head ride as G "positions"
         # of one head: plain SDPA, no GQA expansion (measured 3-6x faster than enable_gqa in
-        # bfloat16 on CPU); query head h reads kv head h // G. Rows attend in groups padded to
-        # the same multiple of ATTN_BUCKET: SDPA's CPU kernel splits the keys by total length,
-        # so padding a row to its own bucket end, never to the batch's longest row, keeps each
-        # row's result independent of its batch (and one call per group, not per sequence).
-        for P, rows, idx, mask in dec_groups:
-            if len(rows) == 1:
-                c, i = segments[rows[0]].cache, rows[0]
-                o = F.scaled_dot_product_attention(q[i].view(1, KVH, G, hd), c.k[li, :, :P].unsqueeze(0), c.v[li, :, :P].unsqueeze(0), attn_mask=mask)
-                attn[i] = o.view(H, hd)
-                continue
-            ks = torch.stack([segments[i].cache.k[li, :, :P] for i in rows])  # (B, KVH, P, hd)
-            vs = torch.stack([segments[i].cache.v[li, :, :P] for i in rows])
-            o = F.scaled_dot_product_attention(q[idx].view(len(rows), KVH, G, hd), ks, vs, attn_mask=mask)
-            attn[idx] = o.view(len(rows), H, hd)
+        # bfloat16 on CPU); query head h reads kv head h // G. One call per row over exactly its
+        # own keys: batching rows into one padded, masked call was ~25% faster at 16 streams, but
+        # SDPA's CPU kernel then splits the work by batch shape, and a row's result changed with
+        # its batch (seen on SmolLM2 in bf16). A request's tokens must not depend on its company.
+        for i, s in enumerate(segments[:n_dec]):
+            end = s.start + 1
+            o = F.scaled_dot_product_attention(q[i].view(1, KVH, G, hd), s.cache.k[li, :, :end].unsqueeze(0), s.cache.v[li, :, :end].unsqueeze(0))
+            attn[i] = o.view(H, hd)
         off = n_dec
         for s in segments[n_dec:]:
             end = s.start + s.length
@@ -356,15 +373,7 @@ class LlamaModel:
         else:
             positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
         for s in segments:
-            s.cache.reserve(s.start + s.length, self.cache_tokens(s.start + s.length))
-        # Decode rows grouped by their length rounded up to ATTN_BUCKET (see _attention).
-        buckets: dict[int, list[int]] = {}
-        for i, s in enumerate(segments[:n_dec]):
-            buckets.setdefault(-(-(s.start + 1) // self.ATTN_BUCKET) * self.ATTN_BUCKET, []).append(i)
-        dec_groups = [
-            (P, rows, torch.tensor(rows), (torch.arange(P)[None, :] < torch.tensor([segments[i].start + 1 for i in rows])[:, None])[:, None, None, :])
-            for P, rows in buckets.items()
-        ]  # (bucket, rows, rows as a tensor, key mask (B, 1, 1, P))
+            s.cache.reserve(s.start + s.length)
         cos = self.cos[positions].unsqueeze(1)  # (N, 1, hd)
         sin = self.sin[positions].unsqueeze(1)
         N = input_ids.shape[0]
@@ -376,7 +385,7 @@ class LlamaModel:
             qk = self._rope(qkv[:, : q_dim + kv_dim].view(N, H + KVH, hd), cos, sin)  # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
-            attn = self._attention(li, q, k, v, segments, n_dec, dec_groups)  # (N, H, hd)
+            attn = self._attention(li, q, k, v, segments, n_dec)  # (N, H, hd)
             x = x + layer["o"](attn.view(N, q_dim), n_dec, lora_rows)
             h = self._rms_norm(x, layer["post_norm"])
             gate, up = layer["gate_up"](h, n_dec, lora_rows).chunk(2, dim=-1)
