@@ -130,12 +130,14 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
         if peer:
             res["decode"]["llama.cpp"].append(peer_decode())
             res["prefill"]["llama.cpp"].append(peer_prefill())
-    weight_bytes = sum(
-        (lin.q8.numel() + lin.scale.numel() * lin.scale.element_size()) if lin.q8 is not None else lin.weight.numel() * lin.weight.element_size()
-        for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])
-    )
-    head = model.lm_head
-    weight_bytes += head.q8.numel() if head.q8 is not None else head.weight.numel() * head.weight.element_size()
+    def decode_bytes(lin) -> int:  # what one decode step reads of this projection
+        if lin.q4 is not None:
+            return sum(t.numel() * t.element_size() for t in lin.q4)
+        if lin.q8 is not None:
+            return lin.q8.numel() + lin.scale.numel() * lin.scale.element_size()
+        return lin.weight.numel() * lin.weight.element_size()
+
+    weight_bytes = decode_bytes(model.lm_head) + sum(decode_bytes(layer[k]) for layer in model.layers for k in ("qkv", "o", "gate_up", "down"))
     res["weight_bytes_per_step"] = weight_bytes
     del engine, model, peer
     return res
