@@ -186,3 +186,13 @@ def test_client_disconnect_frees_the_sequence(server):
             break
         time.sleep(0.1)
     assert eng["running"] == 0 and eng["waiting"] == 0
+
+
+def test_unused_openai_fields_are_accepted_and_ignored(client):
+    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}], max_completion_tokens=8, temperature=0)
+    plain = client.chat.completions.create(**kw)
+    extra = client.chat.completions.create(
+        **kw, user="u-1", metadata={"k": "v"}, store=False, service_tier="auto", reasoning_effort="low",
+        safety_identifier="s", prompt_cache_key="p", verbosity="low", modalities=["text"],
+    )
+    assert extra.choices[0].message.content == plain.choices[0].message.content
