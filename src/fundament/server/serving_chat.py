@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from typing import AsyncIterator
 
+from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
 from ..models.registry import GenerationModel, ModelRegistry
 from .protocol import (
@@ -45,6 +46,25 @@ def render_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
+def response_format_grammar(rf: dict | None) -> str | None:
+    """The grammar a `response_format` asks for; None for plain text. A schema the grammar engine
+    cannot enforce is a 400 naming the keyword, never silently ignored."""
+    if not rf or rf.get("type") in (None, "text"):
+        return None
+    kind = rf.get("type")
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, "response_format")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not spec.get("name"):
+            raise InvalidRequestError("response_format.json_schema needs a name and a schema.", "response_format")
+        schema = spec.get("schema") or {"type": "object"}
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("response_format.json_schema.schema must be a JSON object.", "response_format")
+        return json_schema_grammar(schema, "response_format")
+    raise InvalidRequestError(f"response_format type '{kind}' is not one of text, json_object, json_schema.", "response_format")
+
+
 def _token_logprobs(lm: GenerationModel, delta: Delta) -> list[TokenLogprob]:
     tok = lm.tokenizer
     items = []
@@ -80,21 +100,24 @@ class ChatHandler:
                 e.param = param if len(prompt_ids) < lm.engine.max_context else "messages"
             raise
         check_capacity(lm, req.n or 1)
-        return lm, adapter, prompt_ids, params
+        grammar = response_format_grammar(req.response_format)
+        return lm, adapter, prompt_ids, params, grammar
 
-    def _streams(self, lm, adapter, prompt_ids, params, req) -> list[AsyncIterator[Delta]]:
+    def _streams(self, lm, adapter, prompt_ids, params, grammar, req) -> list[AsyncIterator[Delta]]:
         stops = stop_list(req.stop)
         out = []
         for i in range(req.n or 1):
-            p = params if i == 0 else replace(params, seed=None if params.seed is None else params.seed + i)
+            p = replace(params, seed=None if params.seed is None else params.seed + i)
+            if grammar is not None:  # one matcher per sequence: it follows that sequence's tokens
+                p.logits_processors = [*p.logits_processors, GrammarConstraint(lm.tokenizer.ll_tokenizer, grammar)]
             out.append(run_sequence(lm, adapter, prompt_ids, p, stops))
         return out
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
-        lm, adapter, prompt_ids, params = self.prepare(req)
+        lm, adapter, prompt_ids, params, grammar = self.prepare(req)
         n = req.n or 1
         texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
-        async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, req)):
+        async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
             texts[i] += d.text
             finish[i] = d.finish_reason or finish[i]
             generated[i] = d.num_generated
@@ -113,10 +136,10 @@ class ChatHandler:
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
 
     def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        lm, adapter, prompt_ids, params = self.prepare(req)  # errors here are still plain 4xx responses
-        return self._stream(lm, adapter, prompt_ids, params, req)
+        lm, adapter, prompt_ids, params, grammar = self.prepare(req)  # errors here are still plain 4xx responses
+        return self._stream(lm, adapter, prompt_ids, params, grammar, req)
 
-    async def _stream(self, lm, adapter, prompt_ids, params, req) -> AsyncIterator[str]:
+    async def _stream(self, lm, adapter, prompt_ids, params, grammar, req) -> AsyncIterator[str]:
         cid, created, n = new_id("chatcmpl"), now(), req.n or 1
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -128,7 +151,7 @@ class ChatHandler:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * n
         try:
-            async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, req)):
+            async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
                 generated[i] = d.num_generated
                 lp = ChoiceLogprobs(content=_token_logprobs(lm, d)) if req.logprobs else None
                 if d.text or lp is not None and lp.content:

@@ -1,0 +1,102 @@
+"""Structured output, enforced or refused: response_format through the official client on the
+real default model (parse() with a nested pydantic model, json_object, refusals), and the grammar
+constraint on its own."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from conftest import post
+
+pytestmark = pytest.mark.slow
+
+
+class Address(BaseModel):
+    city: str
+    country: str
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    address: Address
+    hobbies: list[str]
+
+
+PROMPTS = [f"Invent a person who lives in {c} and describe them as JSON." for c in (
+    "Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Hanoi", "Perth", "Dakar", "Riga",
+    "Seoul", "Accra", "Porto", "Kyiv", "Minsk", "Tunis", "Bern", "Delhi", "Lagos", "Sofia",
+)]
+
+
+def test_parse_with_a_nested_pydantic_model_over_20_prompts(client):
+    for prompt in PROMPTS:
+        r = client.chat.completions.parse(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], response_format=Person, max_completion_tokens=200)
+        person = r.choices[0].message.parsed
+        assert isinstance(person, Person) and isinstance(person.address, Address), r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+
+
+def test_json_object_output_parses_streamed_and_not(client):
+    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}], response_format={"type": "json_object"}, max_completion_tokens=400)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices)
+    assert isinstance(json.loads(text), dict)
+
+
+def test_schema_with_enum_is_enforced(client):
+    schema = {"type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}}, "required": ["sentiment"], "additionalProperties": False}
+    for review in ("I love this product, it works great!", "Terrible, it broke after a day."):
+        r = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}, max_completion_tokens=30,
+        )
+        assert json.loads(r.choices[0].message.content)["sentiment"] in ("positive", "negative")
+
+
+def test_unsupported_schema_is_refused_with_400_naming_it(server, client):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "not": {"required": ["a"]}}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+    assert ei.value.param == "response_format" and "not" in ei.value.message
+    r = post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    r = post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_grammar_constraint_binds_even_a_random_model(smollm_dir, tmp_path):
+    """A random model says nothing sensible; under the constraint its output still matches."""
+    import re
+
+    from conftest import make_tiny_llama
+    from fundament.config import EngineConfig
+    from fundament.engine import Engine, EngineRequest, SamplingParams
+    from fundament.engine.constraints import GrammarConstraint, choice_grammar, regex_grammar
+    from fundament.models.llama import LlamaModel
+    from fundament.models.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer(smollm_dir)
+    model = LlamaModel.from_dir(make_tiny_llama(tmp_path / "rnd", vocab_size=49152))
+    engine = Engine(model, EngineConfig(), tok.eos_token_ids)
+
+    def run(grammar, seed):
+        outs = []
+        params = SamplingParams(max_tokens=40, temperature=1.0, seed=seed, logits_processors=[GrammarConstraint(tok.ll_tokenizer, grammar)])
+        req = EngineRequest(tok.encode("hello"), params, outs.append)
+        engine.submit(req)
+        while not req.finished:
+            engine.step()
+        return tok.decode([o.token_id for o in outs]), outs[-1].finish_reason
+
+    for seed in range(3):
+        text, finish = run(regex_grammar(r"[0-9]{3}-[a-z]{2,5}", "regex"), seed)
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", text) and finish == "stop", text
+        text, finish = run(choice_grammar(["positive", "negative", "neutral"], "choices"), seed)
+        assert text in ("positive", "negative", "neutral"), text
