@@ -123,7 +123,8 @@ def test_full_queue_is_429_with_retry_after(by_path_server):
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2 and 429 in codes  # one runs, one waits, the rest are turned away
+    # one runs (and perhaps one waits); the rest are turned away, none fails any other way
+    assert codes.count(200) >= 1 and codes.count(429) >= 4 and set(codes) == {200, 429}
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "rate_limit_error"
