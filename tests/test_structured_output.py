@@ -100,3 +100,19 @@ def test_grammar_constraint_binds_even_a_random_model(smollm_dir, tmp_path):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2,5}", text) and finish == "stop", text
         text, finish = run(choice_grammar(["positive", "negative", "neutral"], "choices"), seed)
         assert text in ("positive", "negative", "neutral"), text
+
+
+def test_completions_extensions_constrain_plain_completions(client, server):
+    r = client.completions.create(model="gpt-4o-mini", prompt="Review: 'Awful film, I walked out.' Sentiment:", max_tokens=10, extra_body={"guided_choice": [" positive", " negative"]})
+    assert r.choices[0].text in (" positive", " negative")
+    r = client.completions.create(model="gpt-4o-mini", prompt="A US phone number:", max_tokens=20, extra_body={"guided_regex": r" \d{3}-\d{3}-\d{4}"})
+    import re
+
+    assert re.fullmatch(r" \d{3}-\d{3}-\d{4}", r.choices[0].text)
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"], "additionalProperties": False}
+    r = client.completions.create(model="gpt-4o-mini", prompt="The year the Berlin wall fell, as JSON:", max_tokens=30, extra_body={"guided_json": schema})
+    assert isinstance(json.loads(r.choices[0].text)["year"], int)
+    bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_regex": "a", "guided_choice": ["b"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_choice"
+    bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_json": {"type": "object", "not": {}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_json"

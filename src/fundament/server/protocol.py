@@ -216,6 +216,11 @@ class CompletionRequest(SamplingFields):
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     suffix: Optional[str] = None
+    # --- fundament extensions: constrained output for plain completions (vLLM's names) ---
+    response_format: Optional[dict[str, Any]] = None  # as in chat: json_object or json_schema
+    guided_json: Optional[dict[str, Any]] = None  # a JSON schema
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = Field(None, min_length=1)
 
     @field_validator("prompt")
     @classmethod

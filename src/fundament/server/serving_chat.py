@@ -46,23 +46,23 @@ def render_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-def response_format_grammar(rf: dict | None) -> str | None:
+def response_format_grammar(rf: dict | None, param: str = "response_format") -> str | None:
     """The grammar a `response_format` asks for; None for plain text. A schema the grammar engine
     cannot enforce is a 400 naming the keyword, never silently ignored."""
     if not rf or rf.get("type") in (None, "text"):
         return None
     kind = rf.get("type")
     if kind == "json_object":
-        return json_schema_grammar({"type": "object"}, "response_format")
+        return json_schema_grammar({"type": "object"}, param)
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not spec.get("name"):
-            raise InvalidRequestError("response_format.json_schema needs a name and a schema.", "response_format")
+            raise InvalidRequestError("response_format.json_schema needs a name and a schema.", param)
         schema = spec.get("schema") or {"type": "object"}
         if not isinstance(schema, dict):
-            raise InvalidRequestError("response_format.json_schema.schema must be a JSON object.", "response_format")
-        return json_schema_grammar(schema, "response_format")
-    raise InvalidRequestError(f"response_format type '{kind}' is not one of text, json_object, json_schema.", "response_format")
+            raise InvalidRequestError("response_format.json_schema.schema must be a JSON object.", param)
+        return json_schema_grammar(schema, param)
+    raise InvalidRequestError(f"response_format type '{kind}' is not one of text, json_object, json_schema.", param)
 
 
 def _token_logprobs(lm: GenerationModel, delta: Delta) -> list[TokenLogprob]:

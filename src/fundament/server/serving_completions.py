@@ -6,9 +6,11 @@ import json
 from dataclasses import replace
 from typing import AsyncIterator
 
+from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_grammar, regex_grammar
 from ..errors import InvalidRequestError, error_payload
 from ..models.registry import GenerationModel, ModelRegistry
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
+from .serving_chat import response_format_grammar
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 
 
@@ -25,6 +27,20 @@ def _prompts(lm: GenerationModel, prompt) -> list[list[int]]:
             raise InvalidRequestError(f"prompt[{i}] has token id {bad[0]} outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})", "prompt")
         out.append(ids)
     return out
+
+
+def _grammar(req: CompletionRequest) -> str | None:
+    """At most one of response_format, guided_json, guided_regex, guided_choice."""
+    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(f"Give at most one output constraint; got {', '.join(given)}.", given[1])
+    if req.guided_json is not None:
+        return json_schema_grammar(req.guided_json, "guided_json")
+    if req.guided_regex is not None:
+        return regex_grammar(req.guided_regex, "guided_regex")
+    if req.guided_choice is not None:
+        return choice_grammar(req.guided_choice, "guided_choice")
+    return response_format_grammar(req.response_format)
 
 
 class _Logprobs:
@@ -56,6 +72,7 @@ class CompletionHandler:
         if req.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this model.", "suffix")
         prompts = _prompts(lm, req.prompt)
+        grammar = _grammar(req)
         jobs = []
         for p_i, ids in enumerate(prompts):
             check_prompt_length(lm, len(ids), "prompt")
@@ -64,7 +81,10 @@ class CompletionHandler:
                 params = replace(params, prompt_logprobs=True)
             for j in range(req.n or 1):
                 seed = None if params.seed is None else params.seed + j
-                jobs.append((ids, replace(params, seed=seed)))
+                p = replace(params, seed=seed)
+                if grammar is not None:  # one matcher per sequence
+                    p.logits_processors = [*p.logits_processors, GrammarConstraint(lm.tokenizer.ll_tokenizer, grammar)]
+                jobs.append((ids, p))
         check_capacity(lm, len(jobs))
         return lm, adapter, jobs
 
