@@ -1,3 +1,11 @@
 """fundament: serve, adapt and measure pretrained foundation models offline through the OpenAI API."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # heavy imports (torch) only when asked for
+    if name in ("Classifier", "ClassificationResult", "Label"):
+        from . import adapt
+
+        return getattr(adapt, name)
+    raise AttributeError(name)

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig
 from ..errors import AuthenticationError, FundamentError, ModelNotFoundError, QueueFullError, error_payload
 from ..models.registry import ModelRegistry
-from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Model, ModelList
+from .protocol import ChatCompletionRequest, ClassificationRequest, ClassificationResponse, CompletionRequest, EmbeddingRequest, Model, ModelList
+from .serving_classify import ClassificationHandler
 from .serving_chat import ChatHandler
 from .serving_completions import CompletionHandler
 from .serving_embeddings import EmbeddingHandler
@@ -128,6 +129,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fa
     app.state.registry = registry or ModelRegistry(config)
     reg = app.state.registry
     chat, completions, embeddings = ChatHandler(reg), CompletionHandler(reg), EmbeddingHandler(reg)
+    classifications = ClassificationHandler(reg)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
 
     @app.exception_handler(FundamentError)
@@ -190,6 +192,10 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fa
         if body.stream:
             return StreamingResponse(completions.stream(body), media_type="text/event-stream")
         return await _until_disconnect(request, completions.create(body))
+
+    @app.post("/v1/classifications", dependencies=v1)
+    async def create_classification(body: ClassificationRequest) -> ClassificationResponse:
+        return await classifications.create(body)
 
     @app.post("/v1/embeddings", dependencies=v1)
     async def create_embedding(body: EmbeddingRequest):

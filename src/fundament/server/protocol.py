@@ -296,3 +296,46 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+# ---- classifications (a fundament extension; see docs/classification.md) ------------------------
+
+
+class ClassificationLabel(Request):
+    name: str
+    description: Optional[str] = None
+
+
+class ClassificationExample(Request):
+    input: str
+    label: str
+
+
+class ClassificationRequest(Request):
+    model: str
+    input: Union[str, list[str]]
+    labels: list[Union[str, ClassificationLabel]]
+    instruction: Optional[str] = None
+    examples: Optional[list[ClassificationExample]] = None
+    k: Optional[int] = Field(None, ge=0)
+    selection: Literal["nearest", "random"] = "nearest"
+    calibrate: bool = False
+    seed: int = 0
+    embedding_model: Optional[str] = None
+    answer_prefix: str = "Answer:"
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    probabilities: dict[str, float]
+    examples: list[int] = []
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[Classification]
+    usage: Usage

@@ -1,0 +1,75 @@
+"""POST /v1/classifications end to end on the real default model, and the Classifier's checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import post
+
+pytestmark = pytest.mark.slow
+
+LABELS = ["positive", "negative"]
+CLEAR = [
+    ("a charming , funny and moving film , one of the best of the year .", "positive"),
+    ("a masterpiece , brilliant and beautiful from start to finish .", "positive"),
+    ("this is a dull , boring and lifeless mess , the worst film i have seen .", "negative"),
+    ("awful , stupid and painfully bad in every way .", "negative"),
+]
+
+
+def classify(server, **body):
+    return post(server, "/classifications", {"model": "gpt-4o-mini", "labels": LABELS, **body})
+
+
+def test_probabilities_sum_to_one_and_clear_cases_are_right(server):
+    r = classify(server, input=[t for t, _ in CLEAR], instruction="Classify the sentiment of the movie review.", answer_prefix="The review is")
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == list(range(len(CLEAR)))
+    for d, (_, gold) in zip(data, CLEAR):
+        assert set(d["probabilities"]) == set(LABELS)
+        assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert d["label"] == max(d["probabilities"], key=d["probabilities"].get)
+        assert d["label"] == gold, d
+    assert r.json()["usage"]["prompt_tokens"] > 0
+
+
+def test_nearest_examples_are_chosen_by_similarity(server):
+    pool = [
+        {"input": "the soundtrack is gorgeous", "label": "positive"},
+        {"input": "the tax code is complicated", "label": "negative"},
+        {"input": "a gorgeous , soaring soundtrack", "label": "positive"},
+        {"input": "parliament passed the budget", "label": "negative"},
+    ]
+    r = classify(server, input="what a gorgeous soundtrack !", examples=pool, k=2, selection="nearest")
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["data"][0]["examples"]) == [0, 2]
+    r = classify(server, input="what a gorgeous soundtrack !", examples=pool, k=2, selection="random", seed=3)
+    again = classify(server, input="what a gorgeous soundtrack !", examples=pool, k=2, selection="random", seed=3)
+    assert r.json()["data"][0]["examples"] == again.json()["data"][0]["examples"]
+
+
+def test_multi_token_labels_are_scored_whole(server):
+    r = classify(server, input="Who wrote Hamlet?", labels=["a person", "a location", "a number"], instruction="What kind of answer does the question ask for?")
+    probs = r.json()["data"][0]["probabilities"]
+    assert set(probs) == {"a person", "a location", "a number"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"input": "x", "labels": []}, "labels"),
+        ({"input": "x", "labels": ["yes"]}, "labels"),
+        ({"input": "x", "labels": ["yes", "no", "yes"]}, "labels"),
+        ({"input": "x", "labels": ["yes", "word " * 9000]}, "labels"),
+        ({"input": "x", "examples": [{"input": "word " * 9000, "label": "positive"}]}, "examples"),
+        ({"input": "x", "examples": [{"input": "a", "label": "maybe"}]}, "examples"),
+        ({"input": "x", "examples": [{"input": "a", "label": "positive"}], "k": 3}, "k"),
+        ({"input": []}, "input"),
+        ({"input": "x", "selection": "best"}, "selection"),
+    ],
+)
+def test_bad_input_is_400_with_param(server, body, param):
+    r = classify(server, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
