@@ -73,3 +73,21 @@ def test_bad_input_is_400_with_param(server, body, param):
     r = classify(server, **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_cli_classify_prints_json_lines_and_refuses_bad_labels(smollm_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FUNDAMENT_HOME=str(smollm_dir.parents[2]))
+    cmd = [sys.executable, "-m", "fundament.cli", "classify", "--labels", "positive,negative", "--answer-prefix", "The review is",
+           "--instruction", "Classify the sentiment of the movie review.", "a gorgeous , moving film", "a dull and lifeless mess"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["positive", "negative"]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-6 for r in rows)
+    bad = subprocess.run(cmd[:5] + ["positive,positive", "x"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "duplicate" in bad.stderr.splitlines()[-1]

@@ -50,6 +50,46 @@ def _serve(args) -> None:
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
 
 
+def _classify(args) -> None:
+    """Classify lines of a file (or arguments) and print label and probabilities as JSON lines."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from .adapt import Classifier
+    from .engine.engine import reserve_cpu_for_engines
+    from .models.registry import ModelRegistry
+
+    texts = list(args.text)
+    if args.file:
+        texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise FundamentError("nothing to classify: give TEXT arguments or --file", "text")
+    examples = []
+    if args.examples:
+        for i, line in enumerate(Path(args.examples).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    examples.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise FundamentError(f"{args.examples} line {i}: not JSON ({e})", "examples") from e
+    reserve_cpu_for_engines()
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    registry = ModelRegistry(cfg)
+    registry.load_all()
+    registry.start()
+    try:
+        lm, _ = registry.generator(args.model)
+        embedder = next(iter(registry.embedders.values())).embedder if registry.embedders else None
+        results = asyncio.run(Classifier(lm, embedder).classify(
+            texts, args.labels.split(","), args.instruction, examples or None, args.k, args.selection, args.calibrate, args.seed, args.answer_prefix,
+        ))
+    finally:
+        registry.stop()
+    for text, r in zip(texts, results):
+        print(json.dumps({"input": text, "label": r.label, "probabilities": r.probabilities}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fundament", description="Serve, adapt and measure foundation models offline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,11 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or set FUNDAMENT_API_KEY)")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 8 MiB)")
     s.add_argument("--log-level", default="info")
+    c = sub.add_parser("classify", help="classify texts by prompting, with a probability per label")
+    c.add_argument("text", nargs="*", help="texts to classify")
+    c.add_argument("--file", help="a file with one text per line")
+    c.add_argument("--labels", required=True, help="comma-separated labels, e.g. positive,negative")
+    c.add_argument("--instruction", help="the task, e.g. 'Classify the sentiment of the review.'")
+    c.add_argument("--examples", help="JSONL file of {\"input\", \"label\"} examples for few-shot prompting")
+    c.add_argument("--k", type=int, default=None, help="examples per input (default: all)")
+    c.add_argument("--selection", choices=["nearest", "random"], default="nearest")
+    c.add_argument("--calibrate", action="store_true", help="content-free calibration (Zhao et al. 2021)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--answer-prefix", default="Answer:", help="how the answer starts before the label")
+    c.add_argument("--model", default="smollm2-135m-instruct")
+    c.add_argument("--config", help="YAML config file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "classify":
+            _classify(args)
     except FundamentError as e:
         print(f"fundament: {e.message}", file=sys.stderr)
         return 2
