@@ -20,15 +20,17 @@ from .protocol import (
     ChoiceLogprobs,
     DeltaMessage,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
     new_id,
     now,
 )
+from . import tools
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 
 
-def render_messages(req: ChatCompletionRequest) -> list[dict]:
+def render_messages(req: ChatCompletionRequest, tool_prompt: str | None = None) -> list[dict]:
     """Wire messages to the dicts a chat template reads. `developer` is OpenAI's new name for
     `system`; templates only know the latter."""
     out = []
@@ -38,11 +40,16 @@ def render_messages(req: ChatCompletionRequest) -> list[dict]:
         if m.role == "tool" and not m.tool_call_id:
             raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id")
         d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.tool_calls:
-            d["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+        if m.tool_calls:  # shown to the model as it is asked to write calls
+            d["content"] = "\n".join(x for x in (d["content"], tools.render_assistant_calls([tc.model_dump() for tc in m.tool_calls])) if x)
         if m.tool_call_id:
             d["tool_call_id"] = m.tool_call_id
         out.append(d)
+    if tool_prompt:  # the tools go into the system message (templates here know no tools)
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = out[0]["content"] + "\n\n" + tool_prompt
+        else:
+            out.insert(0, {"role": "system", "content": tool_prompt})
     return out
 
 
@@ -65,6 +72,18 @@ def response_format_grammar(rf: dict | None, param: str = "response_format") -> 
     raise InvalidRequestError(f"response_format type '{kind}' is not one of text, json_object, json_schema.", param)
 
 
+def _tool_calls(text: str, finish: str | None, tool_mode) -> tuple[str | None, list[dict], str | None]:
+    """(content, tool calls, finish_reason) of a finished choice."""
+    mode, funcs = tool_mode
+    if mode == "enforced" and finish == "stop":
+        return None, tools.enforced_calls(text), "tool_calls"
+    if mode == "auto":
+        content, calls = tools.parse_calls(text, funcs)
+        if calls:
+            return content, calls, "tool_calls"
+    return text, [], finish
+
+
 def _token_logprobs(lm: GenerationModel, delta: Delta) -> list[TokenLogprob]:
     tok = lm.tokenizer
     items = []
@@ -83,7 +102,9 @@ class ChatHandler:
 
     def prepare(self, req: ChatCompletionRequest):
         lm, adapter = self.registry.generator(req.model)
-        messages = render_messages(req)
+        funcs = tools.functions(req.tools)
+        choice = tools.resolve_choice(req.tool_choice, funcs)
+        messages = render_messages(req, tools.system_prompt(funcs) if choice != "none" else None)
         try:
             prompt_ids = lm.tokenizer.apply_chat_template(messages)
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
@@ -101,7 +122,12 @@ class ChatHandler:
             raise
         check_capacity(lm, req.n or 1)
         grammar = response_format_grammar(req.response_format)
-        return lm, adapter, prompt_ids, params, grammar
+        mode = None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")
+        if mode == "enforced":
+            if grammar is not None:
+                raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named function.", "response_format")
+            grammar = json_schema_grammar(tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools")
+        return lm, adapter, prompt_ids, params, grammar, (mode, funcs)
 
     def _streams(self, lm, adapter, prompt_ids, params, grammar, req) -> list[AsyncIterator[Delta]]:
         stops = stop_list(req.stop)
@@ -114,7 +140,7 @@ class ChatHandler:
         return out
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
-        lm, adapter, prompt_ids, params, grammar = self.prepare(req)
+        lm, adapter, prompt_ids, params, grammar, tool_mode = self.prepare(req)
         n = req.n or 1
         texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
         async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
@@ -123,23 +149,23 @@ class ChatHandler:
             generated[i] = d.num_generated
             if req.logprobs:
                 logprobs[i].extend(_token_logprobs(lm, d))
-        choices = [
-            ChatChoice(
+        choices = []
+        for i in range(n):
+            content, calls, reason = _tool_calls(texts[i], finish[i], tool_mode)
+            choices.append(ChatChoice(
                 index=i,
-                message=AssistantMessage(content=texts[i]),
-                finish_reason=finish[i],
+                message=AssistantMessage(content=content, tool_calls=[ToolCall(**c) for c in calls] or None),
+                finish_reason=reason,
                 logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
-            )
-            for i in range(n)
-        ]
+            ))
         usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(generated), total_tokens=len(prompt_ids) + sum(generated))
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
 
     def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        lm, adapter, prompt_ids, params, grammar = self.prepare(req)  # errors here are still plain 4xx responses
-        return self._stream(lm, adapter, prompt_ids, params, grammar, req)
+        lm, adapter, prompt_ids, params, grammar, tool_mode = self.prepare(req)  # errors here are still plain 4xx responses
+        return self._stream(lm, adapter, prompt_ids, params, grammar, tool_mode, req)
 
-    async def _stream(self, lm, adapter, prompt_ids, params, grammar, req) -> AsyncIterator[str]:
+    async def _stream(self, lm, adapter, prompt_ids, params, grammar, tool_mode, req) -> AsyncIterator[str]:
         cid, created, n = new_id("chatcmpl"), now(), req.n or 1
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -150,10 +176,23 @@ class ChatHandler:
         for i in range(n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * n
+        held = [""] * n  # with tools the text is held until it is known to be calls or an answer
         try:
             async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
                 generated[i] = d.num_generated
                 lp = ChoiceLogprobs(content=_token_logprobs(lm, d)) if req.logprobs else None
+                if tool_mode[0] is not None:
+                    held[i] += d.text
+                    if d.finish_reason:
+                        content, calls, reason = _tool_calls(held[i], d.finish_reason, tool_mode)
+                        if content:
+                            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=content))])
+                        for j, c in enumerate(calls):  # OpenAI's shape: id, type and name first, then arguments
+                            head = {"index": j, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": ""}}
+                            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[head]))])
+                            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[{"index": j, "function": {"arguments": c["function"]["arguments"]}}]))])
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])
+                    continue
                 if d.text or lp is not None and lp.content:
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
                 if d.finish_reason:
