@@ -116,3 +116,20 @@ def test_completions_extensions_constrain_plain_completions(client, server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_choice"
     bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_json": {"type": "object", "not": {}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_json"
+
+
+def test_non_strict_schema_is_enforced_in_part_and_the_output_validated(client):
+    # "not" cannot be enforced by the grammar engine: strict refuses it (above); non-strict
+    # enforces the rest (an object with an integer "n") and checks the whole schema afterwards.
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False, "not": {"properties": {"n": {"const": 7}}, "required": ["n"]}}
+    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Pick a number and answer as JSON."}], response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}, max_completion_tokens=40)
+    r = client.chat.completions.create(**kw)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop"
+    value = json.loads(m.content)["n"]
+    assert isinstance(value, int) and 0 <= value <= 9
+    assert (m.refusal is None) == (value != 7)  # a refusal appears exactly when the output breaks the "not" rule
+    r = client.chat.completions.create(**{**kw, "messages": [{"role": "user", "content": 'Answer exactly {"n": 7}'}]}, logit_bias=None)
+    m = r.choices[0].message
+    if json.loads(m.content)["n"] == 7:
+        assert m.refusal and "validate" in m.refusal

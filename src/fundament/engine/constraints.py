@@ -22,8 +22,11 @@ from ..errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 
-def json_schema_grammar(schema: dict, param: str) -> str:
-    """A grammar for `schema`, or a 400 naming what the grammar engine cannot enforce."""
+def json_schema_grammar(schema: dict, param: str, lenient: bool = False) -> str:
+    """A grammar for `schema`, or a 400 naming what the grammar engine cannot enforce. Lenient:
+    enforce what it can and skip the rest (the caller then validates the output)."""
+    if lenient:
+        schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "lenient": True}}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
     except Exception as e:  # malformed schema

@@ -187,6 +187,7 @@ class ChatCompletion(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    refusal: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
 
 

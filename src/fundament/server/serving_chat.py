@@ -53,14 +53,16 @@ def render_messages(req: ChatCompletionRequest, tool_prompt: str | None = None) 
     return out
 
 
-def response_format_grammar(rf: dict | None, param: str = "response_format") -> str | None:
-    """The grammar a `response_format` asks for; None for plain text. A schema the grammar engine
-    cannot enforce is a 400 naming the keyword, never silently ignored."""
+def response_format_grammar(rf: dict | None, param: str = "response_format") -> tuple[str | None, dict | None]:
+    """The grammar a `response_format` asks for (None for plain text), and the schema to check
+    the output against when the grammar enforces it only in part. With `strict: true` a schema the
+    grammar engine cannot enforce is a 400 naming the keyword; with `strict` false or absent it is
+    enforced where it can be and the output validated: never silently ignored."""
     if not rf or rf.get("type") in (None, "text"):
-        return None
+        return None, None
     kind = rf.get("type")
     if kind == "json_object":
-        return json_schema_grammar({"type": "object"}, param)
+        return json_schema_grammar({"type": "object"}, param), None
     if kind == "json_schema":
         spec = rf.get("json_schema")
         if not isinstance(spec, dict) or not spec.get("name"):
@@ -68,13 +70,34 @@ def response_format_grammar(rf: dict | None, param: str = "response_format") -> 
         schema = spec.get("schema") or {"type": "object"}
         if not isinstance(schema, dict):
             raise InvalidRequestError("response_format.json_schema.schema must be a JSON object.", param)
-        return json_schema_grammar(schema, param)
+        try:
+            return json_schema_grammar(schema, param), None
+        except InvalidRequestError:
+            if spec.get("strict") is True:
+                raise
+            return json_schema_grammar(schema, param, lenient=True), schema
     raise InvalidRequestError(f"response_format type '{kind}' is not one of text, json_object, json_schema.", param)
+
+
+def schema_refusal(text: str, schema: dict | None) -> str | None:
+    """Why a finished output fails a schema that was enforced only in part (None when it
+    validates). A cut-off output (finish_reason "length") is not judged, as OpenAI does not."""
+    if schema is None:
+        return None
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except json.JSONDecodeError as e:
+        return f"The output is not valid JSON: {e}"
+    except jsonschema.ValidationError as e:
+        return f"The output does not validate against the schema: {e.message}"
+    return None
 
 
 def _tool_calls(text: str, finish: str | None, tool_mode) -> tuple[str | None, list[dict], str | None]:
     """(content, tool calls, finish_reason) of a finished choice."""
-    mode, funcs = tool_mode
+    mode, funcs, _ = tool_mode
     if mode == "enforced" and finish == "stop":
         return None, tools.enforced_calls(text), "tool_calls"
     if mode == "auto":
@@ -121,13 +144,13 @@ class ChatHandler:
                 e.param = param if len(prompt_ids) < lm.engine.max_context else "messages"
             raise
         check_capacity(lm, req.n or 1)
-        grammar = response_format_grammar(req.response_format)
+        grammar, check_schema = response_format_grammar(req.response_format)
         mode = None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")
         if mode == "enforced":
             if grammar is not None:
                 raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named function.", "response_format")
             grammar = json_schema_grammar(tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools")
-        return lm, adapter, prompt_ids, params, grammar, (mode, funcs)
+        return lm, adapter, prompt_ids, params, grammar, (mode, funcs, check_schema)
 
     def _streams(self, lm, adapter, prompt_ids, params, grammar, req) -> list[AsyncIterator[Delta]]:
         stops = stop_list(req.stop)
@@ -152,9 +175,10 @@ class ChatHandler:
         choices = []
         for i in range(n):
             content, calls, reason = _tool_calls(texts[i], finish[i], tool_mode)
+            refusal = schema_refusal(content, tool_mode[2]) if content is not None and reason == "stop" else None
             choices.append(ChatChoice(
                 index=i,
-                message=AssistantMessage(content=content, tool_calls=[ToolCall(**c) for c in calls] or None),
+                message=AssistantMessage(content=content, refusal=refusal, tool_calls=[ToolCall(**c) for c in calls] or None),
                 finish_reason=reason,
                 logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
             ))
@@ -177,6 +201,7 @@ class ChatHandler:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * n
         held = [""] * n  # with tools the text is held until it is known to be calls or an answer
+        streamed = [""] * n  # what went out, to validate against a partly enforced schema
         try:
             async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
                 generated[i] = d.num_generated
@@ -194,8 +219,12 @@ class ChatHandler:
                         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])
                     continue
                 if d.text or lp is not None and lp.content:
+                    streamed[i] += d.text
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
                 if d.finish_reason:
+                    refusal = schema_refusal(streamed[i], tool_mode[2]) if d.finish_reason == "stop" else None
+                    if refusal:
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(refusal=refusal))])
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=d.finish_reason)])
         except Exception as e:  # headers are sent: report in-band, as OpenAI does
             yield f"data: {json.dumps(error_payload(e))}\n\n"

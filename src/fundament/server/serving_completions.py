@@ -40,7 +40,10 @@ def _grammar(req: CompletionRequest) -> str | None:
         return regex_grammar(req.guided_regex, "guided_regex")
     if req.guided_choice is not None:
         return choice_grammar(req.guided_choice, "guided_choice")
-    return response_format_grammar(req.response_format)
+    grammar, partial = response_format_grammar(req.response_format)
+    if partial is not None:
+        raise InvalidRequestError("This schema cannot be fully enforced; plain completions accept only schemas the grammar engine enforces whole.", "response_format")
+    return grammar
 
 
 class _Logprobs:
