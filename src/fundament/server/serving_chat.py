@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import AsyncIterator, NamedTuple
 
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
@@ -95,9 +95,17 @@ def schema_refusal(text: str, schema: dict | None) -> str | None:
     return None
 
 
-def _tool_calls(text: str, finish: str | None, tool_mode) -> tuple[str | None, list[dict], str | None]:
+class OutputRules(NamedTuple):
+    """What a finished choice's text must be read as."""
+
+    tools: str | None  # None (no tools), "auto" (calls parsed from text) or "enforced"
+    functions: list[dict]
+    check_schema: dict | None  # a response_format schema enforced only in part: validate after
+
+
+def _tool_calls(text: str, finish: str | None, rules: OutputRules) -> tuple[str | None, list[dict], str | None]:
     """(content, tool calls, finish_reason) of a finished choice."""
-    mode, funcs, _ = tool_mode
+    mode, funcs = rules.tools, rules.functions
     if mode == "enforced" and finish == "stop":
         return None, tools.enforced_calls(text), "tool_calls"
     if mode == "auto":
@@ -150,7 +158,7 @@ class ChatHandler:
             if grammar is not None:
                 raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named function.", "response_format")
             grammar = json_schema_grammar(tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools")
-        return lm, adapter, prompt_ids, params, grammar, (mode, funcs, check_schema)
+        return lm, adapter, prompt_ids, params, grammar, OutputRules(mode, funcs, check_schema)
 
     def _streams(self, lm, adapter, prompt_ids, params, grammar, req) -> list[AsyncIterator[Delta]]:
         stops = stop_list(req.stop)
@@ -163,7 +171,7 @@ class ChatHandler:
         return out
 
     async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
-        lm, adapter, prompt_ids, params, grammar, tool_mode = self.prepare(req)
+        lm, adapter, prompt_ids, params, grammar, rules = self.prepare(req)
         n = req.n or 1
         texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
         async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
@@ -174,8 +182,8 @@ class ChatHandler:
                 logprobs[i].extend(_token_logprobs(lm, d))
         choices = []
         for i in range(n):
-            content, calls, reason = _tool_calls(texts[i], finish[i], tool_mode)
-            refusal = schema_refusal(content, tool_mode[2]) if content is not None and reason == "stop" else None
+            content, calls, reason = _tool_calls(texts[i], finish[i], rules)
+            refusal = schema_refusal(content, rules.check_schema) if content is not None and reason == "stop" else None
             choices.append(ChatChoice(
                 index=i,
                 message=AssistantMessage(content=content, refusal=refusal, tool_calls=[ToolCall(**c) for c in calls] or None),
@@ -186,10 +194,10 @@ class ChatHandler:
         return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
 
     def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        lm, adapter, prompt_ids, params, grammar, tool_mode = self.prepare(req)  # errors here are still plain 4xx responses
-        return self._stream(lm, adapter, prompt_ids, params, grammar, tool_mode, req)
+        lm, adapter, prompt_ids, params, grammar, rules = self.prepare(req)  # errors here are still plain 4xx responses
+        return self._stream(lm, adapter, prompt_ids, params, grammar, rules, req)
 
-    async def _stream(self, lm, adapter, prompt_ids, params, grammar, tool_mode, req) -> AsyncIterator[str]:
+    async def _stream(self, lm, adapter, prompt_ids, params, grammar, rules, req) -> AsyncIterator[str]:
         cid, created, n = new_id("chatcmpl"), now(), req.n or 1
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -206,10 +214,10 @@ class ChatHandler:
             async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
                 generated[i] = d.num_generated
                 lp = ChoiceLogprobs(content=_token_logprobs(lm, d)) if req.logprobs else None
-                if tool_mode[0] is not None:
+                if rules.tools is not None:
                     held[i] += d.text
                     if d.finish_reason:
-                        content, calls, reason = _tool_calls(held[i], d.finish_reason, tool_mode)
+                        content, calls, reason = _tool_calls(held[i], d.finish_reason, rules)
                         if content:
                             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=content))])
                         for j, c in enumerate(calls):  # OpenAI's shape: id, type and name first, then arguments
@@ -222,7 +230,7 @@ class ChatHandler:
                     streamed[i] += d.text
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
                 if d.finish_reason:
-                    refusal = schema_refusal(streamed[i], tool_mode[2]) if d.finish_reason == "stop" else None
+                    refusal = schema_refusal(streamed[i], rules.check_schema) if d.finish_reason == "stop" else None
                     if refusal:
                         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(refusal=refusal))])
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=d.finish_reason)])
