@@ -68,10 +68,10 @@ class Classifier:
         lines += [f"- {l.name}" + (f": {l.description}" if l.description else "") for l in labels]
         return "\n".join(lines)
 
-    def _messages(self, system: str, shots: list[tuple[str, str]], text: str) -> list[dict]:
+    def _messages(self, system: str, shots: list[tuple[str, str]], text: str, answer_prefix: str) -> list[dict]:
         msgs = [{"role": "system", "content": system}]
-        for x, y in shots:
-            msgs += [{"role": "user", "content": x}, {"role": "assistant", "content": y}]
+        for x, y in shots:  # examples answer exactly as the scored answer is phrased
+            msgs += [{"role": "user", "content": x}, {"role": "assistant", "content": f"{answer_prefix} {y}" if answer_prefix else y}]
         return msgs + [{"role": "user", "content": text}]
 
     def select_examples(self, inputs: list[str], examples: list[tuple[str, str]], k: int, selection: str, seed: int) -> list[list[int]]:
@@ -158,9 +158,9 @@ class Classifier:
 
         async def one(i: int, text: str) -> ClassificationResult:
             shots = [pool[j] for j in chosen[i]]
-            p, used = await self._probabilities(self._messages(system, shots, text), labels, "input", answer_prefix)
+            p, used = await self._probabilities(self._messages(system, shots, text, answer_prefix), labels, "input", answer_prefix)
             if calibrate:  # Zhao et al. 2021: divide by the content-free input's probabilities
-                p_cf, used_cf = await self._probabilities(self._messages(system, shots, CONTENT_FREE), labels, "input", answer_prefix)
+                p_cf, used_cf = await self._probabilities(self._messages(system, shots, CONTENT_FREE, answer_prefix), labels, "input", answer_prefix)
                 p = p / np.maximum(p_cf, 1e-12)
                 p, used = p / p.sum(), used + used_cf
             probs = {n: float(v) for n, v in zip(names, p)}
