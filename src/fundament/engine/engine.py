@@ -160,10 +160,6 @@ class Engine:
             self._thread.join(timeout=10)
             self._thread = None
 
-    @property
-    def num_active(self) -> int:
-        return len(self.running) + len(self.waiting)
-
     # ---- the engine thread ---------------------------------------------------------------
 
     def _loop(self) -> None:

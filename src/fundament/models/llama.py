@@ -207,6 +207,7 @@ class _LazyWeights:
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
+        self._files: dict[Path, object] = {}  # open handles, one per file, closed after its last tensor
         for f in files:
             with open(f, "rb") as fh:
                 n = struct.unpack("<Q", fh.read(8))[0]
@@ -220,10 +221,12 @@ class _LazyWeights:
 
     def pop(self, name: str) -> torch.Tensor:
         f, offset, dtype, shape = self._where.pop(name)
+        fh = self._files.get(f) or self._files.setdefault(f, open(f, "rb"))
         t = torch.empty(shape, dtype=dtype)
-        with open(f, "rb") as fh:
-            fh.seek(offset)
-            fh.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        fh.seek(offset)
+        fh.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        if not any(w[0] == f for w in self._where.values()):
+            self._files.pop(f).close()  # last tensor of this file read
         return t
 
 

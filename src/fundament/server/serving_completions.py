@@ -10,7 +10,7 @@ from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_
 from ..errors import InvalidRequestError, error_payload
 from ..models.registry import GenerationModel, ModelRegistry
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
-from .serving_chat import response_format_grammar
+from .structured import response_format_grammar
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 
 
