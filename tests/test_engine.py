@@ -204,3 +204,99 @@ def test_memory_stays_within_the_bound_under_64_long_requests(model):
         assert allocated <= config.kv_cache_tokens * per_token
     assert 1 < peak_running < 64  # some ran together, the rest waited for memory
     assert peak_bytes > config.kv_cache_tokens * per_token // 2  # and the budget was really used
+
+
+# ---- scoring requests: one prompt, many continuations, one prefill ------------------------------
+
+
+def score_request(prompt, continuations):
+    from fundament.engine.tree import TokenTree
+
+    outs = []
+    req = EngineRequest(list(prompt), SamplingParams(max_tokens=0), outs.append, tree=TokenTree(list(prompt), continuations))
+    return req, outs
+
+
+def separate_logprobs(model, prompt, cont, **config):
+    """The reference: prompt + continuation as one full request with prompt_logprobs."""
+    outs = []
+    req = EngineRequest(list(prompt) + cont, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True), outs.append)
+    run_all(Engine(model, EngineConfig(**config), [2]), [req])
+    return outs[0].prompt_logprobs[len(prompt):]
+
+
+CONTINUATIONS = [[40, 41, 2], [40, 99, 2], [7, 2], [40, 41, 2, 9], [300], [40, 41, 2]]  # shared prefixes, a duplicate
+
+
+@pytest.mark.parametrize("chunk", [512, 5, 1])
+def test_scored_continuations_equal_separate_full_requests(model, chunk):
+    """Every continuation's log-likelihoods from one tree request equal those of its own full
+    request, however the tree is chunked (chunk 1: every step a single masked token)."""
+    prompt = [5, 17, 99, 3, 250, 41, 7, 12, 13]
+    req, outs = score_request(prompt, CONTINUATIONS)
+    engine = Engine(model, EngineConfig(max_num_batched_tokens=chunk), [2])
+    run_all(engine, [req])
+    assert len(outs) == 1 and engine._reserved == 0 and not engine.running
+    got = outs[0].logprobs
+    for cont, lps in zip(CONTINUATIONS, got):
+        assert lps == pytest.approx(separate_logprobs(model, prompt, cont), abs=1e-4)
+    assert got[0] == got[5]  # the duplicate is scored once
+    # The prompt and shared prefixes are stored once: 9 + (40 41 2) + (99 2) + (7 2) + (9) + (300).
+    assert len(req.tree) == 18 and req.reserved_tokens == 18
+
+
+@pytest.fixture(scope="module")
+def fast_model(tiny_llama):
+    """The fast configuration (bfloat16 with int8 decode copies), where a row's result must not
+    depend on its batch bit for bit."""
+    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, int8_decode=True)
+
+
+def test_score_result_does_not_depend_on_the_batch(fast_model):
+    model = fast_model
+    prompt = [5, 17, 99, 3, 250, 41, 7]
+    alone, a_outs = score_request(prompt, CONTINUATIONS)
+    run_all(Engine(model, EngineConfig(max_num_batched_tokens=8), [2]), [alone])
+    rng = random.Random(1)
+    others = [greedy([rng.randrange(3, 512) for _ in range(rng.randrange(1, 30))], 12)[0] for _ in range(6)]
+    scored, s_outs = score_request(prompt, CONTINUATIONS)
+    engine = Engine(model, EngineConfig(max_num_batched_tokens=8), [2])
+    for r in others[:3]:
+        engine.submit(r)
+    engine.step()  # the scoring request joins a batch that is already decoding
+    run_all(engine, [scored, *others[3:]])
+    assert s_outs[0].logprobs == a_outs[0].logprobs  # bit for bit
+
+
+def test_score_from_async_matches_and_abort_frees_everything(model):
+    prompt = [5, 17, 99, 3]
+    engine = Engine(model, EngineConfig(max_num_batched_tokens=4), [2])
+    engine.start()
+
+    async def main():
+        got = await engine.score(prompt, [[40, 41], [7]])
+        task = asyncio.ensure_future(engine.score(list(range(3, 300)), [[40] * 50, [41] * 50]))
+        await asyncio.sleep(0.05)
+        task.cancel()  # a client that went away mid-prefill
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if not engine.running and not engine.waiting:
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got[0] == pytest.approx(separate_logprobs(model, prompt, [40, 41]), abs=1e-4)
+    assert not engine.running and engine._reserved == 0
+
+
+def test_score_refuses_what_cannot_fit(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=100), [2])
+    with pytest.raises(ContextLengthExceededError, match="512"):
+        asyncio.run(engine.score([3] * 500, [[4] * 20]))
+    with pytest.raises(ContextLengthExceededError, match="kv_cache_tokens"):
+        asyncio.run(engine.score([3] * 50, [[4] * 30, [5] * 30]))  # 110 slots, though only 80 deep

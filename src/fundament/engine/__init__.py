@@ -1,6 +1,6 @@
 """The engine: token ids in, token ids out. Scheduling, KV caches, sampling, logits processing."""
 
-from .engine import Engine, EngineOutput, EngineRequest
+from .engine import Engine, EngineOutput, EngineRequest, ScoreOutput
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "EngineOutput", "EngineRequest", "SamplingParams"]
+__all__ = ["Engine", "EngineOutput", "EngineRequest", "SamplingParams", "ScoreOutput"]

@@ -3,6 +3,8 @@
 Every step the scheduler admits waiting requests while the KV budget allows, then runs one forward
 pass over a flat batch holding one token per decoding sequence plus chunks of prompts being
 prefilled, then samples one token per row that needs one. Requests join and leave at every step.
+A scoring request (`Engine.score`) prefills a prompt and its continuations as one token tree and
+returns their log-likelihoods instead of generating.
 Knows token ids, sampling parameters and the model; knows nothing of text, HTTP or chat templates.
 """
 
@@ -23,6 +25,7 @@ from ..config import EngineConfig
 from ..errors import ContextLengthExceededError, ModelNotFoundError, NotFoundError, QueueFullError
 from ..models.llama import KVCache, LlamaModel, Segment
 from .sampling import SamplingParams, sample_row
+from .tree import TokenTree
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -38,12 +41,22 @@ class EngineOutput:
 
 
 @dataclass
+class ScoreOutput:
+    """A scoring request's one output: per continuation, log P(token | prompt, earlier tokens)."""
+
+    logprobs: list[list[float]]
+
+
+@dataclass
 class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    on_output: Callable[[EngineOutput | BaseException], None]
+    on_output: Callable[[EngineOutput | ScoreOutput | BaseException], None]
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     adapter: str | None = None  # a LoRA adapter loaded with Engine.load_adapter, or the base model
+    # Set: a scoring request. It prefills this tree (prompt + continuations), sends one
+    # ScoreOutput and generates nothing.
+    tree: TokenTree | None = None
     # Scheduler state
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
@@ -53,6 +66,16 @@ class EngineRequest:
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finished: bool = False
     reserved_tokens: int = 0  # KV cache tokens held for it while it runs
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What is prefilled: the prompt, or a scoring request's whole packed tree."""
+        return self.tree.ids if self.tree is not None else self.prompt_ids
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV cache slots it can ever use: its reservation."""
+        return len(self.tree) if self.tree is not None else len(self.prompt_ids) + self.params.max_tokens
 
 
 class Engine:
@@ -147,6 +170,33 @@ class Engine:
             if not done:
                 self.abort(req.request_id)
 
+    async def score(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None, param: str = "input") -> list[list[float]]:
+        """log P(token | prompt, the continuation's earlier tokens) for every token of every
+        continuation, from one request: the prompt is prefilled once and a prefix that several
+        continuations share is computed once. Cancelling the call aborts the request."""
+        tree = TokenTree(list(prompt_ids), [list(c) for c in continuations])
+        self.check_fits(tree.depth, 0, param)
+        if len(tree) > self.config.kv_cache_tokens:
+            raise ContextLengthExceededError(
+                f"Scoring needs {len(tree)} tokens of KV cache (the prompt and every continuation) but the engine "
+                f"holds at most {self.config.kv_cache_tokens} (engine.kv_cache_tokens). Score fewer or shorter continuations.",
+                param,
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def deliver(out):
+            if not done.done():
+                done.set_exception(out) if isinstance(out, BaseException) else done.set_result(out)
+
+        req = EngineRequest(list(prompt_ids), SamplingParams(max_tokens=0), lambda o: loop.call_soon_threadsafe(deliver, o), adapter=adapter, tree=tree)
+        self.submit(req)
+        try:
+            return (await done).logprobs
+        finally:
+            if not done.done():
+                self.abort(req.request_id)
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="fundament-engine", daemon=True)
@@ -198,7 +248,7 @@ class Engine:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
             while self.waiting and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                need = len(req.prompt_ids) + req.params.max_tokens
+                need = req.kv_tokens
                 if self._reserved + need > self.config.kv_cache_tokens:
                     break  # memory is full: it waits until a running sequence finishes
                 self.waiting.popleft()
@@ -223,53 +273,76 @@ class Engine:
         work: list[tuple[EngineRequest, list[int]]] = []  # (request, its tokens this step)
         # Decoding sequences first (one token each), so long prompts never stall them.
         for req in self.running:
-            if req.num_computed >= len(req.prompt_ids):
+            if req.num_computed >= len(req.prompt_ids) and req.tree is None:
                 work.append((req, [(req.prompt_ids + req.output_ids)[req.num_computed]]))
         # Prompts are prefilled in chunks at fixed boundaries (multiples of the step budget from
         # the first token), never cut to whatever budget is left: the chunking, and so the
         # numerics, of a request's prefill must not depend on what else is running.
         chunk = self.config.max_num_batched_tokens
         for req in self.running:
-            remaining = len(req.prompt_ids) - req.num_computed
+            remaining = len(req.prefill_ids) - req.num_computed
             if remaining > 0:
                 n = min(remaining, chunk - req.num_computed % chunk)
                 if n > budget:
                     break  # first come, first served: later prompts wait for the next step
                 budget -= n
-                work.append((req, req.prompt_ids[req.num_computed : req.num_computed + n]))
-        # Every one-token segment (a decode step, or a prompt's one-token last chunk) goes first:
-        # the model runs those rows through its decode kernels, and which kernels a row meets must
-        # not depend on what else is in the batch.
-        work.sort(key=lambda w: len(w[1]) != 1)
+                work.append((req, req.prefill_ids[req.num_computed : req.num_computed + n]))
+        # Every plain one-token segment (a decode step, or a prompt's one-token last chunk) goes
+        # first: the model runs those rows through its decode kernels, and which kernels a row
+        # meets must not depend on what else is in the batch. (A scoring request's segments carry
+        # a tree mask and always take the prompt path.)
+        work.sort(key=lambda w: not (len(w[1]) == 1 and w[0].tree is None))
         tokens: list[int] = []
         segments: list[Segment] = []
         plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
         for req, toks in work:
-            plan.append((req, len(tokens), len(toks)))
-            segments.append(Segment(req.cache, req.num_computed, len(toks), self.adapters.get(req.adapter)))
+            start, n = req.num_computed, len(toks)
+            plan.append((req, len(tokens), n))
+            seg = Segment(req.cache, start, n, self.adapters.get(req.adapter))
+            if req.tree is not None:
+                seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
+            segments.append(seg)
             tokens.extend(toks)
         if not plan:
             return
-        # Rows whose logits are needed: each segment's last, or every prompt row for prompt_logprobs.
+        # Rows whose logits are needed: each segment's last, every prompt row for prompt_logprobs,
+        # or a scoring request's rows that some continuation token follows (maybe none).
         rows: list[int] = []
-        row_of: dict[int, int] = {}
-        for i, (req, first, n) in enumerate(plan):
-            if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
+        read: list[tuple[int, int]] = []  # per plan entry: (its first logit row, how many)
+        for req, first, n in plan:
+            at = len(rows)
+            if req.tree is not None:
+                rows.extend(first + r - req.num_computed for r in req.tree.read_rows(req.num_computed, n))
+            elif req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
                 rows.extend(range(first, first + n))
             else:
                 rows.append(first + n - 1)
-            row_of[i] = len(rows) - 1
-        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows))
+            read.append((at, len(rows) - at))
+        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long))
         self.steps += 1
-        for i, (req, first, n) in enumerate(plan):
-            was_prefill = req.num_computed < len(req.prompt_ids)
-            if req.params.prompt_logprobs and was_prefill:
-                self._record_prompt_logprobs(req, logits[row_of[i] - n + 1 : row_of[i] + 1], n)
+        for (req, first, n), (at, count) in zip(plan, read):
+            mine = logits[at : at + count]
+            if req.tree is not None:
+                self._record_scores(req, mine, n)
+                continue
+            if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
+                self._record_prompt_logprobs(req, mine, n)
             req.num_computed += n
             if req.num_computed < len(req.prompt_ids):
                 continue  # more prompt to prefill
-            self._sample(req, logits[row_of[i]])
+            self._sample(req, mine[-1])
         self.running = [r for r in self.running if not r.finished]
+
+    def _record_scores(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
+        tree = req.tree
+        if logits.shape[0]:
+            lp = torch.log_softmax(logits, dim=-1)  # (rows read, V)
+            for j, r in enumerate(tree.read_rows(req.num_computed, n)):
+                tree.record(r, lp[j])
+        req.num_computed += n
+        if req.num_computed == len(tree):
+            self._release(req)
+            req.on_output(ScoreOutput(tree.results()))
 
     def _record_prompt_logprobs(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
         # logits (n, V): row j predicts prompt token num_computed + j + 1.

@@ -192,9 +192,19 @@ class Segment:
     """A run of consecutive tokens of one sequence inside the flat batch."""
 
     cache: KVCache
-    start: int  # position of the first token (tokens before it are in the cache)
+    start: int  # cache slot of the first token (slots before it are filled)
     length: int
     adapter: int | None = None  # LoRA adapter slot, None for the base model
+    # A token tree packed into the cache (engine scoring requests): each token's position (its
+    # depth, for the rotary embedding) and which cache slots it attends to, (length, start +
+    # length) bool. None: a plain causal run, where position = slot.
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        """One plain token: it runs through the decode kernels."""
+        return self.length == 1 and self.mask is None
 
 
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
@@ -341,7 +351,9 @@ class LlamaModel:
             # (measured ~1.6x in bfloat16 on CPU for a 512-token prompt).
             ks = kc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)  # (1, H, end, hd)
             vs = vc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)
-            if s.start == 0:
+            if s.mask is not None:  # a packed token tree: each token sees its ancestors only
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask)
+            elif s.start == 0:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
             else:  # a later prefill chunk: causal, offset by the cached prefix
                 mask = torch.ones(s.length, end, dtype=torch.bool).tril(diagonal=s.start)
@@ -365,18 +377,18 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
         rows of the flat batch named by logit_rows (usually each segment's last token).
-        Segments of length 1 (decode steps) must come first, and their logit rows first too."""
+        Decode segments (one plain token) must come first, and their logit rows first too."""
         cfg = self.cfg
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         G = H // KVH  # query heads per key/value head
         n_dec = 0
-        while n_dec < len(segments) and segments[n_dec].length == 1:
+        while n_dec < len(segments) and segments[n_dec].is_decode:
             n_dec += 1
         lora_rows = self._lora_rows(segments)
-        if all(s.length == 1 for s in segments):
+        if all(s.is_decode for s in segments):
             positions = torch.tensor([s.start for s in segments])
         else:
-            positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
+            positions = torch.cat([s.positions if s.positions is not None else torch.arange(s.start, s.start + s.length) for s in segments])
         for s in segments:
             s.cache.reserve(s.start + s.length)
         # Per decode row, across layers: where this step's key/value go (L, KVH, hd) and the keys
