@@ -1,0 +1,372 @@
+"""The durable record of files, fine-tuning jobs, their events and checkpoints: one SQLite file.
+
+WAL mode and short transactions, so the server and worker processes share it safely; every state
+change is one conditional UPDATE. Rows come back as plain dicts (JSON columns decoded). It knows
+nothing of HTTP wire types, training, or where file bytes live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..config import fundament_home
+from ..errors import InvalidRequestError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    created_at INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    status TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0        -- kept as a row so list cursors still resolve
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    created_at INTEGER NOT NULL,
+    model TEXT NOT NULL,                       -- as the request named it (may be an alias)
+    base_model TEXT NOT NULL,                  -- the served model it resolves to
+    training_file TEXT NOT NULL,
+    validation_file TEXT,
+    suffix TEXT,
+    seed INTEGER NOT NULL,
+    metadata TEXT,                             -- JSON object or NULL
+    hyperparameters TEXT NOT NULL,             -- JSON: requested, replaced by resolved values
+    extensions TEXT NOT NULL,                  -- JSON: our fenced fields (lora_r, ...)
+    status TEXT NOT NULL,
+    error TEXT,                                -- JSON {code, message, param}
+    fine_tuned_model TEXT,
+    finished_at INTEGER,
+    estimated_finish INTEGER,
+    trained_tokens INTEGER,
+    result_files TEXT NOT NULL DEFAULT '[]',
+    out_dir TEXT,
+    adapter_dir TEXT,                          -- set on success: what the ft: model serves
+    model_deleted INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,                               -- "host:pid:nonce" of the worker that holds it
+    worker_pid INTEGER,
+    heartbeat_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs (fine_tuned_model);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    step_number INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    model_id TEXT UNIQUE NOT NULL,
+    path TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, step_number);
+"""
+
+ACTIVE = ("validating_files", "queued", "running", "paused")
+FINISHED = ("succeeded", "failed", "cancelled")
+_JSON = {"metadata", "hyperparameters", "extensions", "error", "result_files", "data", "metrics"}
+
+
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
+
+
+def default_db_path() -> Path:
+    return fundament_home() / "fundament.sqlite3"
+
+
+def _row(r: sqlite3.Row | None) -> dict | None:
+    if r is None:
+        return None
+    return {k: (json.loads(r[k]) if k in _JSON and r[k] is not None else r[k]) for k in r.keys()}
+
+
+class JobStore:
+    """Files, jobs, events and checkpoints in one SQLite file; safe from several processes."""
+
+    def __init__(self, path: str | Path | None = None, busy_timeout_s: float = 30.0):
+        self.path = Path(path) if path else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
+        with self._conn() as c:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.executescript(SCHEMA)
+
+    @contextmanager
+    def _conn(self):
+        """One short-lived connection per operation: nothing is shared across threads or processes."""
+        c = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        c.row_factory = sqlite3.Row
+        c.execute("PRAGMA synchronous=FULL")  # a SIGKILL or power cut loses no committed job state
+        try:
+            yield c
+        finally:
+            c.close()
+
+    @contextmanager
+    def _write(self):
+        """A write transaction taken up front (BEGIN IMMEDIATE), so read-then-write is atomic."""
+        with self._conn() as c:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def _one(self, sql: str, args=()) -> dict | None:
+        with self._conn() as c:
+            return _row(c.execute(sql, args).fetchone())
+
+    def _all(self, sql: str, args=()) -> list[dict]:
+        with self._conn() as c:
+            return [_row(r) for r in c.execute(sql, args).fetchall()]
+
+    def _seq(self, table: str, id_: str, param: str = "after", where: str = "", args=()) -> int:
+        r = self._one(f"SELECT seq FROM {table} WHERE id = ? {where}", (id_, *args))
+        if r is None:
+            raise InvalidRequestError(f"'{param}' names no item of this list: {id_!r}. Pass the id of an item from a previous page.", param)
+        return r["seq"]
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def add_file(self, file_id: str, filename: str, purpose: str, nbytes: int, status: str = "processed") -> dict:
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO files (id, created_at, bytes, filename, purpose, status) VALUES (?, ?, ?, ?, ?, ?)",
+                (file_id, int(time.time()), nbytes, filename, purpose, status),
+            )
+        return self.get_file(file_id)
+
+    def get_file(self, file_id: str) -> dict | None:
+        return self._one("SELECT * FROM files WHERE id = ? AND deleted = 0", (file_id,))
+
+    def file_ids(self) -> set[str]:
+        """Every file id with a live row (the file store sweeps bytes without one)."""
+        with self._conn() as c:
+            return {r[0] for r in c.execute("SELECT id FROM files WHERE deleted = 0")}
+
+    def list_files(self, after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None) -> tuple[list[dict], bool]:
+        """One page of files and whether more follow."""
+        where, args = ["deleted = 0"], []
+        if purpose:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after:
+            where.append("seq < ?" if order == "desc" else "seq > ?")
+            args.append(self._seq("files", after))
+        rows = self._all(
+            f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY seq {'DESC' if order == 'desc' else 'ASC'} LIMIT ?",
+            (*args, limit + 1),
+        )
+        return rows[:limit], len(rows) > limit
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._write() as c:
+            return c.execute("UPDATE files SET deleted = 1 WHERE id = ? AND deleted = 0", (file_id,)).rowcount == 1
+
+    # ---- jobs ----------------------------------------------------------------------------------
+
+    def create_job(self, *, model: str, base_model: str, training_file: str, validation_file: str | None, suffix: str | None,
+                   seed: int, metadata: dict | None, hyperparameters: dict, extensions: dict, out_root: Path) -> dict:
+        job_id = new_id("ftjob")
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO jobs (id, created_at, model, base_model, training_file, validation_file, suffix, seed, metadata,"
+                " hyperparameters, extensions, status, out_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'validating_files', ?)",
+                (job_id, int(time.time()), model, base_model, training_file, validation_file, suffix, seed,
+                 None if metadata is None else json.dumps(metadata), json.dumps(hyperparameters), json.dumps(extensions),
+                 str(Path(out_root) / job_id)),
+            )
+            self._event(c, job_id, f"Created fine-tuning job: {job_id}")
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> dict | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def list_jobs(self, after: str | None = None, limit: int = 20, metadata: dict[str, str] | None = None,
+                  null_metadata: bool = False) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI lists them; `metadata` keeps jobs whose metadata holds every k=v."""
+        where, args = ["1"], []
+        if after:
+            where.append("seq < ?")
+            args.append(self._seq("jobs", after))
+        if null_metadata:
+            where.append("metadata IS NULL")
+        for k, v in (metadata or {}).items():  # json_each: any key, no JSON-path quoting
+            where.append("EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ?)")
+            args += [k, v]
+        rows = self._all(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+        return rows[:limit], len(rows) > limit
+
+    def update_job(self, job_id: str, from_status: tuple[str, ...] | None = None, event: str | None = None,
+                   level: str = "info", **fields) -> bool:
+        """Set fields (status included) if the job is in one of `from_status`; with an event in the
+        same transaction. False when the job had moved on (cancelled meanwhile, say)."""
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        vals = [json.dumps(v) if k in _JSON and v is not None else v for k, v in fields.items()]
+        cond, cargs = "", []
+        if from_status is not None:
+            cond = f" AND status IN ({', '.join('?' * len(from_status))})"
+            cargs = list(from_status)
+        with self._write() as c:
+            if fields:
+                n = c.execute(f"UPDATE jobs SET {sets} WHERE id = ?{cond}", (*vals, job_id, *cargs)).rowcount
+            else:  # only the event, if the job is still where the caller thinks
+                n = c.execute(f"SELECT 1 FROM jobs WHERE id = ?{cond}", (job_id, *cargs)).fetchone() is not None
+            if n and event:
+                self._event(c, job_id, event, level)
+        return bool(n)
+
+    def claim_job(self, worker: str, pid: int, stale_s: float) -> dict | None:
+        """The oldest queued job, now `running` and held by `worker`; None if none is queued or
+        another live worker is training already (one job trains at a time on this machine)."""
+        now = time.time()
+        with self._write() as c:
+            busy = c.execute(
+                "SELECT 1 FROM jobs WHERE status = 'running' AND worker IS NOT ? AND heartbeat_at > ?", (worker, now - stale_s)
+            ).fetchone()
+            if busy:
+                return None
+            r = c.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if r is None:
+                return None
+            c.execute(
+                "UPDATE jobs SET status = 'running', worker = ?, worker_pid = ?, heartbeat_at = ?, estimated_finish = NULL WHERE id = ?",
+                (worker, pid, now, r["id"]),
+            )
+            job_id = r["id"]
+        return self.get_job(job_id)
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        with self._write() as c:
+            return c.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND status = 'running'", (time.time(), job_id, worker)
+            ).rowcount == 1
+
+    def requeue_orphans(self, stale_s: float, is_dead) -> list[dict]:
+        """Running jobs whose worker is gone (`is_dead(row)`, or no heartbeat for stale_s) go back
+        to `queued`; the next claim resumes them from their last checkpoint."""
+        now = time.time()
+        out = []
+        with self._write() as c:
+            for r in c.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
+                row = _row(r)
+                if (row["heartbeat_at"] or 0) < now - stale_s or is_dead(row):
+                    c.execute("UPDATE jobs SET status = 'queued', worker = NULL, worker_pid = NULL, estimated_finish = NULL WHERE id = ?", (row["id"],))
+                    self._event(c, row["id"], "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.", "warn")
+                    out.append(row)
+        return out
+
+    def jobs_with_status(self, status: str) -> list[dict]:
+        return self._all("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,))
+
+    # ---- events --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event(c, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        c.execute(
+            "INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (new_id("ftevent"), job_id, int(time.time()), level, message, type, None if data is None else json.dumps(data)),
+        )
+
+    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        with self._write() as c:
+            self._event(c, job_id, message, level, type, data)
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        """Newest first, as OpenAI lists them; `after` pages towards older events."""
+        where, args = "job_id = ?", [job_id]
+        if after:
+            where += " AND seq < ?"
+            args.append(self._seq("events", after, where="AND job_id = ?", args=(job_id,)))
+        rows = self._all(f"SELECT * FROM events WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+        return rows[:limit], len(rows) > limit
+
+    def metrics(self, job_id: str) -> list[dict]:
+        """The `data` of every metrics event, oldest first, one per step (a step redone after a
+        resume keeps its latest values)."""
+        by_step: dict[int, dict] = {}
+        for r in self._all("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)):
+            by_step[r["data"]["step"]] = r["data"]
+        return [by_step[s] for s in sorted(by_step)]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_id: str, path: Path) -> dict:
+        with self._write() as c:
+            c.execute("DELETE FROM checkpoints WHERE model_id = ?", (model_id,))  # a step redone after a resume
+            c.execute(
+                "INSERT INTO checkpoints (id, job_id, created_at, step_number, metrics, model_id, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (new_id("ftckpt", "_"), job_id, int(time.time()), step, json.dumps(metrics), model_id, str(path)),
+            )
+            self._event(c, job_id, f"Checkpoint created at step {step}")
+        return self._one("SELECT * FROM checkpoints WHERE model_id = ?", (model_id,))
+
+    def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
+        """Newest step first; checkpoints whose model was deleted are left out."""
+        where, args = "job_id = ? AND deleted = 0", [job_id]
+        if after:
+            where += " AND seq < ?"
+            args.append(self._seq("checkpoints", after, where="AND job_id = ?", args=(job_id,)))
+        rows = self._all(f"SELECT * FROM checkpoints WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+        return rows[:limit], len(rows) > limit
+
+    # ---- fine-tuned models ---------------------------------------------------------------------
+
+    def fine_tuned_models(self) -> list[dict]:
+        """Every servable ft: model and checkpoint: {id, base_model, created, path, job_id, out_dir, kind}."""
+        jobs = self._all(
+            "SELECT fine_tuned_model AS id, base_model, finished_at AS created, adapter_dir AS path, id AS job_id, out_dir, 'model' AS kind"
+            " FROM jobs WHERE status = 'succeeded' AND model_deleted = 0 AND adapter_dir IS NOT NULL ORDER BY seq"
+        )
+        ckpts = self._all(
+            "SELECT c.model_id AS id, j.base_model, c.created_at AS created, c.path, j.id AS job_id, j.out_dir, 'checkpoint' AS kind"
+            " FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.deleted = 0 AND j.model_deleted = 0 ORDER BY c.seq"
+        )
+        return jobs + ckpts
+
+    def fine_tuned_model(self, model_id: str) -> dict | None:
+        return next((m for m in self.fine_tuned_models() if m["id"] == model_id), None)
+
+    def delete_fine_tuned_model(self, model_id: str) -> dict | None:
+        """Mark an ft: model (with its checkpoints) or one checkpoint deleted; the row it was, or None."""
+        m = self.fine_tuned_model(model_id)
+        if m is None:
+            return None
+        with self._write() as c:
+            if m["kind"] == "model":
+                c.execute("UPDATE jobs SET model_deleted = 1 WHERE id = ?", (m["job_id"],))
+                c.execute("UPDATE checkpoints SET deleted = 1 WHERE job_id = ?", (m["job_id"],))
+            else:
+                c.execute("UPDATE checkpoints SET deleted = 1 WHERE model_id = ?", (model_id,))
+            self._event(c, m["job_id"], f"Model deleted: {model_id}")
+        return m
+
+
+def worker_identity() -> tuple[str, int]:
+    """("host:pid:nonce", pid): unique per worker process even if a pid is reused."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", os.getpid()
