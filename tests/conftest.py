@@ -102,7 +102,7 @@ def post(server, path: str, body, headers=None) -> httpx.Response:
     return httpx.post(f"{server.base_url}{path}", content=data, headers=h, timeout=120)
 
 
-def make_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, layers: int = 2) -> Path:
+def make_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, layers: int = 2, init_std: float = 0.02) -> Path:
     """A randomly initialised Llama small enough for unit tests, saved as a Hugging Face directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -111,7 +111,7 @@ def make_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, layers: in
     cfg = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2,
+        bos_token_id=1, eos_token_id=2, initializer_range=init_std,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)

@@ -1,0 +1,461 @@
+"""Supervised fine-tuning with LoRA: examples in, a PEFT adapter directory out.
+
+Owns the loss mask (assistant tokens only, OpenAI's `weight`), "auto" hyperparameters, packing
+examples into rows, the training loop, checkpoints, and resuming after a crash. Knows nothing of
+jobs, SQLite or HTTP: the caller passes `TuneHooks` to hear progress and to ask it to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..models.tokenizer import ChatTokenizer
+
+BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; learning_rate_multiplier scales it (OpenAI's knob)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESUME_EVERY_S = 10.0  # how much training a crash may cost at most (plus one step)
+IGNORE = -100
+
+
+@dataclass
+class TuneConfig:
+    """Everything that decides the result of a run; saved beside the adapter it made."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    seed: int = 0
+    # ---- fundament extensions (documented in docs/fine-tuning.md) ----
+    method: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    eval_every: int = 0  # steps between validation passes; 0: about ten per run
+    row_tokens: int = 1024  # examples are packed into rows of at most this many tokens
+
+    @property
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "learning_rate": self.learning_rate}
+
+
+def _auto_epochs(n: int) -> int:
+    # Like OpenAI's auto: small sets get more passes so the model sees ~1,000 examples at least.
+    return max(1, min(10, math.ceil(1000 / max(n, 1)))) if n < 1000 else 1
+
+
+def _auto_batch(n: int) -> int:
+    # About 0.2% of the examples (as OpenAI's auto), between 1 and 32.
+    return max(1, min(32, round(n * 0.002)))
+
+
+def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, extensions: dict[str, Any] | None = None, seed: int = 0) -> TuneConfig:
+    """Turn OpenAI's hyperparameters ("auto" or numbers) and our extensions into a TuneConfig.
+    "auto": n_epochs = ceil(1000 / n) between 1 and 10 (1 from 1,000 examples up), batch_size = 0.2%
+    of the examples between 1 and 32, learning_rate_multiplier = 1 (learning rate 2e-4)."""
+    req = dict(requested or {})
+
+    def number(name, kind, auto, lo, hi):
+        v = req.pop(name, "auto")
+        if v is None or v == "auto":
+            return auto
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and float(v) != int(v)):
+            raise InvalidRequestError(f"hyperparameters.{name} must be 'auto' or {'an integer' if kind is int else 'a number'}, got {v!r}.", f"hyperparameters.{name}")
+        v = kind(v)
+        if not lo <= v <= hi:
+            raise InvalidRequestError(f"hyperparameters.{name} must be between {lo} and {hi}, got {v}.", f"hyperparameters.{name}")
+        return v
+
+    cfg = TuneConfig(
+        n_epochs=number("n_epochs", int, _auto_epochs(n_examples), 1, 50),
+        batch_size=number("batch_size", int, _auto_batch(n_examples), 1, 256),
+        learning_rate_multiplier=number("learning_rate_multiplier", float, 1.0, 1e-3, 50.0),
+        seed=int(seed),
+    )
+    if req:
+        raise InvalidRequestError(f"unknown hyperparameter(s): {', '.join(sorted(req))}.", "hyperparameters")
+    ext = dict(extensions or {})
+    if ext.get("method", "lora") != "lora":
+        raise InvalidRequestError(f"method {ext['method']!r} is not supported; use 'lora'.", "method")
+    ext.pop("method", None)
+    known = {f.name: f for f in dataclasses.fields(TuneConfig)}
+    for name, value in ext.items():
+        if name not in known or name in ("n_epochs", "batch_size", "learning_rate_multiplier", "seed"):
+            raise InvalidRequestError(f"unknown fine-tuning option {name!r}.", name)
+        setattr(cfg, name, value)
+    if not (isinstance(cfg.lora_r, int) and 1 <= cfg.lora_r <= 256):
+        raise InvalidRequestError(f"lora_r must be an integer between 1 and 256, got {cfg.lora_r!r}.", "lora_r")
+    if not (isinstance(cfg.lora_alpha, (int, float)) and cfg.lora_alpha > 0):
+        raise InvalidRequestError(f"lora_alpha must be a positive number, got {cfg.lora_alpha!r}.", "lora_alpha")
+    if not (isinstance(cfg.lora_dropout, (int, float)) and 0 <= cfg.lora_dropout < 1):
+        raise InvalidRequestError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}.", "lora_dropout")
+    bad = [t for t in (cfg.target_modules if isinstance(cfg.target_modules, list) else [None]) if t not in ALL_LINEAR]
+    if bad or not cfg.target_modules:
+        raise InvalidRequestError(f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.", "target_modules")
+    if not (isinstance(cfg.row_tokens, int) and 64 <= cfg.row_tokens <= 16384):
+        raise InvalidRequestError(f"row_tokens must be an integer between 64 and 16384, got {cfg.row_tokens!r}.", "row_tokens")
+    return cfg
+
+
+# ---- examples --------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # the next token to predict at each position, IGNORE where no loss
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_loss_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def _text(content, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ValueError(f"{where}: content must be a string or a list of text parts")
+
+
+def _chat_messages(record: dict) -> tuple[list[dict], list[int]]:
+    """The template's messages for a chat example, and the indices of assistant turns to learn."""
+    from ..server import tools  # the tool-call convention the server prompts with
+
+    msgs = record.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("'messages' must be a non-empty list")
+    out, learn = [], []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise ValueError(f"messages[{i}] has unknown role {role!r} (use system, user, assistant or tool)")
+        d = {"role": "system" if role == "developer" else role, "content": _text(m.get("content"), f"messages[{i}]")}
+        if role == "assistant":
+            calls = m.get("tool_calls") or []
+            if calls:
+                try:
+                    d["content"] = "\n".join(x for x in (d["content"], tools.render_assistant_calls(calls)) if x)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"messages[{i}].tool_calls is malformed ({e})") from None
+            weight = m.get("weight", 1)
+            if weight not in (0, 1):
+                raise ValueError(f"messages[{i}].weight must be 0 or 1, got {weight!r}")
+            if weight == 1:
+                learn.append(len(out))
+        elif not d["content"] and role != "tool":
+            raise ValueError(f"messages[{i}] ({role}) has no content")
+        out.append(d)
+    if not any(d["role"] == "assistant" for d in out):
+        raise ValueError("the example has no assistant message")
+    if not learn:
+        raise ValueError("every assistant message has weight 0: there is nothing to learn")
+    if record.get("tools"):
+        prompt = tools.system_prompt(tools.functions(record["tools"]))
+        if out[0]["role"] == "system":
+            out[0]["content"] += "\n\n" + prompt
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+            learn = [j + 1 for j in learn]
+    return out, learn
+
+
+def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Example:
+    """Token ids and labels for one training record (chat or prompt/completion format). The ids
+    are built turn by turn exactly as the server prompts at inference (template up to the
+    assistant's header, then the answer), and only learned assistant turns carry labels: their
+    text and end-of-turn token. Raises ValueError saying what is wrong with the record."""
+    if not isinstance(record, dict):
+        raise ValueError("each line must be a JSON object")
+    ids: list[int] = []
+    learn_mask: list[bool] = []
+    if "messages" in record:
+        msgs, learn = _chat_messages(record)
+        hf, eot = tokenizer.hf, set(tokenizer.eos_token_ids)
+        done = ""
+        for j, m in enumerate(msgs):
+            before = hf.apply_chat_template(msgs[:j], add_generation_prompt=m["role"] == "assistant", tokenize=False) if j else ""
+            after = hf.apply_chat_template(msgs[: j + 1], tokenize=False)
+            if not (before.startswith(done) and after.startswith(before)):
+                raise ValueError("the model's chat template cannot render this conversation turn by turn")
+            head, body = tokenizer.encode(before[len(done):]), tokenizer.encode(after[len(before):])
+            ids += head + body
+            learn_mask += [False] * len(head)
+            if j in learn:  # the answer and its end-of-turn token; what follows it is the next turn's
+                end = next((k + 1 for k, t in enumerate(body) if t in eot), len(body))
+                learn_mask += [True] * end + [False] * (len(body) - end)
+            else:
+                learn_mask += [False] * len(body)
+            done = after
+    elif "prompt" in record or "completion" in record:
+        p, c = record.get("prompt"), record.get("completion")
+        if not isinstance(p, str) or not isinstance(c, str) or not c:
+            raise ValueError("a prompt/completion example needs a string 'prompt' and a non-empty string 'completion'")
+        head, body = tokenizer.encode(p), tokenizer.encode(c) + tokenizer.eos_token_ids[:1]
+        ids, learn_mask = head + body, [False] * len(head) + [True] * len(body)
+    else:
+        raise ValueError("an example needs 'messages' (chat format) or 'prompt' and 'completion'")
+    if len(ids) > max_len:
+        raise ValueError(f"the example is {len(ids)} tokens long, more than the model's context window of {max_len}")
+    # position t predicts token t+1: a label at t when token t+1 is learned
+    labels = [ids[t + 1] if learn_mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    return Example(ids, labels)
+
+
+def pack(examples: list[Example], row_tokens: int) -> list[list[Example]]:
+    """First-fit-decreasing: rows of whole examples, each row at most row_tokens long (a longer
+    example gets a row of its own). Rows are trained as one sequence with a block-diagonal mask."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -e.n_tokens):
+        for i, r in enumerate(room):
+            if ex.n_tokens <= r:
+                rows[i].append(ex)
+                room[i] -= ex.n_tokens
+                break
+        else:
+            rows.append([ex])
+            room.append(row_tokens - ex.n_tokens)
+    return rows
+
+
+def _row_tensors(row: list[Example]):
+    ids = torch.tensor([t for ex in row for t in ex.input_ids]).unsqueeze(0)  # (1, T)
+    labels = torch.tensor([t for ex in row for t in ex.labels])  # (T,)
+    # positions restart at 0 for each example: transformers turns that into a block-diagonal mask
+    pos = torch.tensor([p for ex in row for p in range(ex.n_tokens)]).unsqueeze(0)  # (1, T)
+    return ids, labels, pos
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+class TuneHooks:
+    """What the caller hears and how it stops a run. Subclass and override."""
+
+    def on_step(self, step: int, total_steps: int, metrics: dict) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def should_stop(self) -> str | None:
+        return None
+
+
+@dataclass
+class TuneResult:
+    adapter_dir: Path | None
+    stopped: str | None
+    trained_tokens: int
+    steps: int
+    metrics: dict
+
+
+def _save_dir_atomically(dest: Path, write) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The resume state a crashed or paused run continues from, if any."""
+    p = Path(out_dir) / "resume"
+    return p if (p / "state.pt").exists() else None
+
+
+class _Trainer:
+    def __init__(self, base_dir: Path, config: TuneConfig):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from ..models.llama import cpu_supports_bf16
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+        self.max_len = base.config.max_position_embeddings
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(base, lora)
+        # bf16 matmuls where the CPU has them (AVX512-BF16/AMX), fp32 master weights and loss.
+        self.autocast = cpu_supports_bf16()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        inner = self.model.base_model.model
+        self.body, self.head = inner.model, inner.lm_head
+
+    def row_loss(self, row: list[Example]) -> tuple[torch.Tensor, int, int]:
+        """Summed cross-entropy over the row's learned tokens, their count, and how many the model
+        predicts right. Logits only where there are labels: the vocabulary projection is a fifth
+        of a small model's compute and most positions carry no loss."""
+        ids, labels, pos = _row_tensors(row)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]  # (T, C)
+            where = (labels != IGNORE).nonzero().squeeze(1)
+            logits = self.head(hidden[where]).float()  # (N, V)
+        target = labels[where]
+        loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        correct = int((logits.argmax(-1) == target).sum())
+        return loss, len(where), correct
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example]) -> tuple[float, float]:
+        self.model.eval()
+        total, n, right = 0.0, 0, 0
+        for row in pack(examples, self.config.row_tokens):
+            loss, k, c = self.row_loss(row)
+            total, n, right = total + float(loss), n + k, right + c
+        self.model.train()
+        return total / max(n, 1), right / max(n, 1)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warm-up, then linear decay to zero."""
+        warm = max(1, int(total * self.config.warmup_ratio))
+        if step < warm:
+            return self.config.learning_rate * (step + 1) / warm
+        return self.config.learning_rate * max(0.0, (total - step) / max(1, total - warm))
+
+    def adapter_state(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def save_adapter(self, dest: Path, extra: dict) -> None:
+        def write(tmp: Path):
+            self.model.save_pretrained(str(tmp))
+            (tmp / "fundament_tune.json").write_text(json.dumps(extra, indent=2, default=str))
+
+        _save_dir_atomically(dest, write)
+
+    def save_resume(self, out_dir: Path, state: dict) -> None:
+        def write(tmp: Path):
+            torch.save({"adapter": self.adapter_state(), "optimizer": self.opt.state_dict(), **state}, tmp / "state.pt")
+
+        _save_dir_atomically(out_dir / "resume", write)
+
+    def load_resume(self, path: Path) -> dict:
+        from peft import set_peft_model_state_dict
+
+        state = torch.load(path / "state.pt", weights_only=False)
+        set_peft_model_state_dict(self.model, state.pop("adapter"))
+        self.opt.load_state_dict(state.pop("optimizer"))
+        return state
+
+
+def _epoch_batches(train: list[Example], config: TuneConfig, epoch: int) -> list[list[Example]]:
+    order = list(range(len(train)))
+    random.Random(config.seed * 1000 + epoch).shuffle(order)
+    return [[train[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
+
+
+def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None, config: TuneConfig, out_dir: Path, hooks: TuneHooks | None = None) -> TuneResult:
+    """Train a LoRA adapter on `train`; write checkpoints (one per epoch, each a PEFT directory
+    under out_dir/checkpoints/) and the final adapter (out_dir/adapter). Resumes by itself from
+    out_dir/resume if an earlier run of the same job stopped part-way (crash or pause)."""
+    hooks = hooks or TuneHooks()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not train:
+        raise InvalidRequestError("there are no training examples.", "training_file")
+    trainer = _Trainer(Path(base_dir), config)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.n_epochs
+    eval_every = config.eval_every or max(1, total // 10)
+    valid_sample = (valid or [])[:256]
+    meta = {"base_model_dir": str(base_dir), "config": config.to_dict(), "train_examples": len(train), "valid_examples": len(valid or [])}
+
+    step, trained_tokens, history = 0, 0, []
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        state = trainer.load_resume(resume)
+        if state.get("config") != config.to_dict():
+            raise InvalidRequestError("the run's saved state was made with other hyperparameters; cannot resume it.", "hyperparameters")
+        step, trained_tokens, history = state["step"], state["trained_tokens"], state["history"]
+    last_save = time.monotonic()
+    metrics: dict = history[-1] if history else {}
+
+    def resume_state():
+        return {"step": step, "trained_tokens": trained_tokens, "history": history, "config": config.to_dict()}
+
+    trainer.model.train()
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        batch = _epoch_batches(train, config, epoch)[i]
+        for g in trainer.opt.param_groups:
+            g["lr"] = trainer.lr_at(step, total)
+        n_loss = sum(ex.n_loss_tokens for ex in batch)
+        loss_sum, right = 0.0, 0
+        for row in pack(batch, config.row_tokens):
+            loss, _, c = trainer.row_loss(row)
+            (loss / n_loss).backward()  # the step's loss is the mean over all its learned tokens
+            loss_sum, right = loss_sum + loss.item(), right + c
+        torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+        trainer.opt.step()
+        trainer.opt.zero_grad(set_to_none=True)
+        step += 1
+        trained_tokens += sum(ex.n_tokens for ex in batch)
+        metrics = {"step": step, "train_loss": loss_sum / n_loss, "train_mean_token_accuracy": right / n_loss, "tokens": trained_tokens, "learning_rate": trainer.lr_at(step - 1, total)}
+        if valid_sample and (step % eval_every == 0 or step == total):
+            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = trainer.evaluate(valid_sample)
+        history.append(metrics)
+        if step % steps_per_epoch == 0 or step == total:
+            ckpt = out_dir / "checkpoints" / f"step-{step}"
+            trainer.save_adapter(ckpt, {**meta, "step": step, "metrics": metrics})
+            hooks.on_checkpoint(step, ckpt)
+        hooks.on_step(step, total, dict(metrics))
+        stop = hooks.should_stop() if step < total else None
+        if stop == "pause" or (step < total and time.monotonic() - last_save >= RESUME_EVERY_S):
+            trainer.save_resume(out_dir, resume_state())
+            last_save = time.monotonic()
+        if stop in ("cancel", "pause"):
+            return TuneResult(None, stop, trained_tokens, step, metrics)
+
+    if valid and len(valid) > len(valid_sample):
+        metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = trainer.evaluate(valid)
+    elif valid:
+        metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = metrics["valid_loss"], metrics["valid_mean_token_accuracy"]
+    final = out_dir / "adapter"
+    trainer.save_adapter(final, {**meta, "steps": step, "trained_tokens": trained_tokens, "metrics": metrics})
+    (out_dir / "metrics.json").write_text(json.dumps(history))
+    shutil.rmtree(out_dir / "resume", ignore_errors=True)
+    return TuneResult(final, None, trained_tokens, step, metrics)
