@@ -101,6 +101,7 @@ class ServeConfig:
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)  # empty: any key accepted
     max_body_bytes: int = 8 * 1024 * 1024
+    max_file_bytes: int = 512 * 1024 * 1024  # POST /v1/files uploads (OpenAI's limit)
     models: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_MODELS))
     aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     adapters: list[AdapterSpec] = field(default_factory=list)

@@ -136,6 +136,7 @@ class Worker:
         while not self.stopping.is_set():
             if not self.train_next():
                 self.stopping.wait(self.poll_s)
+        log.info("worker %s stopped", self.identity)
 
     def run_once(self) -> bool:
         """Validate new jobs, then train the oldest queued one. True if it did anything."""

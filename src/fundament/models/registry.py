@@ -2,15 +2,20 @@
 
 It loads what each entry names (GGUF, Hugging Face or sentence-transformers directory) and hands
 the serving layer a `GenerationModel` (tokenizer + engine) or an `EmbeddingModel` by name or alias.
+Fine-tuned models come from an optional source (the JobStore): their adapters load into the base
+model's engine the first time a request names them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from ..engine import Engine
@@ -67,13 +72,27 @@ def spec_from_path(path: str, task: str | None = None) -> ModelSpec:
     return ModelSpec(name=name.lower(), task=task, path=str(p))
 
 
+class FineTunedSource(Protocol):
+    """Where fine-tuned models are recorded (fundament.jobs.store.JobStore is one): rows of
+    {id, base_model, created, path, job_id, out_dir, kind ("model" or "checkpoint")}."""
+
+    def fine_tuned_models(self) -> list[dict]: ...
+
+    def fine_tuned_model(self, model_id: str) -> dict | None: ...
+
+    def delete_fine_tuned_model(self, model_id: str) -> dict | None: ...
+
+
 class ModelRegistry:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, fine_tuned: FineTunedSource | None = None):
         self.config = config
         self.generators: dict[str, GenerationModel] = {}
         self.embedders: dict[str, EmbeddingModel] = {}
         self.aliases = dict(config.aliases)
         self.adapters: dict[str, tuple[str, int]] = {}  # adapter model id -> (base name, created)
+        self.fine_tuned = fine_tuned
+        self._fine_tuned_loaded: set[str] = set()  # adapters loaded from the source (deletable)
+        self._lock = threading.Lock()
 
     def load_all(self) -> None:
         for spec in self.config.models:
@@ -120,6 +139,8 @@ class ModelRegistry:
             return self.generators[key], None
         if key in self.adapters:
             return self.generators[self.adapters[key][0]], key
+        if self._load_fine_tuned(key):
+            return self.generators[self.adapters[key][0]], key
         if key in self.embedders:
             raise InvalidRequestError(f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model")
         raise ModelNotFoundError(name)
@@ -133,9 +154,54 @@ class ModelRegistry:
         raise ModelNotFoundError(name)
 
     def model_ids(self) -> list[tuple[str, int]]:
-        """Every id a client may use, served names first, then aliases, with creation times."""
+        """Every id a client may use, served names first, then aliases, then fine-tuned models
+        (read from the source on every call, so a job that just succeeded is listed at once)."""
         created = {n: m.created for n, m in {**self.generators, **self.embedders}.items()}
-        created.update({n: c for n, (_, c) in self.adapters.items()})
+        created.update({n: c for n, (_, c) in self.adapters.items() if n not in self._fine_tuned_loaded})
         ids = list(created.items())
         ids += [(a, created[t]) for a, t in self.aliases.items()]
+        ids += [(m["id"], m["created"]) for m in self._servable_fine_tuned()]
         return ids
+
+    # ---- fine-tuned models -----------------------------------------------------------------
+
+    def _servable_fine_tuned(self) -> list[dict]:
+        if self.fine_tuned is None:
+            return []
+        return [m for m in self.fine_tuned.fine_tuned_models() if m["base_model"] in self.generators and Path(m["path"]).is_dir()]
+
+    def is_fine_tuned(self, name: str) -> bool:
+        return self.fine_tuned is not None and self.fine_tuned.fine_tuned_model(self.canonical(name)) is not None
+
+    def _load_fine_tuned(self, key: str) -> bool:
+        """Load a fine-tuned model's adapter into its base engine on first use; False if unknown."""
+        if self.fine_tuned is None:
+            return False
+        m = self.fine_tuned.fine_tuned_model(key)
+        if m is None or m["base_model"] not in self.generators or not Path(m["path"]).is_dir():
+            return False
+        with self._lock:
+            if key not in self.adapters:
+                self.generators[m["base_model"]].engine.load_adapter(key, m["path"])
+                self.adapters[key] = (m["base_model"], m["created"])
+                self._fine_tuned_loaded.add(key)
+                log.info("loaded fine-tuned model %s from %s", key, m["path"])
+        return True
+
+    def delete_model(self, name: str) -> str:
+        """Delete a fine-tuned model (its adapter files and, for a job's model, its checkpoints);
+        base models, aliases and configured adapters cannot be deleted."""
+        if name in self.aliases or name in self.generators or name in self.embedders or (name in self.adapters and name not in self._fine_tuned_loaded):
+            kind = "an alias" if name in self.aliases else "a configured adapter" if name in self.adapters else "a base model"
+            raise InvalidRequestError(f"'{name}' is {kind}; only fine-tuned models (ft:...) can be deleted.", "model")
+        m = self.fine_tuned.delete_fine_tuned_model(name) if self.fine_tuned is not None else None
+        if m is None:
+            raise ModelNotFoundError(name)
+        with self._lock:
+            gone = [a for a in self._fine_tuned_loaded if a == name or (m["kind"] == "model" and a.startswith(name + ":"))]
+            for a in gone:
+                self.remove_adapter(a)
+                self._fine_tuned_loaded.discard(a)
+        # the model's directory (for a job's model: the job's whole output, checkpoints included)
+        shutil.rmtree(m["out_dir"] if m["kind"] == "model" else m["path"], ignore_errors=True)
+        return name

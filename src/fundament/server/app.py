@@ -9,17 +9,32 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from ..errors import AuthenticationError, FundamentError, ModelNotFoundError, QueueFullError, error_payload
+from ..jobs.files import FileStore
+from ..jobs.store import JobStore
 from ..models.registry import ModelRegistry
 from .protocol import ChatCompletionRequest, ClassificationRequest, ClassificationResponse, CompletionRequest, EmbeddingRequest, Model, ModelList
 from .serving_classify import ClassificationHandler
 from .serving_chat import ChatHandler
 from .serving_completions import CompletionHandler
 from .serving_embeddings import EmbeddingHandler
+from .protocol_fine_tuning import (
+    CreateFineTuningJobRequest,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    ModelDeleted,
+)
+from .serving_files import FilesHandler
+from .serving_fine_tuning import FineTuningHandler
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +45,8 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
 def _param_from_loc(loc) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'; union-member and tag names are dropped."""
     out = ""
-    for p in loc:
-        if p == "body" or (isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))):
+    for i, p in enumerate(loc):
+        if (i == 0 and p in ("body", "query", "path")) or (isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))):
             continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
@@ -62,17 +77,19 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over the limit with a 413 before they are read into memory."""
+    """Refuses request bodies over the limit with a 413 before they are read into memory.
+    `path_limits` gives some paths (file uploads) their own limit: {path: (bytes, param)}."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None):
+        self.app, self.max_bytes, self.path_limits = app, max_bytes, path_limits or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, param = self.path_limits.get(scope.get("path", ""), (self.max_bytes, None))
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(send, limit, param)
         seen = 0
 
         async def limited_receive():
@@ -80,18 +97,18 @@ class BodyLimitMiddleware:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge()
             return msg
 
         try:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
-            await self._too_large(send)
+            await self._too_large(send, limit, param)
 
-    async def _too_large(self, send):
+    async def _too_large(self, send, limit: int, param: str | None):
         body = json.dumps(
-            {"error": {"message": f"The request body is larger than the server's limit of {self.max_bytes} bytes.", "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+            {"error": {"message": f"The request body is larger than the server's limit of {limit} bytes.", "type": "invalid_request_error", "param": param, "code": "request_too_large"}}
         ).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
@@ -113,24 +130,39 @@ async def _until_disconnect(request: Request, coro):
             raise asyncio.CancelledError()
 
 
-def create_app(config: ServeConfig, registry: ModelRegistry | None = None) -> FastAPI:
-    """The app; it loads the configured models at startup unless a loaded registry is passed in."""
+def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worker=None) -> FastAPI:
+    """The app; it loads the configured models at startup unless a loaded registry is passed in.
+    `worker` (a jobs.supervisor.WorkerProcess) is started and stopped with the app."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reg = app.state.registry
         if not (reg.generators or reg.embedders):
             await asyncio.to_thread(reg.load_all)
+        app.state.files.sweep()  # what a killed process may have left half-written
         reg.start()
+        worker = app.state.worker
+        if worker is not None:
+            worker.start()
         yield
+        if worker is not None:  # here, not after uvicorn returns: it re-raises SIGTERM on its way out
+            await asyncio.to_thread(worker.stop)
         reg.stop()
 
     app = FastAPI(title="fundament", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry or ModelRegistry(config)
+    app.state.worker = worker
     reg = app.state.registry
+    store = JobStore()
+    app.state.files = file_store = FileStore(store, max_bytes=config.max_file_bytes)
+    if reg.fine_tuned is None:
+        reg.fine_tuned = store  # ft: models are served the moment their job succeeds
     chat, completions, embeddings = ChatHandler(reg), CompletionHandler(reg), EmbeddingHandler(reg)
     classifications = ClassificationHandler(reg)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    files, fine_tuning = FilesHandler(file_store), FineTuningHandler(reg, file_store)
+    # a multipart upload carries a little framing around the file; FileStore enforces the exact size
+    upload_limit = (config.max_file_bytes + 64 * 1024, "file")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, path_limits={"/v1/files": upload_limit})
 
     @app.exception_handler(FundamentError)
     async def _fundament_error(request, exc: FundamentError):
@@ -200,4 +232,66 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None) -> Fa
     @app.post("/v1/embeddings", dependencies=v1)
     async def create_embedding(body: EmbeddingRequest):
         return await embeddings.create(body)
+
+    @app.delete("/v1/models/{model_id:path}", dependencies=v1)
+    def delete_model(model_id: str) -> ModelDeleted:
+        return ModelDeleted(id=reg.delete_model(model_id), deleted=True)
+
+    # ---- files (sync handlers run in the thread pool: SQLite and disk never block the loop) ----
+
+    @app.post("/v1/files", dependencies=v1)
+    async def create_file(request: Request) -> FileObject:
+        return await files.create(request)
+
+    @app.get("/v1/files", dependencies=v1)
+    def list_files(after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None) -> FileList:
+        return files.list(after, limit, order, purpose)
+
+    @app.get("/v1/files/{file_id}", dependencies=v1)
+    def retrieve_file(file_id: str) -> FileObject:
+        return files.retrieve(file_id)
+
+    @app.get("/v1/files/{file_id}/content", dependencies=v1)
+    def file_content(file_id: str) -> FileResponse:
+        return files.content(file_id)
+
+    @app.delete("/v1/files/{file_id}", dependencies=v1)
+    def delete_file(file_id: str) -> FileDeleted:
+        return files.delete(file_id)
+
+    # ---- fine-tuning jobs ----------------------------------------------------------------------
+
+    @app.post("/v1/fine_tuning/jobs", dependencies=v1)
+    def create_fine_tuning_job(body: CreateFineTuningJobRequest) -> FineTuningJob:
+        return fine_tuning.create(body)
+
+    @app.get("/v1/fine_tuning/jobs", dependencies=v1)
+    def list_fine_tuning_jobs(request: Request, after: str | None = None, limit: int = 20) -> FineTuningJobList:
+        q = request.query_params
+        metadata = {k[len("metadata["):-1]: v for k, v in q.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+        return fine_tuning.list(after, limit, metadata, q.get("metadata") == "null")
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1)
+    def retrieve_fine_tuning_job(job_id: str) -> FineTuningJob:
+        return fine_tuning.retrieve(job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", dependencies=v1)
+    def cancel_fine_tuning_job(job_id: str) -> FineTuningJob:
+        return fine_tuning.cancel(job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/pause", dependencies=v1)
+    def pause_fine_tuning_job(job_id: str) -> FineTuningJob:
+        return fine_tuning.pause(job_id)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/resume", dependencies=v1)
+    def resume_fine_tuning_job(job_id: str) -> FineTuningJob:
+        return fine_tuning.resume(job_id)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
+    def list_fine_tuning_events(job_id: str, after: str | None = None, limit: int = 20) -> FineTuningJobEventList:
+        return fine_tuning.events(job_id, after, limit)
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
+    def list_fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> FineTuningJobCheckpointList:
+        return fine_tuning.checkpoints(job_id, after, limit)
     return app

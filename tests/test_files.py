@@ -1,0 +1,185 @@
+"""The Files API through the official client against a real server on 127.0.0.1 (a tiny model, so
+it starts fast): uploads, pagination, content, delete, the size limit, a cut-off upload leaving
+nothing behind, and files surviving a restart. FileStore's atomic writes as unit tests first."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess
+from fundament.errors import PayloadTooLargeError
+from fundament.jobs.files import FileStore
+from fundament.jobs.store import JobStore
+from tuning_data import tiny_chat_llama
+
+LIMIT = 64 * 1024
+
+
+# ---- FileStore ----------------------------------------------------------------------------------
+
+
+def test_upload_commits_atomically_and_abort_leaves_nothing(tmp_path):
+    files = FileStore(JobStore(tmp_path / "db.sqlite3"), tmp_path / "files", max_bytes=10)
+    up = files.begin()
+    up.write(b"hello")
+    assert [p.name for p in files.dir.iterdir()] == [up.tmp.name]  # bytes go to a temp file beside the final one
+    row = up.commit("a.txt", "user_data")
+    assert (row["bytes"], row["filename"], row["purpose"], row["status"]) == (5, "a.txt", "user_data", "processed")
+    assert [p.name for p in files.dir.iterdir()] == [row["id"]] and files.read(row["id"]) == b"hello"
+    up = files.begin()
+    up.write(b"12345")
+    with pytest.raises(PayloadTooLargeError):
+        up.write(b"678901")
+    assert [p.name for p in files.dir.iterdir()] == [row["id"]]  # the over-limit upload left nothing
+    assert [r["id"] for r in files.store.list_files()[0]] == [row["id"]]
+
+
+def test_sweep_removes_leftovers_of_killed_processes_only(tmp_path):
+    files = FileStore(JobStore(tmp_path / "db.sqlite3"), tmp_path / "files")
+    kept = files.add_bytes(b"x", "k.txt", "user_data")["id"]
+    (files.dir / ".tmp-file-dead").write_bytes(b"half")
+    (files.dir / "file-norow").write_bytes(b"renamed, then killed before its row")
+    fresh = files.begin()  # an upload in progress right now
+    fresh.write(b"in flight")
+    assert files.sweep(min_age_s=60) == []  # too young: could be another process's write
+    assert sorted(files.sweep(min_age_s=0)) == sorted([".tmp-file-dead", "file-norow", fresh.tmp.name])
+    assert [p.name for p in files.dir.iterdir()] == [kept]
+
+
+# ---- the HTTP API -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    tiny = tiny_chat_llama(tmp_path_factory.getbasetemp())
+    home = tmp_path_factory.mktemp("files-home")
+    srv = ServerProcess(["--no-default-models", "--model", str(tiny), "--max-file-bytes", str(LIMIT), "--no-worker"], home)
+    srv.home = home
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fc(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0, timeout=30)
+
+
+def err(e: openai.APIStatusError, status: int, param):
+    assert e.status_code == status, e.response.text
+    body = e.response.json()["error"]
+    assert body["param"] == param and body["message"], body
+    return body
+
+
+def test_upload_retrieve_content_delete(fc, tiny_server):
+    data = b'{"prompt": "a", "completion": "b"}\n' * 3
+    f = fc.files.create(file=("train.jsonl", data), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.object == "file"
+    assert (f.bytes, f.filename, f.purpose, f.status) == (len(data), "train.jsonl", "fine-tune", "processed")
+    assert abs(f.created_at - time.time()) < 60
+    assert fc.files.retrieve(f.id) == f
+    assert fc.files.content(f.id).content == data
+    assert (tiny_server.home / "files" / f.id).read_bytes() == data
+    d = fc.files.delete(f.id)
+    assert (d.id, d.object, d.deleted) == (f.id, "file", True)
+    assert not (tiny_server.home / "files" / f.id).exists()
+    for call in (lambda: fc.files.retrieve(f.id), lambda: fc.files.content(f.id), lambda: fc.files.delete(f.id)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        err(e.value, 404, "file_id")
+
+
+def test_list_pages_with_has_more_and_auto_pagination(fc):
+    ids = [fc.files.create(file=(f"p{i}.txt", b"x" * (i + 1)), purpose="user_data" if i < 5 else "batch").id for i in range(7)]
+    page = fc.files.list(limit=2, purpose="user_data")
+    assert [f.id for f in page.data] == ids[4:2:-1] and page.has_more
+    raw = httpx.get(f"{fc.base_url}files", params={"limit": 2, "purpose": "user_data"}).json()
+    assert (raw["object"], raw["first_id"], raw["last_id"], raw["has_more"]) == ("list", ids[4], ids[3], True)
+    assert [f.id for f in fc.files.list(limit=2, purpose="user_data")] == ids[4::-1]  # the client follows `after`
+    assert [f.id for f in fc.files.list(limit=3, order="asc", purpose="user_data")] == ids[:5]
+    last = fc.files.list(limit=5, purpose="user_data", after=ids[1])
+    assert [f.id for f in last.data] == [ids[0]] and not last.has_more
+    assert [f.id for f in fc.files.list(purpose="batch")] == ids[:4:-1]
+
+
+@pytest.mark.parametrize(
+    "files,data,param",
+    [
+        ({"file": ("a.jsonl", b"{}")}, {"purpose": "assistants"}, "purpose"),
+        ({"file": ("a.jsonl", b"{}")}, {}, "purpose"),
+        (None, {"purpose": "fine-tune"}, "file"),
+        ({"file": ("a.jsonl", b"")}, {"purpose": "fine-tune"}, "file"),
+    ],
+)
+def test_bad_uploads_are_400_with_param(tiny_server, files, data, param):
+    r = httpx.post(f"{tiny_server.base_url}/files", files=files, data=data) if files else httpx.post(
+        f"{tiny_server.base_url}/files", data=data, files={"other": ("x", b"y")})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    r = httpx.post(f"{tiny_server.base_url}/files", json={"purpose": "fine-tune"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+
+
+def test_bad_list_parameters_are_400(tiny_server):
+    for params, param in [({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"order": "up"}, "order"), ({"after": "file-nope"}, "after")]:
+        r = httpx.get(f"{tiny_server.base_url}/files", params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_size_limit_is_413_and_stores_nothing(fc, tiny_server):
+    before = {f.id for f in fc.files.list()}
+    with pytest.raises(openai.APIStatusError) as e:
+        fc.files.create(file=("big.jsonl", b"x" * (LIMIT + 1)), purpose="fine-tune")
+    assert e.value.status_code == 413 and e.value.response.json()["error"]["param"] == "file"
+    # far over: refused from Content-Length before the body is read
+    r = httpx.post(f"{tiny_server.base_url}/files", files={"file": ("big", b"x" * (LIMIT + 200_000))}, data={"purpose": "fine-tune"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert {f.id for f in fc.files.list()} == before
+    assert not [p for p in (tiny_server.home / "files").iterdir() if p.name.startswith(".tmp-")]
+    # exactly at the limit is fine
+    assert fc.files.create(file=("ok.jsonl", b"x" * LIMIT), purpose="fine-tune").bytes == LIMIT
+
+
+def test_upload_cut_off_half_way_leaves_nothing(fc, tiny_server):
+    before = {f.id for f in fc.files.list()}
+    files_dir = tiny_server.home / "files"
+    boundary = "----cutoff"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.jsonl\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    total = len(head) + 40_000 + len(f"\r\n--{boundary}--\r\n")
+    s = socket.create_connection(("127.0.0.1", tiny_server.port))
+    s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+               f"Content-Length: {total}\r\n\r\n").encode() + head + b'{"prompt": "a", "completion": "b"}\n' * 500)
+    deadline = time.time() + 10
+    while not [p for p in files_dir.iterdir() if p.name.startswith(".tmp-")]:  # the bytes stream to a temp file
+        assert time.time() < deadline, "the upload never reached the files directory"
+        time.sleep(0.05)
+    s.close()  # cut off half-way
+    deadline = time.time() + 10
+    while [p for p in files_dir.iterdir() if p.name.startswith(".tmp-")]:
+        assert time.time() < deadline, "the cut-off upload left its temp file"
+        time.sleep(0.05)
+    assert {f.id for f in fc.files.list()} == before
+    assert {p.name for p in files_dir.iterdir()} == before
+
+
+def test_files_survive_a_restart(tmp_path_factory):
+    tiny = tiny_chat_llama(tmp_path_factory.getbasetemp())
+    home = tmp_path_factory.mktemp("restart-home")
+    args = ["--no-default-models", "--model", str(tiny), "--no-worker"]
+    srv = ServerProcess(args, home)
+    c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+    f = c.files.create(file=("keep.jsonl", b'{"a": 1}\n'), purpose="fine-tune")
+    srv.stop()
+    srv = ServerProcess(args, home)
+    try:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        assert c.files.retrieve(f.id) == f and c.files.content(f.id).content == b'{"a": 1}\n'
+    finally:
+        srv.stop()
