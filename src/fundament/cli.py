@@ -41,13 +41,96 @@ def _serve(args) -> None:
         cfg.adapters.append(AdapterSpec(name=name, path=path, base=base or ""))
     if args.max_body_bytes:
         cfg.max_body_bytes = args.max_body_bytes
+    if args.max_file_bytes:
+        cfg.max_file_bytes = args.max_file_bytes
     t0 = time.perf_counter()
     reserve_cpu_for_engines()
     registry = ModelRegistry(cfg)
     registry.load_all()  # before binding the port: a model that cannot load is a one-line error
     logging.getLogger("fundament").info("models loaded in %.1fs; serving on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)
-    app = create_app(cfg, registry)
+    worker = None
+    if not args.no_worker:  # the app starts it once the models are loaded (the worker reuses their cache)
+        from .jobs.supervisor import WorkerProcess
+
+        worker = WorkerProcess(cfg, log_level=args.log_level)
+    app = create_app(cfg, registry, worker)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+
+
+def _worker(args) -> int:
+    from .jobs.supervisor import worker_env
+
+    os.environ.update(worker_env())  # before torch loads: OpenMP reads it once
+    from .jobs.worker import main as worker_main
+
+    return worker_main([*(["--config", args.config] if args.config else []), "--log-level", args.log_level])
+
+
+def _client(args):
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise FundamentError("this command talks to the server through the official client: pip install openai", "openai") from None
+
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1"
+    return OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "fundament", max_retries=2)
+
+
+def _jobs(args) -> int:
+    """fundament jobs list|show|events|cancel: a running server's fine-tuning jobs."""
+    client = _client(args)
+    if args.action == "list":
+        for j in client.fine_tuning.jobs.list(limit=args.limit).data:
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.created_at))
+            print(f"{j.id}  {created}  {j.status:<16}  {j.fine_tuned_model or j.model}")
+        return 0
+    if not args.job_id:
+        raise FundamentError(f"fundament jobs {args.action} needs a job id", "job_id")
+    if args.action == "show":
+        print(client.fine_tuning.jobs.retrieve(args.job_id).model_dump_json(indent=2))
+    elif args.action == "events":
+        events = client.fine_tuning.jobs.list_events(args.job_id, limit=args.limit).data
+        for e in reversed(events):
+            print(f"{time.strftime('%H:%M:%S', time.localtime(e.created_at))} {e.level:5} {e.message}")
+    elif args.action == "cancel":
+        print(f"{args.job_id}: {client.fine_tuning.jobs.cancel(args.job_id).status}")
+    return 0
+
+
+def _tune(args) -> int:
+    """Upload, create the job, follow it with a progress bar, plot the loss curve, print the model."""
+    from pathlib import Path
+
+    from .jobs.progress import follow, plot_loss_curve
+
+    client = _client(args)
+    paths = [Path(p) for p in [args.data, args.validation] if p]
+    for p in paths:
+        if not p.is_file():
+            raise FundamentError(f"{p}: no such file", "data")
+    uploaded = [client.files.create(file=(p.name, p.read_bytes()), purpose="fine-tune").id for p in paths]
+    hp = {k: v for k, v in (("n_epochs", args.n_epochs), ("batch_size", args.batch_size), ("learning_rate_multiplier", args.learning_rate_multiplier)) if v is not None}
+    extra = {k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha)) if v is not None}
+    job = client.fine_tuning.jobs.create(
+        model=args.model, training_file=uploaded[0], validation_file=uploaded[1] if len(uploaded) > 1 else None,
+        suffix=args.suffix, seed=args.seed, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        extra_body=extra or None,
+    )
+    print(f"job {job.id} created; `fundament jobs cancel {job.id}` stops it")
+    try:
+        job, metrics = follow(client, job.id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. `fundament jobs show {job.id}` tells how it went.")
+        return 130
+    if metrics:
+        png = plot_loss_curve(metrics, args.plot or f"{job.id}-loss.png", title=job.fine_tuned_model or job.id)
+        print(f"loss curve: {png}")
+    if job.status != "succeeded":
+        msg = job.error.message if job.error else job.status
+        print(f"fundament: the job {job.status}: {msg}", file=sys.stderr)
+        return 1
+    print(job.fine_tuned_model)
+    return 0
 
 
 def _classify(args) -> None:
@@ -103,7 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--lora", action="append", help="NAME=PATH: serve a PEFT LoRA directory as model NAME on the first generation model (repeatable)")
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or set FUNDAMENT_API_KEY)")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 8 MiB)")
+    s.add_argument("--max-file-bytes", type=int, default=None, help="largest file accepted by POST /v1/files (default 512 MiB)")
+    s.add_argument("--no-worker", action="store_true", help="do not start the fine-tuning worker (run `fundament worker` apart)")
     s.add_argument("--log-level", default="info")
+    w = sub.add_parser("worker", help="train the fine-tuning jobs queued in $FUNDAMENT_HOME (fundament serve starts one)")
+    w.add_argument("--config", help="YAML config file naming the base models (as for serve)")
+    w.add_argument("--log-level", default="info")
+    j = sub.add_parser("jobs", help="list, show, follow or cancel a running server's fine-tuning jobs")
+    j.add_argument("action", choices=["list", "show", "events", "cancel"])
+    j.add_argument("job_id", nargs="?")
+    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--base-url", help="the server's API (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")
+    t = sub.add_parser("tune", help="fine-tune a model on a JSONL file through a running server, with live progress")
+    t.add_argument("data", help="training data: JSONL, chat or prompt/completion format (docs/fine-tuning.md)")
+    t.add_argument("--model", required=True, help="the base model, e.g. smollm2-135m-instruct")
+    t.add_argument("--validation", help="validation data (JSONL)")
+    t.add_argument("--suffix", help="up to 64 characters in the model's name")
+    t.add_argument("--n-epochs", type=int, default=None, help="default: auto")
+    t.add_argument("--batch-size", type=int, default=None, help="default: auto")
+    t.add_argument("--learning-rate-multiplier", type=float, default=None, help="default: auto (1.0)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
+    t.add_argument("--plot", help="where to write the loss curve (default <job id>-loss.png)")
+    t.add_argument("--base-url", help="the server's API (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")
     c = sub.add_parser("classify", help="classify texts by prompting, with a probability per label")
     c.add_argument("text", nargs="*", help="texts to classify")
     c.add_argument("--file", help="a file with one text per line")
@@ -118,14 +224,33 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", default="smollm2-135m-instruct")
     c.add_argument("--config", help="YAML config file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "worker":
+        return _worker(args)
+    quiet = args.command in ("jobs", "tune")  # client commands: their output is the answer, not logs
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
             _serve(args)
         elif args.command == "classify":
             _classify(args)
+        elif args.command == "jobs":
+            return _jobs(args)
+        elif args.command == "tune":
+            return _tune(args)
     except FundamentError as e:
         print(f"fundament: {e.message}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.command not in ("jobs", "tune"):
+            raise
+        import openai
+
+        if isinstance(e, openai.APIConnectionError):
+            print(f"fundament: cannot reach the server ({e}); is `fundament serve` running? (--base-url)", file=sys.stderr)
+        elif isinstance(e, openai.APIStatusError):
+            print(f"fundament: {e.status_code}: {e.message}", file=sys.stderr)
+        else:
+            raise
         return 2
     return 0
 
