@@ -144,6 +144,7 @@ def test_events_metrics_result_file_and_checkpoints(c, trained):
     assert ck.id.startswith("ftckpt_") and ck.object == "fine_tuning.job.checkpoint" and ck.fine_tuning_job_id == job.id
     assert (ck.step_number, ck.fine_tuned_model_checkpoint) == (12, f"{job.fine_tuned_model}:ckpt-step-12")
     assert ck.metrics.step == 12 and ck.metrics.train_loss == pytest.approx(metrics[-1].data["train_loss"])
+    assert ck.metrics.full_valid_loss == pytest.approx(metrics[-1].data["valid_loss"])  # all 4 validation examples
 
 
 def test_fine_tuned_model_is_served_at_once_and_answers_unlike_its_base(c, trained):

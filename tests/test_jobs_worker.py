@@ -90,6 +90,7 @@ def test_job_succeeds_with_model_result_file_checkpoints_and_events(env):
     ckpts = store.list_checkpoints(job["id"])[0]
     assert [(c["step_number"], c["model_id"]) for c in ckpts] == [(6, row["fine_tuned_model"] + ":ckpt-step-6"), (3, row["fine_tuned_model"] + ":ckpt-step-3")]
     assert all((Path(c["path"]) / "adapter_model.safetensors").exists() and c["metrics"]["train_loss"] > 0 for c in ckpts)
+    assert ckpts[0]["metrics"]["full_valid_loss"] > 0 and "full_valid_loss" not in ckpts[1]["metrics"]
     msgs = messages(store, job["id"])
     assert msgs[0] == f"Created fine-tuning job: {job['id']}"
     assert msgs[2].startswith("Files validated (12 training examples")

@@ -326,6 +326,13 @@ class JobStore:
             self._event(c, job_id, f"Checkpoint created at step {step}")
         return self._one("SELECT * FROM checkpoints WHERE model_id = ?", (model_id,))
 
+    def add_checkpoint_metrics(self, job_id: str, step: int, metrics: dict) -> None:
+        """Merge metrics known only after the run (full validation) into a checkpoint's."""
+        with self._write() as c:
+            r = c.execute("SELECT id, metrics FROM checkpoints WHERE job_id = ? AND step_number = ?", (job_id, step)).fetchone()
+            if r is not None:
+                c.execute("UPDATE checkpoints SET metrics = ? WHERE id = ?", (json.dumps({**json.loads(r["metrics"]), **metrics}), r["id"]))
+
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
         """Newest step first; checkpoints whose model was deleted are left out."""
         where, args = "job_id = ? AND deleted = 0", [job_id]

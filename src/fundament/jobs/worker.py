@@ -297,6 +297,9 @@ class Worker:
 
     def _succeed(self, job: dict, result) -> None:
         jid = job["id"]
+        full = {k: result.metrics[k] for k in ("full_valid_loss", "full_valid_mean_token_accuracy") if result.metrics.get(k) is not None}
+        if full:  # measured after the last checkpoint was written: it belongs to that checkpoint
+            self.store.add_checkpoint_metrics(jid, result.steps, full)
         result_file = self.files.add_bytes(self._metrics_csv(jid), "step_metrics.csv", "fine-tune-results")
         model = fine_tuned_model_id(job)
         ok = self.store.update_job(
