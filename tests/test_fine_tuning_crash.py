@@ -26,7 +26,7 @@ def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
         train = c.files.create(file=("train.jsonl", jsonl(sst2_chat(12))), purpose="fine-tune")
         job = c.fine_tuning.jobs.create(model=BASE, training_file=train.id, seed=1, suffix="crash",
-                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}})
         state = home / "fine_tuning" / job.id / "resume" / "state.pt"
         deadline = time.time() + 300
         while not state.exists():  # the trainer saves its state every 10 s of training
@@ -41,7 +41,7 @@ def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path
         srv.stop()
     before = metrics_steps_from_store(store, job.id)
     row = store.get_job(job.id)
-    assert row["status"] == "running" and 0 < max(before) < 36  # killed mid-training, nobody told the store
+    assert row["status"] == "running" and 0 < max(before) < 60  # killed mid-training, nobody told the store
 
     srv = ServerProcess([], home)
     try:
@@ -54,9 +54,9 @@ def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path
         at = int(resumed.removeprefix("Resumed from the state saved at step ").rstrip("."))
         assert 1 <= at <= max(before)
         steps = metrics_steps(c, job.id)
-        # before the crash 1..k (k >= at); after it at+1..36: the steps after the saved state are redone, none skipped
-        assert steps == list(range(1, max(before) + 1)) + list(range(at + 1, 37))
-        assert [ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id)][0] == 36
+        # before the crash 1..k (k >= at); after it at+1..60: the steps after the saved state are redone, none skipped
+        assert steps == list(range(1, max(before) + 1)) + list(range(at + 1, 61))
+        assert [ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id)][0] == 60
         assert c.files.content(train.id).content == jsonl(sst2_chat(12))  # no file lost
         assert job.fine_tuned_model in {m.id for m in c.models.list()}
         assert reply(c, job.fine_tuned_model, "An utterly charming film.") in ("positive", "negative")

@@ -80,6 +80,7 @@ def plot_loss_curve(metrics: list[dict], path: str | Path, title: str = "") -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = by_step(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -87,6 +88,7 @@ def plot_loss_curve(metrics: list[dict], path: str | Path, title: str = "") -> P
     valid = [m for m in metrics if m.get("valid_loss") is not None]
     if valid:
         ax.plot([m["step"] for m in valid], [m["valid_loss"] for m in valid], "o-", label="valid loss", lw=1.2, ms=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean per assistant token)")
     ax.set_title(title)

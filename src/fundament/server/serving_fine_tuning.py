@@ -93,7 +93,8 @@ class FineTuningHandler:
         extensions = req.extensions()
         # Resolve now (with the file's line count standing in for its example count) so that bad
         # values are a 400 here, not a failed job later.
-        n_lines = sum(1 for line in self.files.read(req.training_file).split(b"\n") if line.strip())
+        with open(self.files.path(req.training_file), "rb") as f:
+            n_lines = sum(1 for line in f if line.strip())
         try:
             resolve_hyperparameters(requested, max(n_lines, 1), extensions, seed=seed)
         except InvalidRequestError as e:
