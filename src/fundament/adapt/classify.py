@@ -57,9 +57,10 @@ def _labels(labels) -> list[Label]:
 class Classifier:
     MAX_IN_FLIGHT = 32  # scorings submitted at once: enough to fill a batch, never the whole queue
 
-    def __init__(self, lm, embedder=None):
-        """lm: a GenerationModel (tokenizer + engine); embedder: an Embedder for nearest-example selection."""
-        self.lm, self.embedder = lm, embedder
+    def __init__(self, lm, embedder=None, adapter: str | None = None):
+        """lm: a GenerationModel (tokenizer + engine); embedder: an Embedder for nearest-example
+        selection; adapter: a LoRA adapter loaded in lm's engine (an ft: model), or the base model."""
+        self.lm, self.embedder, self.adapter = lm, embedder, adapter
         self._slots: asyncio.Semaphore | None = None
 
     def _instruction(self, labels: list[Label], instruction: str | None) -> str:
@@ -95,7 +96,7 @@ class Classifier:
         """log P(label tokens | prompt), teacher-forced through the engine's prompt logprobs."""
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
         async with self._slots:
-            async for out in self.lm.engine.generate(prompt_ids + label_ids, params):
+            async for out in self.lm.engine.generate(prompt_ids + label_ids, params, adapter=self.adapter):
                 lps = out.prompt_logprobs
                 return float(sum(lps[len(prompt_ids) : len(prompt_ids) + len(label_ids)]))
         raise RuntimeError("the engine returned no output")

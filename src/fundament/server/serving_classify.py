@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..adapt import Classifier
-from ..errors import InvalidRequestError
 from ..models.registry import ModelRegistry
 from .protocol import Classification, ClassificationRequest, ClassificationResponse, Usage, new_id, now
 
@@ -13,9 +12,7 @@ class ClassificationHandler:
         self.registry = registry
 
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
-        lm, adapter = self.registry.generator(req.model)
-        if adapter is not None:
-            raise InvalidRequestError("classification with a fine-tuned adapter is not supported yet.", "model")
+        lm, adapter = self.registry.generator(req.model)  # an ft: model or --lora adapter scores through its base engine
         embedder = None
         if req.examples and req.selection == "nearest" and (req.k is None or req.k < len(req.examples)):
             name = req.embedding_model or next(iter(self.registry.embedders), None)
@@ -23,7 +20,7 @@ class ClassificationHandler:
         inputs = [req.input] if isinstance(req.input, str) else req.input
         labels = [l if isinstance(l, str) else l.model_dump() for l in req.labels]
         examples = [e.model_dump() for e in req.examples or []]
-        results = await Classifier(lm, embedder).classify(inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix)
+        results = await Classifier(lm, embedder, adapter).classify(inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix)
         used = sum(r.prompt_tokens for r in results)
         return ClassificationResponse(
             id=new_id("clf"), created=now(), model=req.model,
