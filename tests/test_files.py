@@ -125,6 +125,21 @@ def test_bad_uploads_are_400_with_param(tiny_server, files, data, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
 
 
+def test_malformed_multipart_is_400_and_stores_nothing(fc, tiny_server):
+    before = {f.id for f in fc.files.list()}
+    part = 'Content-Disposition: form-data; name="{}"{}\r\n\r\n'
+    bodies = [
+        b"no boundary anywhere",
+        # a complete body but for its closing boundary: the file may be cut short
+        f"--xyz\r\n{part.format('purpose', '')}fine-tune\r\n--xyz\r\n{part.format('file', '; filename=a')}hello".encode(),
+    ]
+    for body in bodies:
+        r = httpx.post(f"{tiny_server.base_url}/files", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    assert {f.id for f in fc.files.list()} == before
+    assert {p.name for p in (tiny_server.home / "files").iterdir()} == before
+
+
 def test_bad_list_parameters_are_400(tiny_server):
     for params, param in [({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"order": "up"}, "order"), ({"after": "file-nope"}, "after")]:
         r = httpx.get(f"{tiny_server.base_url}/files", params=params)

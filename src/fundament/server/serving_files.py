@@ -10,6 +10,7 @@ import asyncio
 
 from fastapi import Request
 from fastapi.responses import FileResponse
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
@@ -37,13 +38,17 @@ class _Form:
         self._field, self._value = b"", b""
         self._name: str | None = None
         self._buf: bytearray | None = None
+        self.ended = False  # the closing boundary was seen: nothing was cut off
 
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field, "on_header_value": self._header_value,
             "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data, "on_part_end": self._part_end,
+            "on_part_data": self._part_data, "on_part_end": self._part_end, "on_end": self._end,
         }
+
+    def _end(self):
+        self.ended = True
 
     def _part_begin(self):
         self._headers, self._field, self._value = {}, b"", b""
@@ -99,6 +104,8 @@ class FilesHandler:
             async for chunk in request.stream():
                 parser.write(chunk)
             parser.finalize()
+            if not form.ended:
+                raise InvalidRequestError("The multipart body ended before its closing boundary; nothing was stored.", "file")
             purpose = form.fields.get("purpose")
             if form.upload is None:
                 raise InvalidRequestError("Missing required parameter: 'file'.", "file")
@@ -109,10 +116,11 @@ class FilesHandler:
             if form.upload.bytes == 0:
                 raise InvalidRequestError("The file is empty.", "file")
             row = await asyncio.to_thread(form.upload.commit, form.filename, purpose)
-        except ClientDisconnect:
+        except (ClientDisconnect, FormParserError) as e:
             if form.upload is not None:
                 form.upload.abort()
-            raise InvalidRequestError("The upload was cut off before its end; nothing was stored.", "file") from None
+            why = "was cut off before its end" if isinstance(e, ClientDisconnect) else f"is not valid multipart/form-data ({e})"
+            raise InvalidRequestError(f"The upload {why}; nothing was stored.", "file") from None
         except BaseException:
             if form.upload is not None:
                 form.upload.abort()
