@@ -225,6 +225,8 @@ def test_bad_create_requests_are_4xx_with_param(c):
     bad_create(c, "method.supervised.hyperparameters.n_epochs", training_file=good, method=hp(n_epochs=0))
     bad_create(c, "method.supervised.hyperparameters.n_epochs", training_file=good, method=hp(n_epochs=2.5))
     bad_create(c, "method.supervised.hyperparameters.batch_size", training_file=good, method=hp(batch_size="big"))
+    bad_create(c, "method.supervised.hyperparameters.batch_size", training_file=good, method=hp(batch_size=True))
+    bad_create(c, "method.supervised.hyperparameters.epochs", training_file=good, method=hp(epochs=3))  # a typo is not "auto"
     bad_create(c, "method.supervised.hyperparameters.learning_rate_multiplier", training_file=good, method=hp(learning_rate_multiplier=-1))
     bad_create(c, "hyperparameters.n_epochs", training_file=good, hyperparameters={"n_epochs": 0})
     bad_create(c, "hyperparameters", training_file=good, hyperparameters={"n_epochs": 1}, method=hp(n_epochs=1))

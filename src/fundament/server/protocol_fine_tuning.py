@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from .protocol import Request
 
@@ -52,12 +52,15 @@ class ModelDeleted(BaseModel):
 # ---- fine-tuning job requests -----------------------------------------------------------------
 
 
-class Hyperparameters(Request):
-    """Each one "auto" or a number; ranges are checked where they are resolved (adapt/tune.py)."""
+class Hyperparameters(BaseModel):
+    """Each one "auto" or a JSON number (strict: no "3", no true); ranges are checked where they
+    are resolved (adapt/tune.py). An unknown name is refused: a typo must not train with "auto"."""
 
-    batch_size: Union[Literal["auto"], int] = "auto"
-    learning_rate_multiplier: Union[Literal["auto"], float] = "auto"
-    n_epochs: Union[Literal["auto"], int] = "auto"
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: Union[Literal["auto"], StrictInt] = "auto"
+    learning_rate_multiplier: Union[Literal["auto"], StrictInt, StrictFloat] = "auto"
+    n_epochs: Union[Literal["auto"], StrictInt] = "auto"
 
 
 class SupervisedMethod(Request):
@@ -83,14 +86,14 @@ class CreateFineTuningJobRequest(Request):
     metadata: Optional[dict[str, str]] = None
     # --- fundament extensions (docs/fine-tuning.md) ---
     training_type: Optional[str] = None  # "lora" (the only one for now)
-    lora_r: Optional[int] = None
+    lora_r: Optional[StrictInt] = None
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
     target_modules: Optional[list[str]] = None
     warmup_ratio: Optional[float] = Field(None, ge=0.0, lt=1.0)
     weight_decay: Optional[float] = Field(None, ge=0.0)
-    eval_every: Optional[int] = Field(None, ge=0)
-    row_tokens: Optional[int] = None
+    eval_every: Optional[StrictInt] = Field(None, ge=0)
+    row_tokens: Optional[StrictInt] = None
 
     @field_validator("suffix")
     @classmethod
