@@ -1,0 +1,115 @@
+"""The fundament server an evaluation talks to: one the user names by base URL, or a `fundament
+serve` subprocess of its own on 127.0.0.1 (with its fine-tuning worker), stopped by its pid.
+Knows processes and the official `openai` client; nothing of tasks or strategies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import FundamentError
+from .measure import child_pids
+
+log = logging.getLogger(__name__)
+
+
+def openai_client(base_url: str, api_key: str | None, timeout: float = 600):
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise FundamentError("evaluations talk to servers through the official client: pip install openai", "openai") from None
+    return OpenAI(base_url=base_url, api_key=api_key or "fundament", max_retries=2, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`fundament serve` on a free port of 127.0.0.1; its log goes to `log_path`."""
+
+    def __init__(self, log_path: Path, home: Path | None = None, extra_args: list[str] | None = None, timeout_s: float = 600):
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.home = Path(home) if home else None
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "FUNDAMENT_API_KEY"}
+        if self.home:
+            env["FUNDAMENT_HOME"] = str(self.home)
+        cmd = [sys.executable, "-m", "fundament.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--log-level", "warning", *(extra_args or [])]
+        log.info("starting %s (log: %s)", " ".join(cmd[1:]), log_path)
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready(log_path, timeout_s)
+
+    def _wait_ready(self, log_path: Path, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FundamentError(f"the evaluation's server exited with {self.proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise FundamentError(f"the evaluation's server did not answer /health within {timeout_s:.0f}s; see {log_path}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def worker_pid(self) -> int | None:
+        """The fine-tuning worker the server started (its only child process)."""
+        kids = child_pids(self.proc.pid)
+        return kids[0] if kids else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM to this pid: the server stops its worker on the way out
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Fundament:
+    """The fundament server of a run, started the first time a strategy asks for it."""
+
+    def __init__(self, base_url: str | None, api_key: str | None, log_path: Path):
+        self.base_url, self.api_key, self.log_path = base_url, api_key, log_path
+        self.server: LocalServer | None = None
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            if self.base_url is None:
+                self.server = LocalServer(self.log_path)
+                self.base_url = self.server.base_url
+            self._client = openai_client(self.base_url, self.api_key)
+        return self._client
+
+    def worker_pid(self) -> int | None:
+        """The worker's pid where this run started the server (else unknown: None)."""
+        return self.server.worker_pid() if self.server else None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+            self._client, self.base_url = None, None
