@@ -173,6 +173,17 @@ def _classify(args) -> None:
         print(json.dumps({"input": text, "label": r.label, "probabilities": r.probabilities}))
 
 
+def _eval(args) -> int:
+    """Compare strategies on tasks and write the report directory (docs/evaluation.md)."""
+    from .evals.config import from_args
+    from .evals.runner import evaluate
+
+    cfg = from_args(args)
+    evaluate(cfg)
+    print(cfg.out / "report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fundament", description="Serve, adapt and measure foundation models offline.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--answer-prefix", default="Answer:", help="how the answer starts before the label")
     c.add_argument("--model", default="smollm2-135m-instruct")
     c.add_argument("--config", help="YAML config file")
+    from .evals.config import add_arguments as add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="prompting vs fine-tuning vs small models on a task: a report with tables and plots"))
     args = parser.parse_args(argv)
     if args.command == "worker":
         return _worker(args)
-    quiet = args.command in ("jobs", "tune")  # client commands: their output is the answer, not logs
+    quiet = args.command in ("jobs", "tune", "eval")  # client commands: their output is the answer, not logs
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
@@ -237,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         elif args.command == "tune":
             return _tune(args)
+        elif args.command == "eval":
+            return _eval(args)
     except FundamentError as e:
         print(f"fundament: {e.message}", file=sys.stderr)
         return 2
     except Exception as e:
-        if args.command not in ("jobs", "tune"):
+        if args.command not in ("jobs", "tune", "eval"):
             raise
         import openai
 
