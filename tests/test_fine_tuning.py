@@ -161,6 +161,14 @@ def test_fine_tuned_model_is_served_at_once_and_answers_unlike_its_base(c, train
     assert reply(c, f"{job.fine_tuned_model}:ckpt-step-12", reviews[0]) in ("positive", "negative")
     done = c.completions.create(model=job.fine_tuned_model, prompt="The movie was", max_tokens=4, temperature=0)
     assert done.model == job.fine_tuned_model and done.choices[0].text
+    # and classifications: a probability per label, from the fine-tuned weights
+    prompts = [f"Determine the sentiment of this review: '{t}'" for t in reviews]
+    probs = {}
+    for m in (BASE, job.fine_tuned_model):
+        r = httpx.post(f"{c.base_url}classifications", json={"model": m, "input": prompts, "labels": ["positive", "negative"], "answer_prefix": ""}, timeout=120)
+        assert r.status_code == 200, r.text
+        probs[m] = [d["probabilities"]["positive"] for d in r.json()["data"]]
+    assert max(abs(a - b) for a, b in zip(probs[BASE], probs[job.fine_tuned_model])) > 0.01
 
 
 def test_jobs_list_pages_and_filters_by_metadata(c, trained):
