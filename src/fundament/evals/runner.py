@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import FundamentError
 from .cache import ResultCache
 from .config import EvalConfig
-from .splits import fingerprint, test_examples, train_subset
+from .splits import fingerprint, held_out, train_subset
 from .strategies import DESCRIPTIONS, expand, make, sizes_for
 from .summary import cell_metrics, curves, majority_baseline, summarize
 from .taskfile import resolve_task
@@ -50,7 +50,7 @@ def plan(cfg: EvalConfig, tasks: list) -> tuple[list, list[tuple], dict]:
             if skip:
                 skipped.setdefault(task.name, {})[s.name] = skip
             for n in run:
-                for seed in ([cfg.seeds[0]] if n == 0 else cfg.seeds):  # no examples: nothing random
+                for seed in ([0] if n == 0 else cfg.seeds):  # no examples: nothing random, one cell whatever the seeds
                     cells.append((task, s, n, seed))
     return strategies, cells, skipped
 
@@ -90,7 +90,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
     cache = ResultCache(root)
     fundament = Fundament(cfg.base_url, cfg.api_key, root / "server.log")
     ctx = Context(cfg, fundament, FeatureCache(root / "features.sqlite"), root / "artifacts")
-    tests = {t.name: test_examples(t, cfg.limit) for t in tasks}
+    tests = {t.name: held_out(t, cfg.limit) for t in tasks}
     records, errors = [], []
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -32,7 +32,7 @@ def train_subset(task: Task, n: int, seed: int) -> list[Example]:
     return [task.train[i] for i in subset_order(task.train, task.classes, seed)[:n]]
 
 
-def test_examples(task: Task, limit: int | None) -> list[Example]:
+def held_out(task: Task, limit: int | None) -> list[Example]:
     """The whole test split, or a seeded sample of `limit` of it (in the split's own order)."""
     if limit is None or limit >= len(task.test):
         return list(task.test)
