@@ -23,6 +23,15 @@ def _pyplot():
     return plt
 
 
+def _legend(fig, ax, n_panels: int, height_in: float) -> None:
+    """One legend for the figure, below the panels, as many columns as fit."""
+    handles, labels = ax.get_legend_handles_labels()
+    ncol = max(1, min(len(labels), 3 * n_panels))
+    rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, (0.25 * rows + 0.1) / height_in, 1, 1))
+
+
 def plot_learning_curves(results: dict, path: Path) -> Path:
     plt = _pyplot()
     tasks = results["tasks"]
@@ -50,41 +59,43 @@ def plot_learning_curves(results: dict, path: Path) -> Path:
             ax.set_xlabel("labelled training examples")
             ax.set_ylabel(label)
             ax.set_title(f"{name}: {label} (test n={t['n_test']})")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _legend(fig, axes[0][0], len(tasks), 7.5)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
 def plot_accuracy_latency(results: dict, path: Path) -> Path:
-    """Each strategy at each size: accuracy against median latency per example (log scale); the
-    largest size of each strategy is labelled."""
+    """Each strategy at each size: accuracy against median latency per example (log scale), the
+    points of one strategy joined in order of size and marked with it."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.8), dpi=110, squeeze=False)
     for col, (name, t) in enumerate(tasks.items()):
         ax = axes[0][col]
-        for r in t["rows"]:
-            if r["latency_p50_ms"] is None:
-                continue
-            color, marker = STYLE.get(r["strategy"], ("black", "o"))
-            ax.scatter(r["latency_p50_ms"], r["accuracy"], color=color, marker=marker, s=22 + 6 * len(str(r["size"])), alpha=0.85)
+        ax.axhline(t["majority"]["accuracy"], color="#bbbbbb", ls=":", lw=1, label="majority class")
         for strategy in t["curves"]:
             own = sorted((r for r in t["rows"] if r["strategy"] == strategy and r["latency_p50_ms"] is not None), key=lambda r: r["size"])
-            if own:
-                last = own[-1]
-                ax.plot([r["latency_p50_ms"] for r in own], [r["accuracy"] for r in own], color=STYLE.get(strategy, ("black",))[0], lw=0.8, alpha=0.6)
-                ax.annotate(f"{strategy} n={last['size']}", (last["latency_p50_ms"], last["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.axhline(t["majority"]["accuracy"], color="#bbbbbb", ls=":", lw=1)
+            if not own:
+                continue
+            color, marker = STYLE.get(strategy, ("black", "o"))
+            xs, ys = [r["latency_p50_ms"] for r in own], [r["accuracy"] for r in own]
+            ax.plot(xs, ys, color=color, marker=marker, ms=5, lw=0.8, alpha=0.85, label=strategy)
+            for r, x, y in zip(own, xs, ys):
+                ax.annotate(str(r["size"]), (x, y), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.margins(x=0.15)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, which="both")
         ax.set_xlabel("latency per example, p50 (ms, log scale)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{name}: accuracy against latency")
-    fig.tight_layout()
+        ax.set_title(f"{name}: accuracy against latency (labels: n)")
+    _legend(fig, axes[0][0], len(tasks), 4.8)
     fig.savefig(path)
     plt.close(fig)
     return path

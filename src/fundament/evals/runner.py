@@ -63,7 +63,7 @@ def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed:
     cell = (task.name, strategy.name, size, seed, key)
     record = cache.get(*cell)
     if record is not None:
-        return record
+        return {**record, "cached": True}
     t0 = time.perf_counter()
     outcome = strategy.run(ctx, task, train, test, seed)
     record = {"task": task.name, "strategy": strategy.name, "size": size, "seed": seed, "key": key,
@@ -111,6 +111,9 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
                 else:
                     rec["metrics"] = cell_metrics(rec, task.classes)
                     records.append(rec)
+                    m = rec["metrics"]  # one line per cell: the record of a long run, in a log file too
+                    took = "cached" if rec.get("cached") else f"{rec['wall_s']:.0f} s"
+                    bar.console.print(f"{what}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} ({took})", highlight=False)
                 bar.advance(overall)
     finally:
         fundament.close()
