@@ -1,0 +1,1 @@
+"""Evaluation: labelled tasks from the shared data, metrics, and reports comparing strategies."""
