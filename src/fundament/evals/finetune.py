@@ -66,8 +66,8 @@ class LoRA:
         cfg, client = ctx.config, ctx.fundament.client
         upload = client.files.create(file=(f"{task.name}-n{len(train)}-s{seed}.jsonl", chat_examples(task, train)), purpose="fine-tune")
         hp = {} if cfg.lora_epochs == "auto" else {"n_epochs": int(cfg.lora_epochs)}
-        pid = ctx.fundament.worker_pid()
-        mem = PeakMemory(pid).__enter__() if pid else None  # the worker trains: its peak is the one that counts
+        worker = ctx.fundament.worker()  # the worker trains: its peak is the one that counts
+        mem = PeakMemory(*worker).__enter__() if worker else None
         t0 = time.perf_counter()
         job = client.fine_tuning.jobs.create(
             model=cfg.model, training_file=upload.id, seed=seed, suffix=f"eval-{task.name}-n{len(train)}-s{seed}"[:64],

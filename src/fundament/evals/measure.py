@@ -34,19 +34,24 @@ def _status_kb(pid: int | str, key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def resident_kb(pid: int | str = "self") -> int | None:
+    return _status_kb(pid, "VmRSS")
+
+
 class PeakMemory:
     """The most resident memory a process gained while a block ran: its high-water mark (VmHWM,
     reset at the start by writing 5 to /proc/PID/clear_refs) minus its resident memory (VmRSS) at
-    the start. A process's baseline (interpreter, libraries, models loaded before) is not counted.
-    `mb` stays None where /proc cannot tell (not Linux, another user's process)."""
+    the start, or minus `baseline_kb` when given (a long-lived worker's idle size, so a job is not
+    let off what an earlier job left resident). What the process held before (interpreter,
+    libraries, models loaded earlier) is not counted. `mb` stays None where /proc cannot tell."""
 
-    def __init__(self, pid: int | str = "self"):
-        self.pid, self.mb, self._start = pid, None, None
+    def __init__(self, pid: int | str = "self", baseline_kb: int | None = None):
+        self.pid, self.mb, self._start, self.baseline_kb = pid, None, None, baseline_kb
 
     def __enter__(self) -> "PeakMemory":
         try:
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-            self._start = _status_kb(self.pid, "VmRSS")
+            self._start = self.baseline_kb or _status_kb(self.pid, "VmRSS")
         except OSError:
             self._start = None
         return self

@@ -73,6 +73,11 @@ def _sections(results: dict):
         yield name, intro, header, table_rows(t), ["strategy", "n"] + t["classes"], per_class_rows(t), notes
 
 
+def _machine_words(m: dict) -> str:
+    load = f", 1-minute load average {m['load_average']:.1f} while the cells ran (timings grow with it)" if m.get("load_average") is not None else ""
+    return f"Machine: {m.get('cpus', '?')} CPUs{load}."
+
+
 def _measured() -> list[str]:
     return [
         "n: labelled training examples (seeded subsets of the train split, nested, one of each class first); 0 is zero-shot prompting of the base model.",
@@ -90,7 +95,8 @@ def markdown(results: dict, images: dict[str, str]) -> str:
     cfg = results["config"]
     lines = ["# Evaluation: prompting vs fine-tuning vs a small custom model", "",
              f"Made by `{command(cfg)}` (finished {results['finished']}; the cells' compute time {results['cells_wall_s'] / 60:.1f} min, this run's wall time {results['wall_s'] / 60:.1f} min).", "",
-             f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot; seeds {', '.join(map(str, cfg['seeds']))}.", ""]
+             f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot; seeds {', '.join(map(str, cfg['seeds']))}.", "",
+             _machine_words(results.get("machine") or {}), ""]
     for title, image in images.items():
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
     for name, intro, header, rows, pc_header, pc_rows, notes in _sections(results):
@@ -112,7 +118,8 @@ def html_page(results: dict, images: dict[str, str]) -> str:
     parts = ["<!doctype html><meta charset='utf-8'><title>fundament eval</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}</style>",
-             "<h1>Evaluation: prompting vs fine-tuning vs a small custom model</h1>", f"<p>Made by <code>{html.escape(command(cfg))}</code> (finished {results['finished']}).</p>"]
+             "<h1>Evaluation: prompting vs fine-tuning vs a small custom model</h1>", f"<p>Made by <code>{html.escape(command(cfg))}</code> (finished {results['finished']}).</p>",
+             f"<p>{html.escape(_machine_words(results.get('machine') or {}))}</p>"]
     for title, image in images.items():
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{image}' alt='{html.escape(title)}'>"]
     for name, intro, header, rows, pc_header, pc_rows, notes in _sections(results):

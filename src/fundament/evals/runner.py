@@ -6,6 +6,7 @@ needs it) and stops it on the way out.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,13 +65,19 @@ def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed:
     record = cache.get(*cell)
     if record is not None:
         return {**record, "cached": True}
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     outcome = strategy.run(ctx, task, train, test, seed)
     record = {"task": task.name, "strategy": strategy.name, "size": size, "seed": seed, "key": key,
               "settings": strategy.settings(cfg), "wall_s": time.perf_counter() - t0,
+              "load_average": (load0 + os.getloadavg()[0]) / 2,  # how busy the machine was: timings depend on it
               "gold": [e.label for e in test], "outcome": outcome.to_dict()}
     cache.put(record, *cell)
     return record
+
+
+def _machine(records: list[dict]) -> dict:
+    loads = [r["load_average"] for r in records if r.get("load_average") is not None]
+    return {"cpus": os.cpu_count(), "load_average": sum(loads) / len(loads) if loads else None}
 
 
 def evaluate(cfg: EvalConfig, console=None) -> dict:
@@ -119,7 +126,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         fundament.close()
     results = {"config": cfg.to_dict(), "wall_s": time.perf_counter() - started,
                "cells_wall_s": sum(r["wall_s"] for r in records),  # what computing every cell took, cached or not
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(records), "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
                "tasks": {}, "errors": errors}
     for task in tasks:
         mine = [r for r in records if r["task"] == task.name]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import FundamentError
-from .measure import child_pids
+from .measure import child_pids, resident_kb
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Fundament:
         self.base_url, self.api_key, self.log_path = base_url, api_key, log_path
         self.server: LocalServer | None = None
         self._client = None
+        self._worker_idle: tuple[int, int | None] | None = None
 
     @property
     def client(self):
@@ -104,9 +105,15 @@ class Fundament:
             self._client = openai_client(self.base_url, self.api_key)
         return self._client
 
-    def worker_pid(self) -> int | None:
-        """The worker's pid where this run started the server (else unknown: None)."""
-        return self.server.worker_pid() if self.server else None
+    def worker(self) -> tuple[int, int | None] | None:
+        """(pid, idle resident kB) of the fine-tuning worker where this run started the server
+        (else unknown: None). The idle size is read the first time, before any job of this run."""
+        if self.server is None or self.server.worker_pid() is None:
+            return None
+        pid = self.server.worker_pid()
+        if self._worker_idle is None or self._worker_idle[0] != pid:  # a restarted worker: measured again
+            self._worker_idle = (pid, resident_kb(pid))
+        return self._worker_idle
 
     def close(self) -> None:
         if self.server is not None:
