@@ -74,7 +74,11 @@ class LoRA:
             method={"type": "supervised", "supervised": {"hyperparameters": hp}},
             extra_body={"lora_r": cfg.lora_r} if cfg.lora_r else None,
         )
-        job = self._wait(client, job, ctx.progress)
+        try:
+            job = self._wait(client, job, ctx.progress)
+        except KeyboardInterrupt:  # the run stops: so does its job (else a restarted server trains it)
+            client.fine_tuning.jobs.cancel(job.id)
+            raise
         wall_s = time.perf_counter() - t0
         peak = mem.read() if mem else None
         if job.status != "succeeded":
