@@ -49,6 +49,18 @@ def test_nearest_examples_are_chosen_by_similarity(server):
     assert r.json()["data"][0]["examples"] == again.json()["data"][0]["examples"]
 
 
+def test_batch_calibrated_ensemble_in_either_example_format(server):
+    pool = [{"input": "a warm , funny film", "label": "positive"}, {"input": "tedious and flat", "label": "negative"},
+            {"input": "a triumph", "label": "positive"}, {"input": "a waste of time", "label": "negative"}]
+    for fmt in ("list", "turns"):
+        r = classify(server, input=[t for t, _ in CLEAR], instruction="Classify the sentiment of the movie review.", answer_prefix="The review is",
+                     input_prefix="Review:", examples=pool, k=[0, 2], calibrate="batch", example_format=fmt)
+        assert r.status_code == 200, r.text
+        for d, (_, gold) in zip(r.json()["data"], CLEAR):
+            assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert d["label"] == gold and len(d["examples"]) == 2, d
+
+
 def test_multi_token_labels_are_scored_whole(server):
     r = classify(server, input="Who wrote Hamlet?", labels=["a person", "a location", "a number"], instruction="What kind of answer does the question ask for?")
     probs = r.json()["data"][0]["probabilities"]
@@ -67,6 +79,10 @@ def test_multi_token_labels_are_scored_whole(server):
         ({"input": "x", "examples": [{"input": "a", "label": "positive"}], "k": 3}, "k"),
         ({"input": []}, "input"),
         ({"input": "x", "selection": "best"}, "selection"),
+        ({"input": "x", "calibrate": "platt"}, "calibrate"),
+        ({"input": "x", "calibrate": "batch"}, "calibrate"),
+        ({"input": "x", "example_format": "grid"}, "example_format"),
+        ({"input": "x", "examples": [{"input": "a", "label": "positive"}], "k": [0, 3]}, "k"),
     ],
 )
 def test_bad_input_is_400_with_param(server, body, param):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ContextLengthExceededError, InvalidRequestError
@@ -38,6 +39,12 @@ class Embedder:
             n_tokens += n
         vecs = self.st.encode(texts, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
         return vecs.tolist(), n_tokens
+
+    @torch.inference_mode()
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        """Unit-length vectors (len(texts), D) as float32, for nearest-neighbour search over large
+        pools; a text past the model's limit is truncated to its first max_tokens tokens."""
+        return self.st.encode(texts, convert_to_numpy=True, batch_size=64, normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
 
     @torch.inference_mode()
     def embed_token_ids(self, batches: list[list[int]]) -> tuple[list[list[float]], int]:

@@ -319,12 +319,14 @@ class ClassificationRequest(Request):
     labels: list[Union[str, ClassificationLabel]]
     instruction: Optional[str] = None
     examples: Optional[list[ClassificationExample]] = None
-    k: Optional[int] = Field(None, ge=0)
+    k: Optional[Union[int, list[int]]] = None  # a list: an ensemble of prompts, one per k
     selection: Literal["nearest", "random"] = "nearest"
-    calibrate: bool = False
+    calibrate: Union[bool, Literal["none", "content_free", "batch"]] = False
     seed: int = 0
     embedding_model: Optional[str] = None
     answer_prefix: str = "Answer:"
+    input_prefix: str = ""
+    example_format: Literal["list", "turns"] = "list"
 
 
 class Classification(BaseModel):

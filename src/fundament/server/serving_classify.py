@@ -14,13 +14,17 @@ class ClassificationHandler:
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
         lm, adapter = self.registry.generator(req.model)  # an ft: model or --lora adapter scores through its base engine
         embedder = None
-        if req.examples and req.selection == "nearest" and (req.k is None or req.k < len(req.examples)):
+        most = req.k if isinstance(req.k, int) else max(req.k) if req.k else None
+        if req.examples and req.selection == "nearest" and (most is None or most < len(req.examples)):
             name = req.embedding_model or next(iter(self.registry.embedders), None)
             embedder = self.registry.embedder(name).embedder if name else None
         inputs = [req.input] if isinstance(req.input, str) else req.input
         labels = [l if isinstance(l, str) else l.model_dump() for l in req.labels]
         examples = [e.model_dump() for e in req.examples or []]
-        results = await Classifier(lm, embedder, adapter).classify(inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix)
+        results = await Classifier(lm, embedder, adapter).classify(
+            inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix,
+            example_format=req.example_format, input_prefix=req.input_prefix,
+        )
         used = sum(r.prompt_tokens for r in results)
         return ClassificationResponse(
             id=new_id("clf"), created=now(), model=req.model,

@@ -1,0 +1,63 @@
+"""The Classifier's arithmetic and prompt without a model: calibration, ensembling, the two example
+formats. (End to end on the real model: test_classification.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fundament.adapt.classify import LabelScores, batch_calibrate, calibration_mode
+from fundament.adapt.prompt import PromptFormat
+from fundament.errors import InvalidRequestError
+
+
+def test_batch_calibration_divides_by_the_mean_row():
+    p = np.array([[0.9, 0.1], [0.7, 0.3]])  # the prompt favours label 0: mean (0.8, 0.2)
+    q = batch_calibrate(p)
+    expect = np.array([[0.9 / 0.8, 0.1 / 0.2], [0.7 / 0.8, 0.3 / 0.2]])
+    assert q == pytest.approx(expect / expect.sum(axis=1, keepdims=True))
+    assert q.argmax(axis=1).tolist() == [0, 1]  # the second input flips once the bias is removed
+
+
+def test_label_scores_calibrate_each_member_then_average_log_probabilities():
+    inputs = np.array([[[0.6, 0.4]], [[0.2, 0.8]]])  # (members 2, inputs 1, labels 2)
+    cf = np.array([[[0.5, 0.5]], [[0.4, 0.6]]])
+    s = LabelScores(["a", "b"], inputs, cf, [[]], [0])
+    raw = np.exp((np.log(inputs[0, 0]) + np.log(inputs[1, 0])) / 2)
+    assert s.probabilities("none")[0] == pytest.approx(raw / raw.sum())
+    m0, m1 = inputs[0, 0] / cf[0, 0], inputs[1, 0] / cf[1, 0]
+    m0, m1 = m0 / m0.sum(), m1 / m1.sum()
+    both = np.exp((np.log(m0) + np.log(m1)) / 2)
+    assert s.probabilities(True)[0] == pytest.approx(both / both.sum())
+    with pytest.raises(ValueError, match="content-free"):
+        LabelScores(["a", "b"], inputs, None, [[]], [0]).probabilities("content_free")
+
+
+def test_calibration_modes():
+    assert [calibration_mode(x) for x in (False, True, None, "batch", "none")] == ["none", "content_free", "none", "batch", "none"]
+    with pytest.raises(InvalidRequestError) as e:
+        calibration_mode("platt")
+    assert e.value.param == "calibrate"
+
+
+LABELS = [("positive", ""), ("negative", "an unfavourable review")]
+SHOTS = [("a dull film", "negative"), ("a gem", "positive")]
+
+
+def test_list_format_shows_examples_in_the_system_message():
+    fmt = PromptFormat("Classify the review.", "The review is", "Review:", "list")
+    msgs = fmt.messages(LABELS, SHOTS, "fine acting")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"] == (
+        "Classify the review.\nAnswer with exactly one of these labels and nothing else:\n- positive\n"
+        "- negative: an unfavourable review\n\nExamples:\n\n"
+        "Review: a dull film\nThe review is negative\n\nReview: a gem\nThe review is positive"
+    )
+    assert msgs[1]["content"] == "Review: fine acting"
+
+
+def test_turns_format_shows_examples_as_earlier_turns():
+    msgs = PromptFormat(None, "Answer:", "", "turns").messages(LABELS, SHOTS, "fine acting")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "Examples" not in msgs[0]["content"] and msgs[0]["content"].startswith("Classify the input.")
+    assert [m["content"] for m in msgs[1:]] == ["a dull film", "Answer: negative", "a gem", "Answer: positive", "fine acting"]
