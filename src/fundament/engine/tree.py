@@ -32,16 +32,9 @@ class TokenTree:
                 path.append(node)
                 at = node
             self.paths.append(path)
-        n = len(parent)
         self.parent = parent
         self.depth = max([P - 1, *depth]) + 1  # the longest sequence, in tokens
         self.positions = torch.cat([torch.arange(P), torch.tensor(depth, dtype=torch.long)])  # (L,)
-        # ancestors[i, j]: trie node j is node i or one of its ancestors. (n, n) bool.
-        self.ancestors = torch.zeros(n, n, dtype=torch.bool)
-        for i, p in enumerate(parent):
-            if p >= P:
-                self.ancestors[i] = self.ancestors[p - P]
-            self.ancestors[i, i] = True
         # The rows whose next-token distribution is read: each node's parent.
         self.children_of: dict[int, list[int]] = {}
         for i, p in enumerate(parent):
@@ -60,9 +53,15 @@ class TokenTree:
         prompt_rows = rows < P
         m[prompt_rows] = torch.arange(end)[None, :] <= rows[prompt_rows, None]
         if end > P:
-            first = max(start, P)
-            m[first - start :, :P] = True
-            m[first - start :, P:] = self.ancestors[first - P : end - P, : end - P]
+            m[max(start, P) - start :, :P] = True
+            rows, cols = [], []
+            for r in range(max(start, P), end):  # a node, then its parents up to the prompt
+                a = r
+                while a >= P:
+                    rows.append(r - start)
+                    cols.append(a)
+                    a = self.parent[a - P]
+            m[rows, cols] = True
         return m
 
     def read_rows(self, start: int, length: int) -> list[int]:
