@@ -24,6 +24,7 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # several give error bars
     limit: int | None = None  # a seeded sample of this many test examples (None: the whole split)
     k: int = 8  # examples shown per input by few-shot prompting (at most the subset's size)
+    example_format: str = "list"  # how few-shot prompts show them: listed in the system message, or "turns"
     model: str = "smollm2-135m-instruct"  # prompted, fine-tuned and probed
     embedding_model: str = "all-minilm-l6-v2"  # nearest examples and the embedding probe
     base_url: str | None = None  # a running fundament server; None: start one on 127.0.0.1
@@ -49,6 +50,8 @@ class EvalConfig:
             raise InvalidRequestError("give at least one seed.", "seeds")
         if self.limit is not None and self.limit < 1:
             raise InvalidRequestError(f"limit must be at least 1, got {self.limit}.", "limit")
+        if self.example_format not in ("list", "turns"):
+            raise InvalidRequestError(f"example_format must be 'list' or 'turns', got {self.example_format!r}.", "example_format")
         if self.lora_epochs != "auto":
             try:
                 self.lora_epochs = int(self.lora_epochs)
@@ -87,6 +90,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds; several give error bars (default 0)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many test examples")
     p.add_argument("--k", type=int, default=8, help="examples per input for few-shot prompting (default 8)")
+    p.add_argument("--example-format", choices=["list", "turns"], default="list", help="few-shot examples listed in the system message (default) or as chat turns")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the chat model to prompt, fine-tune and probe")
     p.add_argument("--embedding-model", default="all-minilm-l6-v2")
     p.add_argument("--base-url", default=None, help="a running fundament server (default: start one on 127.0.0.1 and stop it after)")
@@ -105,7 +109,7 @@ def add_arguments(p) -> None:
 def from_args(args) -> EvalConfig:
     return EvalConfig(
         tasks=args.task, strategies=[s.strip() for s in args.strategies.split(",") if s.strip()], sizes=_ints(args.sizes),
-        seeds=_ints(args.seeds), limit=args.limit, k=args.k, model=args.model, embedding_model=args.embedding_model,
+        seeds=_ints(args.seeds), limit=args.limit, k=args.k, example_format=args.example_format, model=args.model, embedding_model=args.embedding_model,
         base_url=args.base_url, remote_base_url=args.remote_base_url, remote_model=args.remote_model,
         remote_api_key_env=args.remote_api_key_env, lora_epochs=args.lora_epochs, lora_r=args.lora_r, keep_models=args.keep_models,
         latency_sample=args.latency_sample, out=Path(args.out), cache_dir=Path(args.cache_dir) if args.cache_dir else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from ..adapt.classify import Classifier, Label
+from ..adapt.prompt import PromptFormat
 from ..config import fundament_home
 from ..errors import FundamentError
 from .measure import Outcome, PeakMemory, dir_size
@@ -25,10 +25,9 @@ def chat_examples(task: Task, train: list[Example]) -> bytes:
     """The training subset as chat JSONL: the classification endpoint's system message, the text,
     and the answer phrased as it is scored ("The review is positive")."""
     d = task.descriptions or {}
-    system = Classifier(None)._instruction([Label(c, d.get(c, "")) for c in task.classes], task.instruction)
-    answer = (task.answer_prefix + " ") if task.answer_prefix else ""
-    lines = [json.dumps({"messages": [{"role": "system", "content": system}, {"role": "user", "content": e.text},
-                                      {"role": "assistant", "content": answer + e.label}]}) for e in train]
+    fmt = PromptFormat(task.instruction, task.answer_prefix)
+    labels = [(c, d.get(c, "")) for c in task.classes]
+    lines = [json.dumps({"messages": fmt.messages(labels, [], e.text) + [{"role": "assistant", "content": fmt.answer(e.label)}]}) for e in train]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -19,11 +19,11 @@ def label_objects(task: Task) -> list[dict]:
     return [{"name": c, **({"description": d[c]} if d.get(c) else {})} for c in task.classes]
 
 
-def request_body(task: Task, model: str, train: list[Example], k: int, selection: str | None, seed: int) -> dict:
+def request_body(task: Task, model: str, train: list[Example], k: int, selection: str | None, seed: int, example_format: str = "list") -> dict:
     body = {"model": model, "labels": label_objects(task), "instruction": task.instruction,
             "answer_prefix": task.answer_prefix, "seed": seed}
     if train and selection:
-        body.update(examples=[{"input": e.text, "label": e.label} for e in train], selection=selection)
+        body.update(examples=[{"input": e.text, "label": e.label} for e in train], selection=selection, example_format=example_format)
         if k < len(train):  # else the whole pool (k left out: the server then orders it by similarity too)
             body["k"] = k
     return body
@@ -60,13 +60,15 @@ class Prompting:
 
     def settings(self, cfg) -> dict:
         return {"model": cfg.model, "k": cfg.k if self.selection else 0, "selection": self.selection,
-                "embedding_model": cfg.embedding_model if self.selection == "nearest" else None}
+                "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
+                "example_format": cfg.example_format if self.selection else None}
 
     def run(self, ctx, task: Task, train: list[Example], test: list[Example], seed: int) -> Outcome:
         cfg = ctx.config
-        body = request_body(task, cfg.model, train, cfg.k, self.selection, seed)
+        body = request_body(task, cfg.model, train, cfg.k, self.selection, seed, cfg.example_format)
         if self.selection == "nearest":
             body["embedding_model"] = cfg.embedding_model
         out = classify(ctx.fundament.client, body, test, cfg.latency_sample, ctx.progress)
-        out.info = {"model": cfg.model, "k": min(cfg.k, len(train)) if self.selection else 0, "selection": self.selection}
+        out.info = {"model": cfg.model, "k": min(cfg.k, len(train)) if self.selection else 0, "selection": self.selection,
+                    "example_format": cfg.example_format if self.selection else None}
         return out

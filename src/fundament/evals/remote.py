@@ -1,8 +1,9 @@
 """Any OpenAI-compatible chat model (a base URL, a key, a model name) asked the same prompts as the
-classification endpoint: the same system message, the same examples as earlier turns, phrased
-with the same answer prefix. The label is parsed from the reply; a probability per label comes
-from the top_logprobs of the reply's first label token where the server returns logprobs.
-Talks HTTP through the official `openai` client; nearest examples use fundament's embeddings.
+classification endpoint: the same PromptFormat (system message with the labels, the same examples
+in the same format, answers phrased with the same answer prefix). The label is parsed from the
+reply; a probability per label comes from the top_logprobs of the reply's first label token where
+the server returns logprobs. Talks HTTP through the official `openai` client; nearest examples
+are chosen as the endpoint chooses them, over fundament's /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..adapt.classify import Classifier, Label
+from ..adapt.classify import Classifier
+from ..adapt.prompt import PromptFormat
 from .measure import Outcome, time_each
-from .prompting import label_objects
 from .server import openai_client
 from .tasks import Example, Task
 
@@ -89,7 +90,8 @@ class Remote:
 
     def settings(self, cfg) -> dict:
         return {"base_url": cfg.remote_base_url, "model": cfg.remote_model, "k": cfg.k if self.selection else 0,
-                "selection": self.selection, "embedding_model": cfg.embedding_model if self.selection == "nearest" else None}
+                "selection": self.selection, "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
+                "example_format": cfg.example_format if self.selection else None}
 
     def _chat(self, cfg, messages: list[dict]):
         kw = {"model": cfg.remote_model, "messages": messages, "temperature": 0, "max_tokens": 16}
@@ -109,15 +111,14 @@ class Remote:
         if not (cfg.remote_base_url and cfg.remote_model):
             raise InvalidRequestError("remote strategies need --remote-base-url and --remote-model (and a key: --remote-api-key-env).", "remote_base_url")
         self._client = self._client or openai_client(cfg.remote_base_url, cfg.remote_api_key, timeout=120)
-        prompt = Classifier(None)  # its prompt building only: the same words as /v1/classifications
-        labels = label_objects(task)
-        system = prompt._instruction([Label(l["name"], l.get("description", "")) for l in labels], task.instruction)
+        fmt = PromptFormat(task.instruction, task.answer_prefix, example_format=cfg.example_format)
+        d = task.descriptions or {}
+        labels = [(c, d.get(c, "")) for c in task.classes]
         pool = [(e.text, e.label) for e in train] if self.selection else []
         k = min(cfg.k, len(pool))
-        if pool and self.selection == "nearest":
-            prompt.embedder = EndpointEmbedder(ctx.fundament.client, cfg.embedding_model)
-        chosen = prompt.select_examples([e.text for e in test], pool, k, self.selection or "random", seed)
-        messages = [prompt._messages(system, [pool[j] for j in chosen[i]], e.text, task.answer_prefix) for i, e in enumerate(test)]
+        selector = Classifier(None, EndpointEmbedder(ctx.fundament.client, cfg.embedding_model) if pool and self.selection == "nearest" else None)
+        chosen = selector.select_examples([e.text for e in test], pool, k, self.selection or "random", seed)  # as the endpoint chooses
+        messages = [fmt.messages(labels, [pool[j] for j in chosen[i]], e.text) for i, e in enumerate(test)]
 
         def one(i: int):
             r = self._chat(cfg, messages[i])
@@ -145,7 +146,7 @@ class Remote:
                     fallbacks += 1
                     p = {c: (1.0 if c == label else 0.0) if label else 1 / len(task.classes) for c in task.classes}
                 probs.append(p)
-        info = {"base_url": cfg.remote_base_url, "model": cfg.remote_model, "k": k, "selection": self.selection,
+        info = {"base_url": cfg.remote_base_url, "model": cfg.remote_model, "k": k, "selection": self.selection, "example_format": cfg.example_format,
                 "unparsed": sum(1 for label, _, _ in done if not label), "logprobs": with_logprobs,
                 "probability_fallbacks": fallbacks, "reply_examples": [r for _, _, r in done[:3]]}
         return Outcome([label for label, _, _ in done], probs, latencies, predict_s, info=info)

@@ -30,10 +30,10 @@ def command(cfg: dict) -> str:
              f"--sizes {','.join(map(str, cfg['sizes']))}", f"--seeds {','.join(map(str, cfg['seeds']))}"]
     if cfg["limit"]:
         parts.append(f"--limit {cfg['limit']}")
-    for flag, key, default in (("--k", "k", 8), ("--model", "model", "smollm2-135m-instruct"), ("--embedding-model", "embedding_model", "all-minilm-l6-v2"),
+    for flag, key, default in (("--k", "k", 8), ("--example-format", "example_format", "list"), ("--model", "model", "smollm2-135m-instruct"), ("--embedding-model", "embedding_model", "all-minilm-l6-v2"),
                                ("--remote-base-url", "remote_base_url", None), ("--remote-model", "remote_model", None),
                                ("--lora-epochs", "lora_epochs", "auto"), ("--lora-r", "lora_r", None), ("--latency-sample", "latency_sample", 20)):
-        if cfg[key] != default:
+        if cfg.get(key, default) != default:
             parts.append(f"{flag} {cfg[key]}")
     parts.append(f"--out {cfg['out']}")
     return " ".join(parts)
@@ -95,7 +95,7 @@ def markdown(results: dict, images: dict[str, str]) -> str:
     cfg = results["config"]
     lines = ["# Evaluation: prompting vs fine-tuning vs a small custom model", "",
              f"Made by `{command(cfg)}` (finished {results['finished']}; the cells' compute time {results['cells_wall_s'] / 60:.1f} min, this run's wall time {results['wall_s'] / 60:.1f} min).", "",
-             f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot; seeds {', '.join(map(str, cfg['seeds']))}.", "",
+             f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot ({cfg.get('example_format', 'list')} format, docs/classification.md); seeds {', '.join(map(str, cfg['seeds']))}.", "",
              _machine_words(results.get("machine") or {}), ""]
     for title, image in images.items():
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
