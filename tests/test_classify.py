@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fundament.adapt.classify import LabelScores, batch_calibrate, calibration_mode
+from fundament.adapt.classify import Classifier, LabelScores, PoolVectorCache, batch_calibrate, calibration_mode
 from fundament.adapt.prompt import PromptFormat
 from fundament.errors import InvalidRequestError
 
@@ -61,3 +61,39 @@ def test_turns_format_shows_examples_as_earlier_turns():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert "Examples" not in msgs[0]["content"] and msgs[0]["content"].startswith("Classify the input.")
     assert [m["content"] for m in msgs[1:]] == ["a dull film", "Answer: negative", "a gem", "Answer: positive", "fine acting"]
+
+
+class CountingEmbedder:
+    """Unit vectors from letter counts; counts how many texts it was asked to embed."""
+
+    def __init__(self):
+        self.embedded = 0
+
+    def vectors(self, texts):
+        self.embedded += len(texts)
+        v = np.array([[t.count(c) + 0.1 for c in "aeiou"] for t in texts], dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_pool_vectors_are_embedded_once_across_classifiers_sharing_a_cache():
+    emb, cache = CountingEmbedder(), PoolVectorCache()
+    pool = [("an awful film", "negative"), ("a lovely score", "positive"), ("dull", "negative")]
+    first = Classifier(None, emb, pool_cache=cache).select_examples(["lovely"], pool, 1, "nearest", 0)
+    assert emb.embedded == 4  # the pool, then the input
+    again = Classifier(None, emb, pool_cache=cache).select_examples(["lovely"], pool, 1, "nearest", 0)
+    assert again == first == [[1]] and emb.embedded == 5  # only the input this time
+    Classifier(None, emb, pool_cache=cache).select_examples(["lovely"], pool[:2], 1, "nearest", 0)
+    assert emb.embedded == 8  # another pool is embedded anew
+
+
+def test_pool_vector_cache_drops_the_least_recently_used_pool_past_its_bound():
+    emb = CountingEmbedder()
+    one = np.zeros((10, 4), dtype=np.float32)  # 160 bytes
+    cache = PoolVectorCache(max_bytes=2 * one.nbytes)
+    for name in ("a", "b"):
+        cache.put(emb, [name], one)
+    assert cache.get(emb, ["a"]) is not None  # a is now the most recent
+    cache.put(emb, ["c"], one)
+    assert cache.get(emb, ["b"]) is None and cache.get(emb, ["a"]) is not None and cache.get(emb, ["c"]) is not None
+    cache.put(emb, ["huge"], np.zeros((100, 4), dtype=np.float32))  # larger than the bound: not kept
+    assert cache.get(emb, ["huge"]) is None and cache.get(emb, ["a"]) is not None

@@ -15,7 +15,10 @@ Knows the generation model (tokenizer + engine) and an embedder; knows nothing o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -90,13 +93,48 @@ def _softmax(ll: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=-1, keepdims=True)
 
 
+class PoolVectorCache:
+    """The unit vectors of recently seen example pools, by embedder and the pool's texts, so a
+    client that sends the same labelled pool with every request has it embedded once. Least
+    recently used pools go first once the vectors pass `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._pools: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(embedder, texts: list[str]) -> tuple:
+        h = hashlib.sha256()
+        for t in texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        return id(embedder), len(texts), h.hexdigest()
+
+    def get(self, embedder, texts: list[str]) -> np.ndarray | None:
+        key = self._key(embedder, texts)
+        with self._lock:
+            v = self._pools.get(key)
+            if v is not None:
+                self._pools.move_to_end(key)
+            return v
+
+    def put(self, embedder, texts: list[str], vectors: np.ndarray) -> None:
+        if vectors.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._pools[self._key(embedder, texts)] = vectors
+            while sum(v.nbytes for v in self._pools.values()) > self.max_bytes:
+                self._pools.popitem(last=False)
+
+
 class Classifier:
     MAX_IN_FLIGHT = 32  # scorings submitted at once: enough to fill a batch, never the whole queue
 
-    def __init__(self, lm, embedder=None, adapter: str | None = None):
+    def __init__(self, lm, embedder=None, adapter: str | None = None, pool_cache: PoolVectorCache | None = None):
         """lm: a GenerationModel (tokenizer + engine); embedder: an Embedder for nearest-example
-        selection; adapter: a LoRA adapter loaded in lm's engine (an ft: model), or the base model."""
-        self.lm, self.embedder, self.adapter = lm, embedder, adapter
+        selection; adapter: a LoRA adapter loaded in lm's engine (an ft: model), or the base model;
+        pool_cache: example pools' vectors shared between Classifiers (the server keeps one)."""
+        self.lm, self.embedder, self.adapter, self.pool_cache = lm, embedder, adapter, pool_cache
         self._slots: asyncio.Semaphore | None = None
         self._pool: tuple[list[str], np.ndarray] | None = None  # the last example pool's vectors
 
@@ -113,7 +151,12 @@ class Classifier:
     def pool_vectors(self, texts: list[str]) -> np.ndarray:
         """The example pool's unit vectors (pool, D), kept for the next call with the same pool."""
         if self._pool is None or self._pool[0] != texts:
-            self._pool = (list(texts), self._vectors(texts))
+            vectors = self.pool_cache.get(self.embedder, texts) if self.pool_cache else None
+            if vectors is None:
+                vectors = self._vectors(texts)
+                if self.pool_cache:
+                    self.pool_cache.put(self.embedder, texts, vectors)
+            self._pool = (list(texts), vectors)
         return self._pool[1]
 
     # The prompt as the turns format renders it, for callers that build the same chat themselves

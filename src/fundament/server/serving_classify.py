@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..adapt import Classifier
+from ..adapt.classify import Classifier, PoolVectorCache
 from ..models.registry import ModelRegistry
 from .protocol import Classification, ClassificationRequest, ClassificationResponse, Usage, new_id, now
 
@@ -10,6 +10,7 @@ from .protocol import Classification, ClassificationRequest, ClassificationRespo
 class ClassificationHandler:
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
+        self.pools = PoolVectorCache()  # clients often send the same labelled pool with every request
 
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
         lm, adapter = self.registry.generator(req.model)  # an ft: model or --lora adapter scores through its base engine
@@ -21,7 +22,7 @@ class ClassificationHandler:
         inputs = [req.input] if isinstance(req.input, str) else req.input
         labels = [l if isinstance(l, str) else l.model_dump() for l in req.labels]
         examples = [e.model_dump() for e in req.examples or []]
-        results = await Classifier(lm, embedder, adapter).classify(
+        results = await Classifier(lm, embedder, adapter, self.pools).classify(
             inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix,
             example_format=req.example_format, input_prefix=req.input_prefix,
         )
