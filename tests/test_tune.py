@@ -88,8 +88,7 @@ def test_packing_keeps_examples_apart(tiny_chat, tok):
     rows = pack(exs, 1024)
     assert len(rows) == 1 and sum(e.n_tokens for e in rows[0]) == sum(e.n_tokens for e in exs)
     assert [len(r) for r in pack(exs, exs[0].n_tokens + 1)] == [1, 1, 1]
-    trainer = _Trainer(tiny_chat, resolve_hyperparameters({}, 3))
-    trainer.autocast = False
+    trainer = _Trainer(tiny_chat, resolve_hyperparameters({}, 3), bf16=False)  # exact fp32 sums
     with torch.no_grad():
         packed, n, _ = trainer.row_loss(rows[0])
         alone = [trainer.row_loss([e]) for e in exs]
