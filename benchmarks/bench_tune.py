@@ -96,7 +96,7 @@ def main() -> None:
         return
     results: dict[str, list[dict]] = {}
     for _ in range(a.repeats):
-        for which in ("fundament", "hf-fp32", "fundament", "hf-bf16") if a.repeats == 1 else ("fundament", "hf-fp32", "hf-bf16"):
+        for which in ("fundament", "hf-bf16", "hf-fp32"):  # every trainer as many times: best of N against best of N
             cmd = [sys.executable, __file__, "--child", which, "--examples", str(a.examples), "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--seed", str(a.seed)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
