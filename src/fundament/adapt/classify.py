@@ -254,12 +254,17 @@ class Classifier:
         for i, l in enumerate(labels):
             if len(tok.encode(l.name)) + 1 >= limit:
                 raise ContextLengthExceededError(f"labels[{i}] is longer than the context window ({limit} tokens).", "labels")
-        for i, (x, _) in enumerate(pool):
-            if len(tok.encode(x)) >= limit:
-                raise ContextLengthExceededError(f"examples[{i}] is longer than the context window ({limit} tokens).", "examples")
+
+        def check_and_select() -> list[list[int]]:
+            for i, (x, _) in enumerate(pool):
+                if len(tok.encode(x)) >= limit:
+                    raise ContextLengthExceededError(f"examples[{i}] is longer than the context window ({limit} tokens).", "examples")
+            return self.select_examples(inputs, pool, max(ks), selection, seed)
+
+        # Tokenizing and embedding a large pool takes seconds to minutes: not on the event loop.
+        chosen = await asyncio.to_thread(check_and_select)
         fmt = PromptFormat(instruction, answer_prefix, input_prefix, example_format)
         label_pairs = [(l.name, l.description) for l in labels]
-        chosen = self.select_examples(inputs, pool, max(ks), selection, seed)
         # The assistant's answer starts with `answer_prefix` (e.g. "The review is"), then the label:
         # the closer this is to how the model answers on its own, the better its likelihoods rank.
         prefix_ids = tok.encode(answer_prefix) if answer_prefix else []
