@@ -101,6 +101,7 @@ class PoolVectorCache:
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes
         self._pools: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0  # of the vectors held
         self._lock = threading.Lock()
 
     @staticmethod
@@ -121,10 +122,13 @@ class PoolVectorCache:
     def put(self, embedder, texts: list[str], vectors: np.ndarray) -> None:
         if vectors.nbytes > self.max_bytes:
             return
+        key = self._key(embedder, texts)
         with self._lock:
-            self._pools[self._key(embedder, texts)] = vectors
-            while sum(v.nbytes for v in self._pools.values()) > self.max_bytes:
-                self._pools.popitem(last=False)
+            old = self._pools.pop(key, None)
+            self._bytes += vectors.nbytes - (old.nbytes if old is not None else 0)
+            self._pools[key] = vectors
+            while self._bytes > self.max_bytes:
+                self._bytes -= self._pools.popitem(last=False)[1].nbytes
 
 
 class Classifier:
