@@ -97,3 +97,47 @@ def test_pool_vector_cache_drops_the_least_recently_used_pool_past_its_bound():
     assert cache.get(emb, ["b"]) is None and cache.get(emb, ["a"]) is not None and cache.get(emb, ["c"]) is not None
     cache.put(emb, ["huge"], np.zeros((100, 4), dtype=np.float32))  # larger than the bound: not kept
     assert cache.get(emb, ["huge"]) is None and cache.get(emb, ["a"]) is not None
+
+
+class WordLM:
+    """A stand-in chat model: a token per word, every label equally likely; counts the texts it
+    tokenizes."""
+
+    class Tokenizer:
+        eos_token_ids = [0]
+
+        def __init__(self):
+            self.encoded: list[str] = []
+
+        def encode(self, text):
+            self.encoded.append(text)
+            return [1] * len(text.split())
+
+        def apply_chat_template(self, messages):
+            return [1] * sum(len(m["content"].split()) + 2 for m in messages)
+
+    class Engine:
+        max_context = 64
+
+        async def score(self, prefix, continuations, adapter=None, param=None):
+            return [[-1.0] * len(c) for c in continuations]
+
+    def __init__(self):
+        self.tokenizer, self.engine = self.Tokenizer(), self.Engine()
+
+
+def test_only_the_examples_shown_are_tokenized_and_a_shown_one_past_the_context_is_named():
+    import asyncio
+
+    from fundament.errors import ContextLengthExceededError
+
+    lm = WordLM()
+    pool = [{"input": f"example number {i}", "label": "positive" if i % 2 else "negative"} for i in range(500)]
+    out = asyncio.run(Classifier(lm).classify(["a fine film"], ["positive", "negative"], examples=pool, k=2, selection="random"))
+    assert len(out[0].examples) == 2
+    assert sum(t.startswith("example number") for t in lm.tokenizer.encoded) == 2  # not the 500 of the pool
+
+    pool[out[0].examples[0]]["input"] = "word " * 100  # an example that is shown, longer than the context
+    with pytest.raises(ContextLengthExceededError) as e:
+        asyncio.run(Classifier(WordLM()).classify(["a fine film"], ["positive", "negative"], examples=pool, k=2, selection="random"))
+    assert e.value.param == "examples" and f"examples[{out[0].examples[0]}]" in str(e.value)

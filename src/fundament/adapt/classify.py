@@ -259,14 +259,17 @@ class Classifier:
             if len(tok.encode(l.name)) + 1 >= limit:
                 raise ContextLengthExceededError(f"labels[{i}] is longer than the context window ({limit} tokens).", "labels")
 
-        def check_and_select() -> list[list[int]]:
-            for i, (x, _) in enumerate(pool):
-                if len(tok.encode(x)) >= limit:
+        def select_and_check() -> list[list[int]]:
+            chosen = self.select_examples(inputs, pool, max(ks), selection, seed)
+            # Only the examples shown can make a prompt too long: checking those, not the whole
+            # pool, keeps a request against a 67k-example pool from tokenizing all of it each time.
+            for i in sorted({j for c in chosen for j in c}):
+                if len(tok.encode(pool[i][0])) >= limit:
                     raise ContextLengthExceededError(f"examples[{i}] is longer than the context window ({limit} tokens).", "examples")
-            return self.select_examples(inputs, pool, max(ks), selection, seed)
+            return chosen
 
         # Tokenizing and embedding a large pool takes seconds to minutes: not on the event loop.
-        chosen = await asyncio.to_thread(check_and_select)
+        chosen = await asyncio.to_thread(select_and_check)
         fmt = PromptFormat(instruction, answer_prefix, input_prefix, example_format)
         label_pairs = [(l.name, l.description) for l in labels]
         # The assistant's answer starts with `answer_prefix` (e.g. "The review is"), then the label:
