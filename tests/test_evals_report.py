@@ -112,6 +112,10 @@ def test_report_tables_and_plots_match_results_json(tmp_path):
     assert "a seeded sample of 4 of the 10 test examples" in md
     assert "lora did not run at 8 examples: the fine-tuning jobs API needs at least 10" in md
     assert re.search(r"\| tfidf \| 8 \| 2 \| 0\.750 ± 0\.000 \|", md)
+    assert "the cells' compute time 2.0 min; this run's wall time 1.0 min" in md  # no cell counts: every cell computed
+    for computed, says in ((0, "all 5 cells read back from the cache"), (2, "this run computed 2 of 5 cells in 1.0 min, the rest read back")):
+        write_report({**results, "cells": 5, "cells_computed": computed}, tmp_path)
+        assert says in (tmp_path / "report.md").read_text()
 
 
 def test_sizes_each_strategy_runs_at():

@@ -94,7 +94,7 @@ def _measured() -> list[str]:
 def markdown(results: dict, images: dict[str, str]) -> str:
     cfg = results["config"]
     lines = ["# Evaluation: prompting vs fine-tuning vs a small custom model", "",
-             f"Made by `{command(cfg)}` (finished {results['finished']}; the cells' compute time {results['cells_wall_s'] / 60:.1f} min, this run's wall time {results['wall_s'] / 60:.1f} min).", "",
+             f"Made by `{command(cfg)}` (finished {results['finished']}; the cells' compute time {results['cells_wall_s'] / 60:.1f} min; {_this_run(results)}).", "",
              f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot ({cfg.get('example_format', 'list')} format, docs/classification.md); seeds {', '.join(map(str, cfg['seeds']))}.", "",
              _machine_words(results.get("machine") or {}), ""]
     for title, image in images.items():
@@ -142,3 +142,13 @@ def write_report(results: dict, out: Path) -> Path:
     (out / "report.md").write_text(markdown(results, images))
     (out / "report.html").write_text(html_page(results, images))
     return out / "report.md"
+
+
+def _this_run(results: dict) -> str:
+    """What the last invocation did: a rerun reads finished cells back from the cache."""
+    total, computed = results.get("cells"), results.get("cells_computed")
+    if total is None or computed == total:
+        return f"this run's wall time {results['wall_s'] / 60:.1f} min"
+    if not computed:
+        return f"all {total} cells read back from the cache"
+    return f"this run computed {computed} of {total} cells in {results['wall_s'] / 60:.1f} min, the rest read back from the cache"

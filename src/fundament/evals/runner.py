@@ -126,6 +126,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         fundament.close()
     results = {"config": cfg.to_dict(), "wall_s": time.perf_counter() - started,
                "cells_wall_s": sum(r["wall_s"] for r in records),  # what computing every cell took, cached or not
+               "cells": len(records), "cells_computed": sum(not r.get("cached") for r in records),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(records), "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
                "tasks": {}, "errors": errors}
     for task in tasks:
