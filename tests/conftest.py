@@ -20,6 +20,10 @@ DATA = REPO.parent / "shared" / "data"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+# The engine's tests run on this device: FUNDAMENT_TEST_DEVICE=cuda runs them on a GPU (the same
+# code path; CI has none), and their references (HF transformers, PEFT) run there too.
+DEVICE = os.environ.get("FUNDAMENT_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.errors import ContextLengthExceededError, QueueFullError
+from conftest import DEVICE
 from fundament.models.llama import KVCache, LlamaModel
 
 
@@ -36,15 +37,15 @@ def tokens(outs):
 
 @pytest.fixture(scope="module")
 def model(tiny_llama):
-    return LlamaModel.from_dir(tiny_llama)
+    return LlamaModel.from_dir(tiny_llama, device=DEVICE)
 
 
 def test_greedy_equals_transformers_generate(tiny_llama, model):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).to(DEVICE).eval()
     prompt = [5, 17, 99, 3, 250, 41, 7]
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
     engine = Engine(model, EngineConfig(), eos_token_ids=[2])
     req, outs = greedy(prompt, 64)
     run_all(engine, [req])
@@ -249,7 +250,7 @@ def test_scored_continuations_equal_separate_full_requests(model, chunk):
 def fast_model(tiny_llama):
     """The fast configuration (bfloat16 with int8 decode copies), where a row's result must not
     depend on its batch bit for bit."""
-    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, int8_decode=True)
+    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, device=DEVICE, int8_decode=True)
 
 
 def test_score_result_does_not_depend_on_the_batch(fast_model):
@@ -300,3 +301,15 @@ def test_score_refuses_what_cannot_fit(model):
         asyncio.run(engine.score([3] * 500, [[4] * 20]))
     with pytest.raises(ContextLengthExceededError, match="kv_cache_tokens"):
         asyncio.run(engine.score([3] * 50, [[4] * 30, [5] * 30]))  # 110 slots, though only 80 deep
+
+
+def test_device_setting_resolves_or_says_what_is_wrong():
+    from fundament.errors import InvalidRequestError
+    from fundament.models.llama import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(InvalidRequestError, match="torch sees"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU (cuda:0 where there is none)
+    with pytest.raises(InvalidRequestError, match="not a device"):
+        resolve_device("gpu0")

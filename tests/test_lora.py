@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import make_lora
+from conftest import DEVICE, make_lora
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.errors import InvalidRequestError, ModelNotFoundError
@@ -21,7 +21,7 @@ def merged_greedy(base_dir, adapter_dir, prompt, n):
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    out = model.eval().generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    out = model.to(DEVICE).eval().generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
@@ -36,7 +36,7 @@ def adapters(tiny_llama, tmp_path_factory):
 
 
 def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters):
-    engine = Engine(LlamaModel.from_dir(tiny_llama), EngineConfig(max_num_batched_tokens=40), [2])
+    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE), EngineConfig(max_num_batched_tokens=40), [2])
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     rng = random.Random(0)
@@ -56,7 +56,7 @@ def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters):
 
 
 def test_adapter_changes_output_and_unloads(tiny_llama, adapters):
-    engine = Engine(LlamaModel.from_dir(tiny_llama), EngineConfig(), [2])
+    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE), EngineConfig(), [2])
     engine.load_adapter("a", adapters["a"])
     prompt = [5, 6, 7, 8]
 
@@ -79,7 +79,7 @@ def test_adapter_changes_output_and_unloads(tiny_llama, adapters):
 
 
 def test_bad_adapter_directories_are_refused(tiny_llama, tmp_path):
-    model = LlamaModel.from_dir(tiny_llama)
+    model = LlamaModel.from_dir(tiny_llama, device=DEVICE)
     with pytest.raises(InvalidRequestError, match="adapter_config.json"):
         model.add_adapter(0, tmp_path)
     big = make_lora(tiny_llama, tmp_path / "dora", seed=0)

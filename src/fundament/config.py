@@ -60,6 +60,8 @@ class EngineConfig:
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
     dtype: str = "auto"
     int8_decode: bool = True  # on CPU in bfloat16: weight-only int8 copies for small decode batches
+    # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
 
 
 DEFAULT_MODELS = [

@@ -145,6 +145,22 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_device(name: str) -> str:
+    """"auto": the first CUDA GPU torch sees, else the CPU. A named CUDA device that is not there
+    is a configuration error, not a silent fall back to the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidRequestError(f"engine.device {name!r} is not a device; use auto, cpu or cuda[:N].", "device") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InvalidRequestError(f"engine.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA devices.", "device")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"engine.device {name!r}: only cpu and cuda are supported.", "device")
+    return str(device)
+
+
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device != "cpu" or cpu_supports_bf16() else torch.float32
@@ -352,18 +368,17 @@ class LlamaModel:
             ks = kc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)  # (1, H, end, hd)
             vs = vc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)
             if s.mask is not None:  # a packed token tree: each token sees its ancestors only
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask.to(q.device, non_blocking=True))
             elif s.start == 0:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
             else:  # a later prefill chunk: causal, offset by the cached prefix
-                mask = torch.ones(s.length, end, dtype=torch.bool).tril(diagonal=s.start)
+                mask = torch.ones(s.length, end, dtype=torch.bool, device=q.device).tril(diagonal=s.start)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             attn[off : off + s.length] = o[0].transpose(0, 1)
             off += s.length
         return attn
 
-    @staticmethod
-    def _lora_rows(segments: list[Segment]) -> list[tuple[int, torch.Tensor]]:
+    def _lora_rows(self, segments: list[Segment]) -> list[tuple[int, torch.Tensor]]:
         """For each adapter in the batch, the flat-batch rows that use it."""
         rows: dict[int, list[int]] = {}
         off = 0
@@ -371,12 +386,13 @@ class LlamaModel:
             if s.adapter is not None:
                 rows.setdefault(s.adapter, []).extend(range(off, off + s.length))
             off += s.length
-        return [(slot, torch.tensor(r)) for slot, r in rows.items()]
+        return [(slot, torch.tensor(r).to(self.device, non_blocking=True)) for slot, r in rows.items()]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor) -> torch.Tensor:
         """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
-        rows of the flat batch named by logit_rows (usually each segment's last token).
+        rows of the flat batch named by logit_rows (usually each segment's last token), on the CPU
+        whatever the model's device: sampling, logits processors and grammar masks run there.
         Decode segments (one plain token) must come first, and their logit rows first too."""
         cfg = self.cfg
         H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -389,6 +405,8 @@ class LlamaModel:
             positions = torch.tensor([s.start for s in segments])
         else:
             positions = torch.cat([s.positions if s.positions is not None else torch.arange(s.start, s.start + s.length) for s in segments])
+        if self.device.type != "cpu":  # the batch's index tensors are built on the CPU
+            input_ids, logit_rows, positions = (t.to(self.device, non_blocking=True) for t in (input_ids, logit_rows, positions))
         for s in segments:
             s.cache.reserve(s.start + s.length)
         # Per decode row, across layers: where this step's key/value go (L, KVH, hd) and the keys
@@ -415,4 +433,4 @@ class LlamaModel:
             gate, up = layer["gate_up"](h, n_dec, lora_rows).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows)
         x = self._rms_norm(x[logit_rows], self.norm)
-        return self.lm_head(x, n_dec).float()  # (R, V)
+        return self.lm_head(x, n_dec).float().cpu()  # (R, V)

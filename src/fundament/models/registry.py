@@ -21,7 +21,7 @@ from ..config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from ..engine import Engine
 from ..errors import InvalidRequestError, ModelNotFoundError
 from .embedder import Embedder
-from .llama import LlamaModel, resolve_dtype
+from .llama import LlamaModel, resolve_device, resolve_dtype
 from .loading import hf_dir_for, resolve_path
 from .tokenizer import ChatTokenizer
 
@@ -53,7 +53,8 @@ class EmbeddingModel:
 def load_generation_model(spec: ModelSpec, engine_config: EngineConfig) -> GenerationModel:
     path = hf_dir_for(spec)
     tokenizer = ChatTokenizer(path)
-    model = LlamaModel.from_dir(path, dtype=resolve_dtype(engine_config.dtype), int8_decode=engine_config.int8_decode)
+    device = resolve_device(engine_config.device)
+    model = LlamaModel.from_dir(path, dtype=resolve_dtype(engine_config.dtype, device), device=device, int8_decode=engine_config.int8_decode)
     engine = Engine(model, engine_config, tokenizer.eos_token_ids)
     fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
     return GenerationModel(spec.name, spec, tokenizer, engine, int(time.time()), fp)
