@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from fundament.evals.remote import label_probabilities, parse_label
-from fundament.evals.report import COLUMNS, write_report
+from fundament.evals.report import COLUMNS, verdict_lines, write_report
 from fundament.evals.strategies import make, sizes_for
-from fundament.evals.summary import cell_metrics, curves, summarize
+from fundament.evals.summary import cell_metrics, curves, summarize, verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -162,7 +162,35 @@ def test_fundament_eval_command_on_a_task_file(tmp_path, capsys):
     rows = {(r["strategy"], r["size"]): r for r in results["tasks"]["films"]["rows"]}
     assert set(rows) == {("tfidf", 4), ("tfidf", 16)} and rows[("tfidf", 16)]["seeds"] == [0, 1]
     assert rows[("tfidf", 16)]["accuracy"] > 0.8  # the words give the label away
+    best = results["tasks"]["films"]["verdict"]["best"]
+    assert best["strategy"] == "tfidf" and f"- Best: tfidf, {best['size']} examples: accuracy {best['accuracy']:.3f}" in (out / "report.md").read_text()
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": "good"}\n{"text": "y", "label": "meh"}\n')
     (tmp_path / "bad.yaml").write_text("labels: [good, bad]\nfile: bad.jsonl\n")
     assert main(["eval", "--task", str(tmp_path / "bad.yaml"), "--strategies", "tfidf", "--out", str(out)]) == 2
     assert "bad.jsonl line 2, column 'label': unknown label 'meh'" in capsys.readouterr().err
+
+
+def _row(strategy, size, acc, p50, train=None):
+    return {"strategy": strategy, "size": size, "accuracy": acc, "latency_p50_ms": p50, "train_s": train}
+
+
+def test_verdict_names_the_winner_where_fine_tuning_overtakes_and_whether_a_small_model_suffices():
+    rows = [_row("zero-shot", 0, 0.715, 81), _row("few-shot-nearest", 8, 0.705, 189), _row("few-shot-nearest", 512, 0.72, 305),
+            _row("lora", 32, 0.70, 149, 142), _row("lora", 128, 0.88, 138, 450), _row("lora", 512, 0.92, 144, 466),
+            _row("probe-embedding", 512, 0.905, 16, 2), _row("tfidf", 512, 0.595, 0.4, 0.1)]
+    v = verdict(rows)
+    assert (v["best"]["strategy"], v["best"]["size"]) == ("lora", 512)
+    # lora at 32 loses to zero-shot; at 128 it beats every prompt with 128 examples or fewer
+    assert (v["fine_tuning_overtakes"]["size"], v["fine_tuning_overtakes"]["best_prompt_accuracy"]) == (128, 0.715)
+    assert v["fastest_close_to_best"]["strategy"] == "probe-embedding"  # 0.905 is within 0.02 of 0.92, at 16 ms
+    assert {f: r["strategy"] for f, r in v["families"].items()} == {"prompting": "few-shot-nearest", "fine-tuning": "lora", "probe": "probe-embedding", "from scratch": "tfidf"}
+    words = " ".join(verdict_lines(v))
+    assert "Best: lora, 512 examples: accuracy 0.920, p50 144 ms per example, 466 s of training." in words
+    assert "Fine-tuning beats every prompt from 128 labelled examples on" in words
+    assert "0.325 below the best: here the foundation model is worth it" in words
+
+    easy = verdict([_row("zero-shot", 0, 0.80, 80), _row("lora", 32, 0.79, 140, 100), _row("tfidf", 512, 0.985, 0.4), _row("lora", 512, 0.99, 140, 400)])
+    words = " ".join(verdict_lines(easy))
+    assert "comes within 0.02 of the best (tfidf 0.985): for this task it suffices" in words
+    assert easy["fastest_close_to_best"]["strategy"] == "tfidf"
+    assert verdict([_row("zero-shot", 0, 0.8, 80), _row("lora", 32, 0.7, 140, 100)])["fine_tuning_overtakes"] is None

@@ -62,15 +62,48 @@ def _test_words(name: str, t: dict) -> str:
     return f"test: {sample} {t['test_split']} examples; training subsets drawn from the {t['train_size']:,} of the train split"
 
 
+def _row_words(r: dict, training: bool = True) -> str:
+    n = "no examples" if r["size"] == 0 else f"{r['size']:,} examples"
+    lat = f", p50 {r['latency_p50_ms']:.0f} ms per example" if r.get("latency_p50_ms") is not None else ""
+    train = f", {r['train_s']:.0f} s of training" if training and r.get("train_s") else ""
+    return f"{r['strategy']}, {n}: accuracy {r['accuracy']:.3f}{lat}{train}"
+
+
+def verdict_lines(v: dict) -> list[str]:
+    """The verdict (summary.verdict) in words: which adaptation to use for this task."""
+    if not v:
+        return []
+    best, fam = v["best"], v["families"]
+    lines = [f"Best: {_row_words(best)}."]
+    order = [f for f in ("prompting", "fine-tuning", "probe", "from scratch") if f in fam] + [f for f in fam if f not in ("prompting", "fine-tuning", "probe", "from scratch")]
+    lines.append("Best of each kind: " + "; ".join(f"{f}: {fam[f]['accuracy']:.3f} ({fam[f]['strategy']}, n={fam[f]['size']})" for f in order) + ".")
+    o = v.get("fine_tuning_overtakes")
+    if o:
+        lines.append(f"Fine-tuning beats every prompt from {o['size']:,} labelled examples on: {o['strategy']} {o['accuracy']:.3f} against the best prompt's {o['best_prompt_accuracy']:.3f} (with as many examples or fewer).")
+    elif "fine-tuning" in fam and "prompting" in fam:
+        lines.append("Fine-tuning never beat the best prompt at these sizes.")
+    f = v["fastest_close_to_best"]
+    if f != best:
+        lines.append(f"Fastest within {v['close']:.2f} of the best accuracy: {_row_words(f)}.")
+    scratch = fam.get("from scratch")
+    if scratch:
+        gap = best["accuracy"] - scratch["accuracy"]
+        if gap <= v["close"]:
+            lines.append(f"The small model trained from scratch comes within {v['close']:.2f} of the best ({scratch['strategy']} {scratch['accuracy']:.3f}): for this task it suffices, and a foundation model is not worth its cost.")
+        else:
+            lines.append(f"The small model trained from scratch reaches {scratch['accuracy']:.3f} ({scratch['strategy']}, n={scratch['size']:,}), {gap:.3f} below the best: here the foundation model is worth it.")
+    return lines
+
+
 def _sections(results: dict):
-    """(title, intro lines, header, rows, per-class header, per-class rows, notes) per task."""
+    """(title, intro lines, verdict lines, header, rows, per-class header, per-class rows, notes) per task."""
     for name, t in results["tasks"].items():
         m = t["majority"]
         intro = [_test_words(name, t) + ".", f"Always answering the most common class ({m['label']}): accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}."]
         notes = [f"{s} did not run at {', '.join(map(str, n))} examples: {REASONS.get(s, 'too few examples for it')}." for s, n in t["skipped"].items()]
         notes += [f"{e['strategy']} n={e['size']} seed={e['seed']} failed: {e['error']}" for e in results["errors"] if e["task"] == name]
         header = ["strategy", "n", "seeds"] + [h for h, _, _ in COLUMNS]
-        yield name, intro, header, table_rows(t), ["strategy", "n"] + t["classes"], per_class_rows(t), notes
+        yield name, intro, verdict_lines(t.get("verdict") or {}), header, table_rows(t), ["strategy", "n"] + t["classes"], per_class_rows(t), notes
 
 
 def _machine_words(m: dict) -> str:
@@ -99,8 +132,10 @@ def markdown(results: dict, images: dict[str, str]) -> str:
              _machine_words(results.get("machine") or {}), ""]
     for title, image in images.items():
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
-    for name, intro, header, rows, pc_header, pc_rows, notes in _sections(results):
-        lines += [f"## {name}", "", *(f"{x}" for x in intro), "", _md_table(header, rows), "", "Per-class F1:", "", _md_table(pc_header, pc_rows), ""]
+    for name, intro, verdict, header, rows, pc_header, pc_rows, notes in _sections(results):
+        lines += [f"## {name}", "", *(f"{x}" for x in intro), ""]
+        lines += ["Which adaptation wins:", "", *(f"- {x}" for x in verdict), ""] if verdict else []
+        lines += [_md_table(header, rows), "", "Per-class F1:", "", _md_table(pc_header, pc_rows), ""]
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Strategies", ""] + [f"- **{k}**: {v}" for k, v in results["strategies"].items()] + [""]
     lines += ["## How it is measured", ""] + [f"- {x}" for x in _measured()] + [""]
@@ -122,8 +157,9 @@ def html_page(results: dict, images: dict[str, str]) -> str:
              f"<p>{html.escape(_machine_words(results.get('machine') or {}))}</p>"]
     for title, image in images.items():
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{image}' alt='{html.escape(title)}'>"]
-    for name, intro, header, rows, pc_header, pc_rows, notes in _sections(results):
+    for name, intro, verdict, header, rows, pc_header, pc_rows, notes in _sections(results):
         parts += [f"<h2>{html.escape(name)}</h2>"] + [f"<p>{html.escape(x)}</p>" for x in intro]
+        parts += ["<p>Which adaptation wins:</p><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in verdict) + "</ul>"] if verdict else []
         parts += [_html_table(header, rows), "<p>Per-class F1:</p>", _html_table(pc_header, pc_rows)]
         parts += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"] if notes else []
     parts += ["<h2>Strategies</h2><ul>"] + [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in results["strategies"].items()] + ["</ul>"]

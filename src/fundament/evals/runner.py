@@ -16,7 +16,7 @@ from .cache import ResultCache
 from .config import EvalConfig
 from .splits import fingerprint, held_out, train_subset
 from .strategies import DESCRIPTIONS, expand, make, sizes_for
-from .summary import cell_metrics, curves, majority_baseline, summarize
+from .summary import cell_metrics, curves, majority_baseline, summarize, verdict
 from .taskfile import resolve_task
 
 
@@ -136,7 +136,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         results["tasks"][task.name] = {
             "classes": task.classes, "train_size": len(task.train), "test_split": task.test_split, "test_size": len(task.test),
             "n_test": len(test), "limit": cfg.limit, "majority": majority_baseline([e.label for e in test], [e.label for e in task.train], task.classes),
-            "skipped": skipped.get(task.name, {}), "rows": rows, "curves": curves(rows, strategies),
+            "skipped": skipped.get(task.name, {}), "rows": rows, "curves": curves(rows, strategies), "verdict": verdict(rows),
             "cells": [{k: r[k] for k in ("strategy", "size", "seed", "key", "wall_s", "metrics")} | {"info": r["outcome"]["info"]} for r in mine],
         }
     write_report(results, cfg.out)

@@ -75,3 +75,36 @@ def majority_baseline(gold: list[str], train_labels: list[str], classes: list[st
     top = max(classes, key=train_labels.count)
     pred = [top] * len(gold)
     return {"label": top, "accuracy": accuracy(gold, pred), "macro_f1": macro_f1(gold, pred, classes)}
+
+
+# What each strategy is, for the verdict: the user's question is which *kind* of adaptation to use.
+FAMILIES = {"zero-shot": "prompting", "few-shot-random": "prompting", "few-shot-nearest": "prompting",
+            "remote-zero-shot": "prompting", "remote-few-shot-random": "prompting", "remote-few-shot-nearest": "prompting",
+            "lora": "fine-tuning", "probe-embedding": "probe", "probe-hidden": "probe", "tfidf": "from scratch"}
+CLOSE = 0.02  # accuracy within this of the best counts as "as good" (2 points: 4 of 200 test examples)
+
+
+def verdict(rows: list[dict]) -> dict:
+    """Which adaptation wins, from a task's summary rows: the best row overall and per family,
+    from how many labelled examples fine-tuning beats every prompt (at that size or fewer), and
+    the fastest row within CLOSE of the best accuracy. Plain data; the report words it."""
+    if not rows:
+        return {}
+    key = lambda r: (r["accuracy"], -(r["latency_p50_ms"] or float("inf")))  # noqa: E731  ties: the faster
+    pick = lambda r: {k: r[k] for k in ("strategy", "size", "accuracy", "latency_p50_ms", "train_s")}  # noqa: E731
+    best = max(rows, key=key)
+    families = {}
+    for r in rows:
+        f = FAMILIES.get(r["strategy"], r["strategy"])
+        if f not in families or key(r) > key(families[f]):
+            families[f] = r
+    overtakes = None  # the smallest size where fine-tuning beats the best prompt with as many examples or fewer
+    for r in sorted((r for r in rows if FAMILIES.get(r["strategy"]) == "fine-tuning"), key=lambda r: r["size"]):
+        prompts = [p["accuracy"] for p in rows if FAMILIES.get(p["strategy"]) == "prompting" and p["size"] <= r["size"]]
+        if prompts and r["accuracy"] > max(prompts):
+            overtakes = {**pick(r), "best_prompt_accuracy": max(prompts)}
+            break
+    close = [r for r in rows if r["accuracy"] >= best["accuracy"] - CLOSE and r["latency_p50_ms"] is not None]
+    fastest = min(close, key=lambda r: (r["latency_p50_ms"], r["size"])) if close else best
+    return {"best": pick(best), "families": {f: pick(r) for f, r in families.items()}, "fine_tuning_overtakes": overtakes,
+            "fastest_close_to_best": pick(fastest), "close": CLOSE}
