@@ -189,3 +189,61 @@ def test_a_paused_run_resumes_to_the_same_adapter(tiny_chat, tok, tmp_path):
     again = tiny_run(tiny_chat, tok, tmp_path / "again", epochs=2)
     c = load_file(again.adapter_dir / "adapter_model.safetensors")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+class CancelAtOnce(Recorder):
+    def should_stop(self):
+        return "cancel"
+
+
+def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wait_for_the_compiler(tiny_chat, tok, tmp_path):
+    # A cancel that comes while the layers compile stops the run before its first step.
+    rec = CancelAtOnce()
+    train = [encode_example(tok, chat(t, a), 2048) for t, a in DATA]
+    cfg = resolve_hyperparameters({"n_epochs": 2, "batch_size": 2}, len(train), {"compile": True}, seed=7)
+    stopped = fine_tune(tiny_chat, train, None, cfg, tmp_path / "cancelled", rec)
+    assert stopped.stopped == "cancel" and stopped.steps == 0 and rec.steps == []
+
+    # The compiled layers compute the loss eager bf16 computes, to bf16's precision.
+    trainer = _Trainer(tiny_chat, resolve_hyperparameters({}, 6), bf16=True)
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    row = pack(train, 1024)[0]
+    with torch.no_grad():
+        eager = float(trainer.row_loss(row)[0])
+        assert trainer.compile()
+        compiled = float(trainer.row_loss(row)[0])
+    assert compiled == pytest.approx(eager, rel=2e-2) and compiled != eager  # not the same kernels
+
+    # A compiled run learns the task, and says it was compiled.
+    rec = Recorder()
+    cfg = resolve_hyperparameters({"n_epochs": 8, "batch_size": 2, "learning_rate_multiplier": 50}, len(train), {"lora_r": 8, "compile": True}, seed=7)
+    res = fine_tune(tiny_chat, train, train[:2], cfg, tmp_path / "compiled", rec)
+    assert res.stopped is None and rec.steps[-1][2]["train_loss"] < rec.steps[0][2]["train_loss"] / 4
+    assert json.loads((res.adapter_dir / "fundament_tune.json").read_text())["compiled"] is True
+
+
+def test_without_a_cxx_compiler_training_runs_uncompiled(tiny_chat, tok, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    train = [encode_example(tok, chat(t, a), 2048) for t, a in DATA]
+    cfg = resolve_hyperparameters({"n_epochs": 1, "batch_size": 2}, len(train), {"compile": True}, seed=7)
+    res = fine_tune(tiny_chat, train, None, cfg, tmp_path / "job")
+    assert res.stopped is None and res.steps == 3
+    assert json.loads((res.adapter_dir / "fundament_tune.json").read_text())["compiled"] is False
+
+
+def test_compile_auto_only_for_runs_long_enough_to_pay_for_it(tok):
+    from fundament.adapt.tune import COMPILE_MIN_TOKENS, should_compile
+
+    ex = encode_example(tok, chat("a gorgeous film", "positive"), 2048)
+    few = [ex] * (COMPILE_MIN_TOKENS // ex.n_tokens // 2)
+    assert not should_compile(resolve_hyperparameters({"n_epochs": 1}, len(few)), few)
+    assert should_compile(resolve_hyperparameters({"n_epochs": 2}, len(few)), few + [ex] * 2)
+    assert should_compile(resolve_hyperparameters({}, 1, {"compile": True}), [ex])
+    with pytest.raises(InvalidRequestError) as e:
+        resolve_hyperparameters({}, 10, {"compile": "always"})
+    assert e.value.param == "compile"

@@ -27,6 +27,10 @@ from ..models.tokenizer import ChatTokenizer
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; learning_rate_multiplier scales it (OpenAI's knob)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESUME_EVERY_S = 10.0  # how much training a crash may cost at most (plus one step)
+# compile "auto": compile the decoder layers when the run trains at least this many tokens. The
+# compilation costs 15-45 s on 2 cores, and the compiled steps are ~1.25x faster: below this,
+# it would not pay for itself.
+COMPILE_MIN_TOKENS = 50_000
 IGNORE = -100
 
 
@@ -48,6 +52,7 @@ class TuneConfig:
     weight_decay: float = 0.0
     eval_every: int = 0  # steps between validation passes; 0: about ten per run
     row_tokens: int = 1024  # examples are packed into rows of at most this many tokens
+    compile: bool | str = "auto"  # torch.compile the decoder layers: True, False, or "auto" (long runs)
 
     @property
     def learning_rate(self) -> float:
@@ -112,6 +117,8 @@ def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, e
         raise InvalidRequestError(f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.", "target_modules")
     if not (isinstance(cfg.row_tokens, int) and 64 <= cfg.row_tokens <= 16384):
         raise InvalidRequestError(f"row_tokens must be an integer between 64 and 16384, got {cfg.row_tokens!r}.", "row_tokens")
+    if cfg.compile not in (True, False, "auto"):
+        raise InvalidRequestError(f"compile must be true, false or 'auto', got {cfg.compile!r}.", "compile")
     return cfg
 
 
@@ -371,6 +378,7 @@ class _Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         inner = self.model.base_model.model
         self.body, self.head = inner.model, inner.lm_head
+        self.compiled = False
         if self.autocast:
             self._frozen_to_bf16()
 
@@ -387,6 +395,32 @@ class _Trainer:
         for m in self.model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
+
+    def compile(self) -> bool:
+        """torch.compile each decoder layer (one graph serves all: the layers share their code).
+        Faster, since the compiled kernels fuse the elementwise work around the matmuls (norms,
+        rotary, SiLU, the LoRA sums); and closer to float32 training, since fused bf16 sums are
+        rounded once, not per op: eager bf16 rounds a LoRA update below half a bf16 step of the
+        layer's output away, and early in training most are that small (on SmolLM2, one batch
+        after the first step: fp32 loss 2.18, compiled bf16 2.17, eager bf16 3.07). If compiling
+        fails, dynamo runs the layers eagerly instead; with no C++ compiler (inductor's CPU code
+        is C++) nothing is compiled. Returns whether the layers were compiled."""
+        import logging
+
+        import torch._dynamo
+
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - any reason inductor cannot build is a reason to run eagerly
+            logging.getLogger(__name__).warning("training runs uncompiled: %s", e)
+            return False
+        torch._dynamo.config.suppress_errors = True
+        for layer in self.body.layers:
+            layer.compile(dynamic=True)
+        self.compiled = True
+        return True
 
     def row_loss(self, row: list[Example]) -> tuple[torch.Tensor, int, int]:
         """Summed cross-entropy over the row's learned tokens, their count, and how many the model
@@ -453,6 +487,45 @@ def _epoch_batches(train: list[Example], config: TuneConfig, epoch: int) -> list
     return [[train[i] for i in order[s : s + config.batch_size]] for s in range(0, len(order), config.batch_size)]
 
 
+def should_compile(config: TuneConfig, train: list[Example]) -> bool:
+    if config.compile != "auto":
+        return bool(config.compile)
+    return config.n_epochs * sum(ex.n_tokens for ex in train) >= COMPILE_MIN_TOKENS
+
+
+def _warm_up(trainer: _Trainer, row: list[Example], valid_row: list[Example] | None, hooks: TuneHooks) -> str | None:
+    """Compile before the first step, in a thread, while this one keeps asking whether to stop:
+    a cancel must not wait for the compiler. Returns the stop request, if one came (the compile
+    then finishes in the background, and its kernels stay cached for the next run)."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            loss, n, _ = trainer.row_loss(row)
+            (loss / max(n, 1)).backward()  # compiles the backward too
+            if valid_row:
+                trainer.evaluate(valid_row)
+        except BaseException as e:  # re-raised below, in the training thread
+            failed.append(e)
+
+    # Not a daemon: a process that exits while the compiler runs waits for it (killing the
+    # thread mid-compile aborts the interpreter).
+    t = threading.Thread(target=run, name="fundament-compile")
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+        if t.is_alive():
+            stop = hooks.should_stop()
+            if stop:
+                return stop
+    trainer.opt.zero_grad(set_to_none=True)  # the warm-up's gradients are not a step
+    if failed:
+        raise failed[0]
+    return None
+
+
 def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None, config: TuneConfig, out_dir: Path, hooks: TuneHooks | None = None) -> TuneResult:
     """Train a LoRA adapter on `train`; write checkpoints (one per epoch, each a PEFT directory
     under out_dir/checkpoints/) and the final adapter (out_dir/adapter). Resumes by itself from
@@ -483,6 +556,13 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
         return {"step": step, "trained_tokens": trained_tokens, "history": history, "config": config.to_dict()}
 
     trainer.model.train()
+    meta["compiled"] = should_compile(config, train) and step < total and trainer.compile()
+    if meta["compiled"]:
+        epoch, i = divmod(step, steps_per_epoch)
+        first = pack(_epoch_batches(train, config, epoch)[i], config.row_tokens)[0]
+        stop = _warm_up(trainer, first, pack(valid_sample, config.row_tokens)[0] if valid_sample else None, hooks)
+        if stop:
+            return TuneResult(None, stop, trained_tokens, step, metrics)
     while step < total:
         epoch, i = divmod(step, steps_per_epoch)
         batch = _epoch_batches(train, config, epoch)[i]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from .protocol import Request
 
@@ -94,6 +94,7 @@ class CreateFineTuningJobRequest(Request):
     weight_decay: Optional[float] = Field(None, ge=0.0)
     eval_every: Optional[StrictInt] = Field(None, ge=0)
     row_tokens: Optional[StrictInt] = None
+    compile: Optional[Union[StrictBool, Literal["auto"]]] = None
 
     @field_validator("suffix")
     @classmethod
@@ -115,7 +116,7 @@ class CreateFineTuningJobRequest(Request):
 
     def extensions(self) -> dict:
         """Our fenced fields that were set, under the names adapt/tune.py's TuneConfig uses."""
-        names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "warmup_ratio", "weight_decay", "eval_every", "row_tokens")
+        names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "warmup_ratio", "weight_decay", "eval_every", "row_tokens", "compile")
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.training_type is not None:
             out["method"] = self.training_type
