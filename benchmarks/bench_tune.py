@@ -5,6 +5,9 @@ Same data (SST-2 training sentences as chat examples, tokenized once by the same
 count. Each trainer runs in its own subprocess (so its peak RSS is its own), alternating, and the
 script prints tokens/s, the ratio and peak memory. HF's Trainer runs in float32 (its CPU default)
 and with bf16=True (its fastest CPU setting); the ratio is taken against the faster of the two.
+fundament compiles its decoder layers when a run trains 50k tokens or more (`compile: auto`, the
+default: about 1,100 examples here); `--trainers fundament-eager,...` adds a run with compiling off.
+Wall time, and so tokens/s, includes loading the model and compiling.
 
     .venv/bin/python benchmarks/bench_tune.py --examples 512 --batch-size 8 --threads 2
 """
@@ -50,14 +53,17 @@ def run_one(which: str, n: int, batch: int, threads: int, seed: int) -> dict:
     d = base_dir()
     tok = ChatTokenizer(d)
     exs = [encode_example(tok, r, 2048) for r in records(n)]
-    cfg = resolve_hyperparameters({"n_epochs": 1, "batch_size": batch, "learning_rate_multiplier": 1.0}, n, seed=seed)
+    ext = {"compile": False} if which == "fundament-eager" else {}
+    cfg = resolve_hyperparameters({"n_epochs": 1, "batch_size": batch, "learning_rate_multiplier": 1.0}, n, ext, seed=seed)
     tokens = sum(e.n_tokens for e in exs)
-    if which == "fundament":
+    compiled = None
+    if which.startswith("fundament"):
         t = time.perf_counter()
         out_dir = Path(tempfile.mkdtemp())
         fine_tune(d, exs, None, cfg, out_dir)
         wall = time.perf_counter() - t
         history = json.loads((out_dir / "metrics.json").read_text())
+        compiled = json.loads((out_dir / "adapter" / "fundament_tune.json").read_text())["compiled"]
         loss = sum(m["train_loss"] for m in history) / len(history)  # the mean over steps, as HF reports it
     else:
         from peft import LoraConfig, get_peft_model
@@ -78,7 +84,7 @@ def run_one(which: str, n: int, batch: int, threads: int, seed: int) -> dict:
         out = trainer.train()
         wall = time.perf_counter() - t
         loss = out.training_loss
-    return {"trainer": which, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "train_loss": loss,
+    return {"trainer": which, "compiled": compiled, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "train_loss": loss,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -89,6 +95,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--trainers", default="fundament,hf-bf16,hf-fp32",
+                    help="comma-separated, in the order run: fundament (compile auto), fundament-eager (compile off), hf-bf16, hf-fp32")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -96,19 +104,22 @@ def main() -> None:
         return
     results: dict[str, list[dict]] = {}
     for _ in range(a.repeats):
-        for which in ("fundament", "hf-bf16", "hf-fp32"):  # every trainer as many times: best of N against best of N
+        for which in a.trainers.split(","):  # every trainer as many times: best of N against best of N
             cmd = [sys.executable, __file__, "--child", which, "--examples", str(a.examples), "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--seed", str(a.seed)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{which} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results.setdefault(which, []).append(r)
-            print(f"{which:10s} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.1f} s  loss {r['train_loss']:.4f}  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            how = " (compiled)" if r["compiled"] else ""
+            print(f"{which + how:26s} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.1f} s  loss {r['train_loss']:.4f}  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
-    ours = best["fundament"]["tokens_per_s"]
-    peer = max(best["hf-fp32"]["tokens_per_s"], best["hf-bf16"]["tokens_per_s"])
+    peers = {k: v["tokens_per_s"] for k, v in best.items() if k.startswith("hf-")}
     print(f"\n{a.examples} SST-2 examples, batch {a.batch_size}, {a.threads} threads, LoRA r=16 on all linear layers")
-    print(f"fundament {ours:.1f} tok/s vs HF Trainer+PEFT fp32 {best['hf-fp32']['tokens_per_s']:.1f} / bf16 {best['hf-bf16']['tokens_per_s']:.1f}: {ours / peer:.2f}x the faster")
+    for k, v in best.items():
+        if k.startswith("fundament") and peers:
+            print(f"{k} {v['tokens_per_s']:.1f} tok/s vs HF Trainer+PEFT " + " / ".join(f"{p} {t:.1f}" for p, t in peers.items())
+                  + f": {v['tokens_per_s'] / max(peers.values()):.2f}x the faster")
     print("peak RSS MB: " + ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in best.items()))
 
 
