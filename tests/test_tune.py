@@ -124,7 +124,10 @@ def tiny_run(tiny_chat, tok, out: Path, hooks=None, epochs=8):
 
 class Recorder(TuneHooks):
     def __init__(self, pause_at=None):
-        self.steps, self.checkpoints, self.pause_at = [], [], pause_at
+        self.steps, self.checkpoints, self.messages, self.pause_at = [], [], [], pause_at
+
+    def on_message(self, message):
+        self.messages.append(message)
 
     def on_step(self, step, total, metrics):
         self.steps.append((step, total, metrics))
@@ -221,6 +224,7 @@ def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wai
     rec = Recorder()
     cfg = resolve_hyperparameters({"n_epochs": 8, "batch_size": 2, "learning_rate_multiplier": 50}, len(train), {"lora_r": 8, "compile": True}, seed=7)
     res = fine_tune(tiny_chat, train, train[:2], cfg, tmp_path / "compiled", rec)
+    assert len(rec.messages) == 1 and rec.messages[0].startswith("Compiling the model's layers")  # why the first step waits
     assert res.stopped is None and rec.steps[-1][2]["train_loss"] < rec.steps[0][2]["train_loss"] / 4
     assert json.loads((res.adapter_dir / "fundament_tune.json").read_text())["compiled"] is True
 

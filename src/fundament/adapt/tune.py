@@ -318,6 +318,9 @@ class TuneHooks:
     def on_checkpoint(self, step: int, path: Path) -> None:
         pass
 
+    def on_message(self, message: str) -> None:
+        """Something the user should hear of, between steps (a job event)."""
+
     def should_stop(self) -> str | None:
         return None
 
@@ -558,6 +561,7 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
     trainer.model.train()
     meta["compiled"] = should_compile(config, train) and step < total and trainer.compile()
     if meta["compiled"]:
+        hooks.on_message("Compiling the model's layers before the first step (torch.compile; 15-45 s on 2 cores, then each step is faster).")
         epoch, i = divmod(step, steps_per_epoch)
         first = pack(_epoch_batches(train, config, epoch)[i], config.row_tokens)[0]
         stop = _warm_up(trainer, first, pack(valid_sample, config.row_tokens)[0] if valid_sample else None, hooks)

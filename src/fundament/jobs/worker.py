@@ -91,6 +91,9 @@ class JobHooks(TuneHooks):
         if self.pending_checkpoint and self.pending_checkpoint[0] == step:
             self.record_checkpoint(data)
 
+    def on_message(self, message: str) -> None:
+        self.store.add_event(self.job["id"], message)
+
     def on_checkpoint(self, step: int, path: Path) -> None:
         # The trainer calls this just before on_step of the same step: keep it until its metrics come.
         self.pending_checkpoint = (step, Path(path))
