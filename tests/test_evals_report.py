@@ -194,3 +194,32 @@ def test_verdict_names_the_winner_where_fine_tuning_overtakes_and_whether_a_smal
     assert "comes within 0.02 of the best (tfidf 0.985): for this task it suffices" in words
     assert easy["fastest_close_to_best"]["strategy"] == "tfidf"
     assert verdict([_row("zero-shot", 0, 0.8, 80), _row("lora", 32, 0.7, 140, 100)])["fine_tuning_overtakes"] is None
+
+
+def test_prompts_introduce_the_input_as_the_task_does_and_that_enters_only_their_cache_keys(tmp_path, monkeypatch):
+    from fundament.evals import runner
+    from fundament.evals.prompting import request_body
+    from fundament.evals.tasks import Example, Task
+
+    train = [Example("a fine film", "good"), Example("dull", "bad")]
+    task = Task("films", ["good", "bad"], "Is the review good or bad?", "The review is", train, train, "test", input_prefix="Review:")
+    assert request_body(task, "m", [], 0, None, 0)["input_prefix"] == "Review:"
+    assert "input_prefix" not in request_body(task, "m", [], 0, None, 0, input_prefix=False)  # LoRA: as its training data
+    # The zero-shot SMS prompt without "Message:" scored 0.46 on 100 test messages, with it 0.78.
+
+    keys = {}
+
+    class Cache:
+        def get(self, *cell):
+            keys[(cell[1], task.input_prefix)] = cell[4]
+            return {"cached": True}
+
+    ctx = SimpleNamespace(config=SimpleNamespace(latency_sample=1, model="m", k=8, embedding_model="e", example_format="list"))
+    for prefix in ("Review:", "Text:"):
+        task.input_prefix = prefix
+        for name in ("zero-shot", "few-shot-nearest", "tfidf"):
+            monkeypatch.setattr(runner, "train_subset", lambda task, size, seed: train)
+            runner._run_cell(ctx, Cache(), task, make(name), 8, 0, train)
+    assert keys[("zero-shot", "Review:")] != keys[("zero-shot", "Text:")]
+    assert keys[("few-shot-nearest", "Review:")] != keys[("few-shot-nearest", "Text:")]
+    assert keys[("tfidf", "Review:")] == keys[("tfidf", "Text:")]

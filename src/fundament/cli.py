@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -179,7 +180,13 @@ def _eval(args) -> int:
     from .evals.runner import evaluate
 
     cfg = from_args(args)
-    evaluate(cfg)
+    # SIGTERM (a `kill` of a long run) unwinds like Ctrl-C, so the server the run started is stopped
+    # too; by default it would end this process at once and leave that server running.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        evaluate(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(cfg.out / "report.md")
     return 0
 

@@ -87,7 +87,7 @@ class LoRA:
         adapter = fundament_home() / "fine_tuning" / job.id / "adapter"  # where a server on this machine keeps it
         size = dir_size(adapter) if adapter.is_dir() else None
         train_s = self._train_seconds(client, job, wall_s)
-        out = classify(client, request_body(task, model, [], 0, None, seed), test, cfg.latency_sample, ctx.progress)
+        out = classify(client, request_body(task, model, [], 0, None, seed, input_prefix=False), test, cfg.latency_sample, ctx.progress)
         out.train_s, out.peak_memory_mb, out.size_bytes = train_s, peak, size
         out.info = {"job": job.id, "fine_tuned_model": model, "trained_tokens": job.trained_tokens, "wall_s": wall_s,
                     "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None}

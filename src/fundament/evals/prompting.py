@@ -19,9 +19,14 @@ def label_objects(task: Task) -> list[dict]:
     return [{"name": c, **({"description": d[c]} if d.get(c) else {})} for c in task.classes]
 
 
-def request_body(task: Task, model: str, train: list[Example], k: int, selection: str | None, seed: int, example_format: str = "list") -> dict:
+def request_body(task: Task, model: str, train: list[Example], k: int, selection: str | None, seed: int, example_format: str = "list",
+                 input_prefix: bool = True) -> dict:
+    """`input_prefix`: introduce the input as the task does ("Message: ..."); the LoRA strategy
+    leaves it out, as its training examples do."""
     body = {"model": model, "labels": label_objects(task), "instruction": task.instruction,
             "answer_prefix": task.answer_prefix, "seed": seed}
+    if input_prefix and task.input_prefix:
+        body["input_prefix"] = task.input_prefix
     if train and selection:
         body.update(examples=[{"input": e.text, "label": e.label} for e in train], selection=selection, example_format=example_format)
         if k < len(train):  # else the whole pool (k left out: the server then orders it by similarity too)
@@ -51,6 +56,7 @@ class Prompting:
     """Zero-shot (selection None) or few-shot with k examples per input from the training subset."""
 
     uses_server = True
+    uses_input_prefix = True  # the task's input prefix is part of its prompt (and of its cache key)
 
     def __init__(self, name: str, selection: str | None):
         self.name, self.selection = name, selection

@@ -78,6 +78,7 @@ class Remote:
     """Zero-shot or few-shot prompting of a remote chat model, parsed (and logprobs where given)."""
 
     uses_server = False
+    uses_input_prefix = True  # the same prompt as the local prompting strategies
 
     def __init__(self, name: str, selection: str | None):
         self.name, self.selection = name, selection
@@ -111,7 +112,7 @@ class Remote:
         if not (cfg.remote_base_url and cfg.remote_model):
             raise InvalidRequestError("remote strategies need --remote-base-url and --remote-model (and a key: --remote-api-key-env).", "remote_base_url")
         self._client = self._client or openai_client(cfg.remote_base_url, cfg.remote_api_key, timeout=120)
-        fmt = PromptFormat(task.instruction, task.answer_prefix, example_format=cfg.example_format)
+        fmt = PromptFormat(task.instruction, task.answer_prefix, task.input_prefix, example_format=cfg.example_format)
         d = task.descriptions or {}
         labels = [(c, d.get(c, "")) for c in task.classes]
         pool = [(e.text, e.label) for e in train] if self.selection else []

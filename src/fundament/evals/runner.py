@@ -59,8 +59,11 @@ def plan(cfg: EvalConfig, tasks: list) -> tuple[list, list[tuple], dict]:
 def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed: int, test) -> dict:
     cfg = ctx.config
     train = train_subset(task, size, seed)
+    # The input prefix enters the key only of strategies whose prompt shows it, so adding it left
+    # the other strategies' cached cells valid.
+    prefix = [task.input_prefix] if getattr(strategy, "uses_input_prefix", False) and task.input_prefix else []
     key = fingerprint(task.name, task.classes, task.instruction, task.answer_prefix, task.descriptions, train, test,
-                      strategy.name, strategy.settings(cfg), cfg.latency_sample)
+                      strategy.name, strategy.settings(cfg), cfg.latency_sample, *prefix)
     cell = (task.name, strategy.name, size, seed, key)
     record = cache.get(*cell)
     if record is not None:
