@@ -75,7 +75,7 @@ class LoRA:
         )
         try:
             job = self._wait(client, job, ctx.progress)
-        except KeyboardInterrupt:  # the run stops: so does its job (else a restarted server trains it)
+        except (KeyboardInterrupt, SystemExit):  # the run stops (Ctrl-C, SIGTERM): so does its job (else a restarted server trains it)
             client.fine_tuning.jobs.cancel(job.id)
             raise
         wall_s = time.perf_counter() - t0
@@ -86,11 +86,13 @@ class LoRA:
         model = job.fine_tuned_model
         adapter = fundament_home() / "fine_tuning" / job.id / "adapter"  # where a server on this machine keeps it
         size = dir_size(adapter) if adapter.is_dir() else None
+        saved = adapter / "fundament_tune.json"
+        compiled = json.loads(saved.read_text()).get("compiled") if saved.is_file() else None
         train_s = self._train_seconds(client, job, wall_s)
         out = classify(client, request_body(task, model, [], 0, None, seed, input_prefix=False), test, cfg.latency_sample, ctx.progress)
         out.train_s, out.peak_memory_mb, out.size_bytes = train_s, peak, size
         out.info = {"job": job.id, "fine_tuned_model": model, "trained_tokens": job.trained_tokens, "wall_s": wall_s,
-                    "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None}
+                    "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None, "compiled": compiled}
         if not cfg.keep_models:  # the adapter and its checkpoints: tens of MB per run
             client.models.delete(model)
             client.files.delete(upload.id)
