@@ -364,6 +364,7 @@ class _Trainer:
 
         from ..models.llama import cpu_supports_bf16
 
+        _wait_for_compiles()
         self.config = config
         torch.manual_seed(config.seed)
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
@@ -496,6 +497,18 @@ def should_compile(config: TuneConfig, train: list[Example]) -> bool:
     return config.n_epochs * sum(ex.n_tokens for ex in train) >= COMPILE_MIN_TOKENS
 
 
+_COMPILING: list = []  # warm-up threads still compiling after their run was stopped
+
+
+def _wait_for_compiles() -> None:
+    """Autocast's cast cache takes a mutex while the tracer holds the GIL: two threads tracing or
+    training under autocast at once can deadlock. So a new trainer first lets a stopped run's
+    compile finish (its kernels are then cached for this one)."""
+    while _COMPILING:
+        _COMPILING[0].join()
+        _COMPILING.pop(0)
+
+
 def _warm_up(trainer: _Trainer, row: list[Example], valid_row: list[Example] | None, hooks: TuneHooks) -> str | None:
     """Compile before the first step, in a thread, while this one keeps asking whether to stop:
     a cancel must not wait for the compiler. Returns the stop request, if one came (the compile
@@ -522,6 +535,7 @@ def _warm_up(trainer: _Trainer, row: list[Example], valid_row: list[Example] | N
         if t.is_alive():
             stop = hooks.should_stop()
             if stop:
+                _COMPILING.append(t)
                 return stop
     trainer.opt.zero_grad(set_to_none=True)  # the warm-up's gradients are not a step
     if failed:
