@@ -62,10 +62,13 @@ def _test_words(name: str, t: dict) -> str:
     return f"test: {sample} {t['test_split']} examples; training subsets drawn from the {t['train_size']:,} of the train split"
 
 
-def _row_words(r: dict, training: bool = True) -> str:
+KINDS = ("prompting", "fine-tuning", "probe", "from scratch")  # the verdict's order of summary.FAMILIES' kinds
+
+
+def _row_words(r: dict) -> str:
     n = "no examples" if r["size"] == 0 else f"{r['size']:,} examples"
     lat = f", p50 {r['latency_p50_ms']:.0f} ms per example" if r.get("latency_p50_ms") is not None else ""
-    train = f", {r['train_s']:.0f} s of training" if training and r.get("train_s") else ""
+    train = f", {r['train_s']:.0f} s of training" if r.get("train_s") else ""
     return f"{r['strategy']}, {n}: accuracy {r['accuracy']:.3f}{lat}{train}"
 
 
@@ -75,7 +78,7 @@ def verdict_lines(v: dict) -> list[str]:
         return []
     best, fam = v["best"], v["families"]
     lines = [f"Best: {_row_words(best)}."]
-    order = [f for f in ("prompting", "fine-tuning", "probe", "from scratch") if f in fam] + [f for f in fam if f not in ("prompting", "fine-tuning", "probe", "from scratch")]
+    order = [f for f in KINDS if f in fam] + [f for f in fam if f not in KINDS]
     lines.append("Best of each kind: " + "; ".join(f"{f}: {fam[f]['accuracy']:.3f} ({fam[f]['strategy']}, n={fam[f]['size']})" for f in order) + ".")
     o = v.get("fine_tuning_overtakes")
     if o:
