@@ -25,6 +25,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 DEVICE = os.environ.get("FUNDAMENT_TEST_DEVICE", "cpu")
 
 
+@pytest.fixture(scope="module", params=["native", "python"])
+def native_decode(request) -> bool:
+    """Both ways decode rows run: through the native kernel (where this machine can build it) and
+    through PyTorch calls from Python. Tests of the engine take this to run each way."""
+    if request.param == "native":
+        from fundament.models import native
+
+        if not native.load():
+            pytest.skip("the native decode kernel cannot be built here (no C++ compiler)")
+    return request.param == "native"
+
+
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNDAMENT_HOME", str(tmp_path / "home"))

@@ -36,8 +36,8 @@ def tokens(outs):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_llama):
-    return LlamaModel.from_dir(tiny_llama, device=DEVICE)
+def model(tiny_llama, native_decode):
+    return LlamaModel.from_dir(tiny_llama, device=DEVICE, native_decode=native_decode)
 
 
 def test_greedy_equals_transformers_generate(tiny_llama, model):
@@ -247,10 +247,10 @@ def test_scored_continuations_equal_separate_full_requests(model, chunk):
 
 
 @pytest.fixture(scope="module")
-def fast_model(tiny_llama):
+def fast_model(tiny_llama, native_decode):
     """The fast configuration (bfloat16 with int8 decode copies), where a row's result must not
     depend on its batch bit for bit."""
-    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, device=DEVICE, int8_decode=True)
+    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, device=DEVICE, int8_decode=True, native_decode=native_decode)
 
 
 def test_score_result_does_not_depend_on_the_batch(fast_model):

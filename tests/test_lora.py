@@ -35,8 +35,8 @@ def adapters(tiny_llama, tmp_path_factory):
     }
 
 
-def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters):
-    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE), EngineConfig(max_num_batched_tokens=40), [2])
+def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters, native_decode):
+    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE, native_decode=native_decode), EngineConfig(max_num_batched_tokens=40), [2])
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     rng = random.Random(0)
@@ -55,8 +55,8 @@ def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters):
     assert [o.token_id for o in outs[1]] != merged_greedy(tiny_llama, None, prompts[1], 20)
 
 
-def test_adapter_changes_output_and_unloads(tiny_llama, adapters):
-    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE), EngineConfig(), [2])
+def test_adapter_changes_output_and_unloads(tiny_llama, adapters, native_decode):
+    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE, native_decode=native_decode), EngineConfig(), [2])
     engine.load_adapter("a", adapters["a"])
     prompt = [5, 6, 7, 8]
 

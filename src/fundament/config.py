@@ -60,6 +60,9 @@ class EngineConfig:
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
     dtype: str = "auto"
     int8_decode: bool = True  # on CPU in bfloat16: weight-only int8 copies for small decode batches
+    # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
+    # models/native.py); without a compiler, or false, through PyTorch calls from Python.
+    native_decode: bool = True
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
 

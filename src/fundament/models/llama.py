@@ -257,7 +257,12 @@ class _LazyWeights:
 
 
 class LlamaModel:
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True):
+    LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # the fused projections, in the native kernel's order
+
+    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True,
+                 native_decode: bool = True):
+        """`native_decode`: run decode rows through the native kernel (models/native.py) when this
+        machine can build it; on a CPU only, in bfloat16 or float32."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
 
@@ -291,15 +296,36 @@ class LlamaModel:
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
         self.cos = emb.cos().to(dtype=dtype, device=self.device)
         self.sin = emb.sin().to(dtype=dtype, device=self.device)
+        self.native = False
+        if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from . import native
+
+            self.native = native.load()
+        # The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
+        # (kind, 3 tensors) per layer.
+        none = torch.empty(0, dtype=dtype)
+        self._native_norms = [t for layer in self.layers for t in (layer["in_norm"], layer["post_norm"])]
+        self._native_lin, self._native_kinds = [], []
+        for layer in self.layers:
+            for name in self.LORA_TARGETS:
+                lin = layer[name]
+                if lin.q4 is not None:
+                    kind, a, b = 2, *lin.q4
+                elif lin.q8 is not None:
+                    kind, a, b = 1, lin.q8, lin.scale
+                else:
+                    kind, a, b = 0, lin.weight, none
+                self._native_kinds.append(kind)
+                self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
 
     @classmethod
-    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True) -> "LlamaModel":
+    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True, native_decode: bool = True) -> "LlamaModel":
         path = Path(path)
         cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
-        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode)
+        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode, native_decode=native_decode)
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
         """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""
@@ -316,7 +342,7 @@ class LlamaModel:
 
     def remove_adapter(self, slot: int) -> None:
         for layer in self.layers:
-            for name in ("qkv", "o", "gate_up", "down"):
+            for name in self.LORA_TARGETS:
                 layer[name].lora.pop(slot, None)
 
     def new_cache(self, max_tokens: int) -> KVCache:
@@ -394,21 +420,52 @@ class LlamaModel:
         rows of the flat batch named by logit_rows (usually each segment's last token), on the CPU
         whatever the model's device: sampling, logits processors and grammar masks run there.
         Decode segments (one plain token) must come first, and their logit rows first too."""
-        cfg = self.cfg
-        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        G = H // KVH  # query heads per key/value head
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].is_decode:
             n_dec += 1
+        if self.device.type != "cpu":  # the batch's index tensors are built on the CPU
+            input_ids, logit_rows = (t.to(self.device, non_blocking=True) for t in (input_ids, logit_rows))
+        for s in segments:
+            s.cache.reserve(s.start + s.length)
+        if self.native and n_dec:
+            # Decode rows through the native kernel, the rest (prefill chunks, token trees) here.
+            x = self._decode_native(input_ids[:n_dec], segments[:n_dec])
+            if n_dec < len(segments):
+                x = torch.cat([x, self._layers(input_ids[n_dec:], segments[n_dec:], 0)])
+        else:
+            x = self._layers(input_ids, segments, n_dec)
+        x = self._rms_norm(x[logit_rows], self.norm)
+        return self.lm_head(x, n_dec).float().cpu()  # (R, V)
+
+    def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Every layer for n decode rows in one native call; returns the last hidden states (n, C)."""
+        positions = [s.start for s in segments]
+        lora, counts = [], [0] * len(self._native_kinds)
+        groups = self._lora_rows(segments)
+        if groups:
+            for k, (li, name) in enumerate((li, name) for li in range(len(self.layers)) for name in self.LORA_TARGETS):
+                for slot, rows in groups:
+                    ab = self.layers[li][name].lora.get(slot)
+                    if ab is not None:
+                        lora += [rows, ab[0], ab[1]]
+                        counts[k] += 1
+        index = torch.tensor(positions)
+        return torch.ops.fundament.decode_layers(
+            self.embed[input_ids], self.cos[index], self.sin[index], self._native_norms, self._native_lin, self._native_kinds,
+            lora, counts, [s.cache.k for s in segments], [s.cache.v for s in segments], positions,
+            self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.rms_norm_eps,
+        )
+
+    def _layers(self, input_ids: torch.Tensor, segments: list[Segment], n_dec: int) -> torch.Tensor:
+        """Every layer through PyTorch calls; returns the last hidden states (N, C)."""
+        cfg = self.cfg
+        H, KVH, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         lora_rows = self._lora_rows(segments)
         if all(s.is_decode for s in segments):
             positions = torch.tensor([s.start for s in segments])
         else:
             positions = torch.cat([s.positions if s.positions is not None else torch.arange(s.start, s.start + s.length) for s in segments])
-        if self.device.type != "cpu":  # the batch's index tensors are built on the CPU
-            input_ids, logit_rows, positions = (t.to(self.device, non_blocking=True) for t in (input_ids, logit_rows, positions))
-        for s in segments:
-            s.cache.reserve(s.start + s.length)
+        positions = positions.to(self.device, non_blocking=True)
         # Per decode row, across layers: where this step's key/value go (L, KVH, hd) and the keys
         # and values attended to (L, 1, KVH, len, hd).
         dec_views = [
@@ -432,5 +489,4 @@ class LlamaModel:
             h = self._rms_norm(x, layer["post_norm"])
             gate, up = layer["gate_up"](h, n_dec, lora_rows).chunk(2, dim=-1)
             x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows)
-        x = self._rms_norm(x[logit_rows], self.norm)
-        return self.lm_head(x, n_dec).float().cpu()  # (R, V)
+        return x

@@ -1,0 +1,217 @@
+// Every layer of a Llama-family decoder for a batch of decode rows (one new token per sequence),
+// in one call from Python. The matmuls stay ATen's (int4, int8 or dense kernels, the same ones
+// the Python path calls); what this file owns is the small work between them (norms, rotary
+// embedding, KV cache writes, attention over each row's own cache, SiLU, residuals), which in
+// Python costs ~40 tensor calls per layer per step. Built on first use by models/native.py.
+//
+// Each row is computed on its own: nothing a row computes depends on which other rows share its
+// batch (the ATen matmul kernels used here compute each row independently too).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2;
+constexpr int64_t kInt4Group = 32;
+
+template <typename T>
+inline float f32(T v) { return static_cast<float>(v); }
+
+// exp(x) for float in loops the compiler vectorizes (std::exp does not): x = k ln2 + r, |r| <=
+// ln2 / 2, exp(r) by its Taylor polynomial to degree 7 (relative error < 2e-7), 2^k put in the
+// exponent bits. Inputs below -87 give ~0 (never a NaN or denormal).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float k = std::nearbyint(x * 1.44269504f);
+  const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
+  float p = 1.f / 5040;
+  p = p * r + 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(k) << 23;
+  std::memcpy(&p, &bits, 4);
+  return p;
+}
+
+// y = x W^T (+ b), then each LoRA group's rows get x A^T B^T added (B carries the scale).
+at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                  const at::Tensor* lora, int64_t n_lora) {
+  at::Tensor y;
+  if (kind == kInt4) {
+    y = at::_weight_int4pack_mm_for_cpu(x, a, kInt4Group, b);
+  } else if (kind == kInt8) {
+    y = at::_weight_int8pack_mm(x, a, b);
+  } else {
+    y = at::linear(x, a);
+  }
+  if (bias.defined() && bias.numel() > 0) y.add_(bias);
+  for (int64_t g = 0; g < n_lora; ++g) {
+    const at::Tensor& rows = lora[3 * g];
+    y.index_add_(0, rows, at::linear(at::linear(x.index_select(0, rows), lora[3 * g + 1]), lora[3 * g + 2]));
+  }
+  return y;
+}
+
+// out = w * round(x * rsqrt(mean(x^2) + eps)): the statistics in float32, the rounding to the
+// model's dtype before the weight, in the order of HF's LlamaRMSNorm.
+template <typename T>
+void rms_norm(const T* x, const T* w, T* out, int64_t C, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < C; ++i) ss += f32(x[i]) * f32(x[i]);
+  const float r = 1.f / std::sqrt(ss / C + eps);
+  for (int64_t i = 0; i < C; ++i) out[i] = static_cast<T>(f32(w[i]) * f32(static_cast<T>(f32(x[i]) * r)));
+}
+
+// Rotary embedding of one head (HF's rotate_half convention), rounded once to T.
+template <typename T>
+void rope(const T* x, const T* cos, const T* sin, T* out, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = f32(x[i]), x2 = f32(x[i + half]);
+    out[i] = static_cast<T>(x1 * f32(cos[i]) - x2 * f32(sin[i]));
+    out[i + half] = static_cast<T>(x2 * f32(cos[i + half]) + x1 * f32(sin[i + half]));
+  }
+}
+
+template <typename T>
+at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
+                       at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
+                       at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d) {
+  const int64_t n = x.size(0), C = x.size(1), L = static_cast<int64_t>(norms.size()) / 2;
+  const int64_t hd = cos.size(1), G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
+  const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(hd));
+  x = x.contiguous().clone();
+  auto h = at::empty_like(x);
+  auto attn = at::empty({n, q_dim}, x.options());
+  T* xp = x.data_ptr<T>();
+  T* hp = h.data_ptr<T>();
+  T* ap = attn.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  std::vector<int64_t> lora_start(lora_counts.size() + 1, 0);
+  for (size_t i = 0; i < lora_counts.size(); ++i) lora_start[i + 1] = lora_start[i] + 3 * lora_counts[i];
+  int64_t longest = 0;
+  for (int64_t r = 0; r < n; ++r) longest = std::max(longest, positions[r] + 1);
+
+  auto proj = [&](int64_t li, int64_t j, const at::Tensor& in) {
+    const int64_t k = li * 4 + j;
+    return linear(in, kinds[k], lin[3 * k], lin[3 * k + 1], lin[3 * k + 2], lora.data() + lora_start[k], lora_counts[k]);
+  };
+
+  for (int64_t li = 0; li < L; ++li) {
+    const T* in_norm = norms[2 * li].data_ptr<T>();
+    const T* post_norm = norms[2 * li + 1].data_ptr<T>();
+    for (int64_t r = 0; r < n; ++r) rms_norm(xp + r * C, in_norm, hp + r * C, C, eps);
+    at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)
+    T* qp = qkv.data_ptr<T>();
+    const int64_t width = q_dim + 2 * kv_dim;
+    // Rotary embedding of q (in place) and k (into the cache); v into the cache.
+    for (int64_t r = 0; r < n; ++r) {
+      T* row = qp + r * width;
+      const int64_t pos = positions[r], cap = k_caches[r].size(2);
+      T* kc = k_caches[r].data_ptr<T>() + li * KVH * cap * hd;
+      T* vc = v_caches[r].data_ptr<T>() + li * KVH * cap * hd;
+      std::vector<T> tmp(hd);
+      for (int64_t hh = 0; hh < H; ++hh) {
+        rope(row + hh * hd, cp + r * hd, sp + r * hd, tmp.data(), hd);
+        std::copy(tmp.begin(), tmp.end(), row + hh * hd);
+      }
+      for (int64_t g = 0; g < KVH; ++g) {
+        rope(row + q_dim + g * hd, cp + r * hd, sp + r * hd, kc + (g * cap + pos) * hd, hd);
+        std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
+      }
+    }
+    // Attention: each (row, query head) over its own row's cache, split across threads by work.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
+    at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> q(hd), s(longest), o(hd);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / H, hh = item % H, g = hh / G;
+        const int64_t T_len = positions[r] + 1, cap = k_caches[r].size(2);
+        const T* kc = k_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
+        const T* vc = v_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
+        const T* qrow = qp + r * width + hh * hd;
+        for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < T_len; ++t) {
+          const T* kt = kc + t * hd;
+          float acc = 0.f;
+          for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
+          s[t] = acc;
+          mx = std::max(mx, acc);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < T_len; ++t) {
+          s[t] = fast_exp(s[t] - mx);
+          sum += s[t];
+        }
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t t = 0; t < T_len; ++t) {
+          const T* vt = vc + t * hd;
+          const float p = s[t];
+          for (int64_t d = 0; d < hd; ++d) o[d] += p * f32(vt[d]);
+        }
+        T* out = ap + r * q_dim + hh * hd;
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
+      }
+    });
+    at::Tensor o = proj(li, 1, attn).contiguous();
+    const T* op = o.data_ptr<T>();
+    for (int64_t i = 0; i < n * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
+    for (int64_t r = 0; r < n; ++r) rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
+    at::Tensor gu = proj(li, 2, h).contiguous();  // (n, 2 I): gate then up
+    const int64_t I = gu.size(1) / 2;
+    auto act = at::empty({n, I}, x.options());
+    const T* gp = gu.data_ptr<T>();
+    T* actp = act.data_ptr<T>();
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < I; ++i) {
+        const float gate = f32(gp[r * 2 * I + i]);
+        const T silu = static_cast<T>(gate / (1.f + fast_exp(-gate)));  // rounded as F.silu's output is
+        actp[r * I + i] = static_cast<T>(f32(silu) * f32(gp[r * 2 * I + I + i]));
+      }
+    }
+    at::Tensor down = proj(li, 3, act).contiguous();
+    const T* dp = down.data_ptr<T>();
+    for (int64_t i = 0; i < n * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
+  }
+  return x;
+}
+
+at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
+                         at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
+                         at::TensorList v_caches, at::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0), "decode_layers: x (n, C), cos and sin (n, hd)");
+  TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == x.size(0) && static_cast<int64_t>(positions.size()) == x.size(0),
+              "decode_layers: one cache and one position per row");
+  TORCH_CHECK(kinds.size() == norms.size() * 2 && lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
+              "decode_layers: 2 norms, 4 linears (3 tensors each) and 4 LoRA counts per layer");
+  if (x.scalar_type() == at::kBFloat16)
+    return decode_impl<at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: bfloat16 or float32 only");
+  return decode_impl<float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fundament, m) {
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] lin, int[] kinds, Tensor[] lora, int[] lora_counts, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fundament, CPU, m) { m.impl("decode_layers", &decode_layers); }

@@ -1,0 +1,68 @@
+"""The native decode kernel (csrc/decode.cpp): built with the machine's C++ compiler on first use,
+kept in a cache beside fundament's other caches, loaded once per process. `load()` says whether it
+is there; without a compiler the engine runs the same steps through PyTorch calls in Python."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+# Vectorized float reductions (attention's dot products and sums) need reassociation; the order
+# is still fixed at compile time, so a row's result never depends on its batch.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """One build per machine, torch version, CPU and source: ~/.cache/fundament/kernels/<key>."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundament" / "kernels"
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    key = hashlib.sha256(b"\0".join(x.encode() for x in (SOURCE.read_text(), torch.__version__, flags, " ".join(CFLAGS)))).hexdigest()[:16]
+    return root / key
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it in the environment's
+    bin folder, which is not on PATH when fundament runs as .venv/bin/fundament."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
+def load() -> bool:
+    """Build (once per machine) and load the kernel; False, with one warning, if it cannot be."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        if os.environ.get("FUNDAMENT_NATIVE", "1") == "0":
+            _state["ok"] = False
+            return False
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            _put_ninja_on_path()
+            where = cache_dir()
+            where.mkdir(parents=True, exist_ok=True)
+            if not (where / "fundament_decode.so").exists():
+                log.info("building the native decode kernel (once per machine) in %s", where)
+            build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(where), is_python_module=False, verbose=False)
+            _state["ok"] = True
+        except Exception as e:  # no compiler, no ninja, a failed build: run without it
+            log.warning("native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _state["ok"] = False
+        return bool(_state["ok"])

@@ -1,0 +1,97 @@
+"""The native decode kernel (models/csrc/decode.cpp): it builds where a C++ compiler is, computes
+what the PyTorch path computes, writes the same KV cache, and a failed build falls back."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from fundament.models import native
+from fundament.models.llama import LlamaModel, Segment
+from fundament.models.tokenizer import ChatTokenizer
+
+needs_native = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+
+@needs_native
+def test_kernel_builds_where_a_compiler_is():
+    assert native.load()
+    assert hasattr(torch.ops.fundament, "decode_layers")
+
+
+def decode_logits(model, prompts, continuations):
+    """Prefill each prompt alone, then teacher-force the continuations as one decode batch per step;
+    returns per step the (rows, V) logits and the caches."""
+    caches = [model.new_cache(len(p) + len(c)) for p, c in zip(prompts, continuations)]
+    for cache, p in zip(caches, prompts):
+        model.forward(torch.tensor(p), [Segment(cache, 0, len(p))], torch.tensor([len(p) - 1]))
+    steps = []
+    for i in range(len(continuations[0])):
+        segments = [Segment(cache, len(p) + i, 1) for cache, p in zip(caches, prompts)]
+        steps.append(model.forward(torch.tensor([c[i] for c in continuations]), segments, torch.arange(len(prompts))))
+    return steps, caches
+
+
+def both_paths(path, dtype, prompts, continuations, **kw):
+    out = []
+    for on in (True, False):
+        model = LlamaModel.from_dir(path, dtype=dtype, native_decode=on, **kw)
+        assert model.native is on
+        out.append(decode_logits(model, prompts, continuations))
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_computes_what_the_pytorch_path_does(tiny_llama, dtype):
+    prompts = [[5, 17, 99, 3], [250, 41], list(range(3, 70))]
+    continuations = [[7 + i, 8 + i, 300 - i] * 4 for i in range(3)]
+    (nat, nat_caches), (py, py_caches) = both_paths(tiny_llama, dtype, prompts, continuations)
+    tol = 1e-5 if dtype == torch.float32 else 0.03  # bfloat16: the two round at different points
+    for a, b in zip(nat, py):  # logits of magnitude ~1
+        assert (a - b).abs().max() < tol
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
+        if dtype == torch.float32:
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for a, b, p, c in zip(nat_caches, py_caches, prompts, continuations):  # the same keys (after the rotary embedding) and values
+        n = len(p) + len(c)
+        assert (a.k[:, :, :n].float() - b.k[:, :, :n].float()).abs().max() < tol
+        assert (a.v[:, :, :n].float() - b.v[:, :, :n].float()).abs().max() < tol
+
+
+@pytest.mark.slow
+@needs_native
+def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_dir):
+    """bfloat16 with the GGUF's int4 weights: the two paths round differently, so logits differ in
+    the last bits; their next-token choices agree."""
+    tok = ChatTokenizer(smollm_dir)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in ("Explain what a foundation model is.", "Name three rivers.")]
+    continuations = [tok.encode(" A foundation model is a large neural network trained on broad data, then adapted to many tasks by prompting or by fine-tuning.")[:32]] * 2
+    (nat, _), (py, _) = both_paths(smollm_dir, torch.bfloat16, prompts, continuations, int8_decode=True)
+    agree = total = 0
+    for a, b in zip(nat, py):
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.995
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+    assert agree >= 0.95 * total
+
+
+def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "decode.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="fundament.models.native"):
+        assert native.load() is False
+        assert native.load() is False  # decided once per process
+    assert len([r for r in caplog.records if "native decode kernel unavailable" in r.message]) == 1
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("FUNDAMENT_NATIVE", "0")
+    assert native.load() is False
