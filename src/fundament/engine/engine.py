@@ -218,6 +218,7 @@ class Engine:
         # doubling the cost of every small decode kernel (measured: int8 GEMV 24us -> 53us). So the
         # server keeps its other threads at one torch thread (see `reserve_cpu_for_engines`).
         torch.set_num_threads(self.config.threads or len(os.sched_getaffinity(0)))
+        self._warm_up()
         while True:
             with self._cv:
                 while not self._stop and not self.waiting and not self.running and not self._aborts and not self._pending_removals:
@@ -232,6 +233,19 @@ class Engine:
                     req.on_output(e)
                     self._release(req)
                 self.running = []
+
+    def _warm_up(self) -> None:
+        """One short prompt and a few decode steps before the first request, on this thread: the
+        first forward passes pay one-time costs (the OpenMP pool, kernel setup, first touches of
+        memory) that would otherwise land on the first request (measured on the default model:
+        its time to first token 0.11 s -> 0.07 s, its decode 158 -> 185 tokens/s)."""
+        try:
+            cache = self.model.new_cache(24)
+            self.model.forward(torch.arange(1, 17), [Segment(cache, 0, 16)], torch.tensor([15]))
+            for pos in range(16, 20):
+                self.model.forward(torch.tensor([1]), [Segment(cache, pos, 1)], torch.tensor([0]))
+        except Exception:  # only an optimisation: the first request then pays instead
+            log.exception("engine warm-up failed")
 
     def _release(self, req: EngineRequest) -> None:
         req.finished = True

@@ -16,7 +16,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # Vectorized float reductions (attention's dot products and sums) need reassociation; the order
 # is still fixed at compile time, so a row's result never depends on its batch.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+# -fopenmp: at::parallel_for is a header template that splits work with OpenMP pragmas; without
+# it, it runs on one thread. The library then needs libgomp.so.1, which resolves to the copy torch
+# has already loaded, so there is one OpenMP pool in the process.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -60,7 +63,7 @@ def load() -> bool:
             where.mkdir(parents=True, exist_ok=True)
             if not (where / "fundament_decode.so").exists():
                 log.info("building the native decode kernel (once per machine) in %s", where)
-            build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(where), is_python_module=False, verbose=False)
+            build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False, verbose=False)
             _state["ok"] = True
         except Exception as e:  # no compiler, no ninja, a failed build: run without it
             log.warning("native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")

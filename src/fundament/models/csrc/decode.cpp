@@ -87,6 +87,37 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t hd) {
   }
 }
 
+// One query head over T_len cached keys and values (hd each): softmax(q k^T * scale) v, in
+// float32. HD > 0 fixes the head size at compile time (64 and 128 cover most models), so the
+// per-key loops are a few whole vectors with no loop overhead; HD = 0 takes it from hd.
+template <typename T, int HD>
+void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restrict vc, int64_t T_len, float scale,
+            float* __restrict q, float* __restrict s, float* __restrict o, T* __restrict out, int64_t hd_runtime) {
+  const int64_t hd = HD > 0 ? HD : hd_runtime;
+  for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < T_len; ++t) {
+    const T* __restrict kt = kc + t * hd;
+    float acc = 0.f;
+    for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
+    s[t] = acc;
+    mx = std::max(mx, acc);
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < T_len; ++t) {
+    s[t] = fast_exp(s[t] - mx);
+    sum += s[t];
+  }
+  for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+  for (int64_t t = 0; t < T_len; ++t) {
+    const T* __restrict vt = vc + t * hd;
+    const float p = s[t];
+    for (int64_t d = 0; d < hd; ++d) o[d] += p * f32(vt[d]);
+  }
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
+}
+
 template <typename T>
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
@@ -145,29 +176,13 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
         const T* kc = k_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
         const T* vc = v_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
         const T* qrow = qp + r * width + hh * hd;
-        for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < T_len; ++t) {
-          const T* kt = kc + t * hd;
-          float acc = 0.f;
-          for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
-          s[t] = acc;
-          mx = std::max(mx, acc);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < T_len; ++t) {
-          s[t] = fast_exp(s[t] - mx);
-          sum += s[t];
-        }
-        std::fill(o.begin(), o.end(), 0.f);
-        for (int64_t t = 0; t < T_len; ++t) {
-          const T* vt = vc + t * hd;
-          const float p = s[t];
-          for (int64_t d = 0; d < hd; ++d) o[d] += p * f32(vt[d]);
-        }
         T* out = ap + r * q_dim + hh * hd;
-        const float inv = 1.f / sum;
-        for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
+        if (hd == 64)
+          attend<T, 64>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
+        else if (hd == 128)
+          attend<T, 128>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
+        else
+          attend<T, 0>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
       }
     });
     at::Tensor o = proj(li, 1, attn).contiguous();
