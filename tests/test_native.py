@@ -91,6 +91,14 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplo
     assert len([r for r in caplog.records if "native decode kernel unavailable" in r.message]) == 1
 
 
+def test_no_compiler_falls_back_without_trying_to_build(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with caplog.at_level(logging.WARNING, logger="fundament.models.native"):
+        assert native.load() is False
+    assert "no C++ compiler (no-such-compiler-here)" in caplog.text
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("FUNDAMENT_NATIVE", "0")

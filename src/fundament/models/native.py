@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def load() -> bool:
         if "ok" in _state:
             return bool(_state["ok"])
         if os.environ.get("FUNDAMENT_NATIVE", "1") == "0":
+            _state["ok"] = False
+            return False
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            log.warning("native decode kernel unavailable: no C++ compiler (%s) on PATH; decoding through PyTorch calls instead", compiler)
             _state["ok"] = False
             return False
         try:
