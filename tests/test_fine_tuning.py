@@ -171,6 +171,26 @@ def test_fine_tuned_model_is_served_at_once_and_answers_unlike_its_base(c, train
     assert max(abs(a - b) for a, b in zip(probs[BASE], probs[job.fine_tuned_model])) > 0.01
 
 
+def test_a_compiled_job_trains_the_default_model_and_says_so(c, ft_server):
+    """`compile: true` (our extension) on the real model through the official client: the job says
+    why its first step waits, records that its layers were compiled, and its model is served."""
+    import json
+
+    train = upload(c, sst2_chat(10, start=40), "compiled.jsonl")
+    job = c.fine_tuning.jobs.create(
+        model=BASE, training_file=train, suffix="compiled", seed=3, extra_body={"compile": True},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+    )
+    job = wait(c, job.id)
+    assert job.status == "succeeded", job.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Compiling the model's layers") for m in messages), messages
+    saved = json.loads((ft_server.home / "fine_tuning" / job.id / "adapter" / "fundament_tune.json").read_text())
+    assert saved["compiled"] is True and saved["config"]["compile"] is True
+    assert metrics_steps(c, job.id)[-1] == 10
+    assert reply(c, job.fine_tuned_model, "A fine film.")
+
+
 def test_jobs_list_pages_and_filters_by_metadata(c, trained):
     few = upload(c, sst2_chat(3), "few.jsonl")  # fails validation at once: nothing trains
     made = [c.fine_tuning.jobs.create(model=BASE, training_file=few, metadata={"batch": "page", "i": str(i)}).id for i in range(3)]
