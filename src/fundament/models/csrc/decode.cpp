@@ -118,6 +118,15 @@ void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restric
   for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
 }
 
+// fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
+// how many elements a row touches); each row's work is the same whoever runs it.
+template <typename F>
+void by_rows(int64_t n, int64_t cost, const F& fn) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cost)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r);
+  });
+}
+
 template <typename T>
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
@@ -146,12 +155,12 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   for (int64_t li = 0; li < L; ++li) {
     const T* in_norm = norms[2 * li].data_ptr<T>();
     const T* post_norm = norms[2 * li + 1].data_ptr<T>();
-    for (int64_t r = 0; r < n; ++r) rms_norm(xp + r * C, in_norm, hp + r * C, C, eps);
+    by_rows(n, C, [&](int64_t r) { rms_norm(xp + r * C, in_norm, hp + r * C, C, eps); });
     at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)
     T* qp = qkv.data_ptr<T>();
     const int64_t width = q_dim + 2 * kv_dim;
     // Rotary embedding of q (in place) and k (into the cache); v into the cache.
-    for (int64_t r = 0; r < n; ++r) {
+    by_rows(n, width, [&](int64_t r) {
       T* row = qp + r * width;
       const int64_t pos = positions[r], cap = k_caches[r].size(2);
       T* kc = k_caches[r].data_ptr<T>() + li * KVH * cap * hd;
@@ -165,7 +174,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
         rope(row + q_dim + g * hd, cp + r * hd, sp + r * hd, kc + (g * cap + pos) * hd, hd);
         std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
       }
-    }
+    });
     // Attention: each (row, query head) over its own row's cache, split across threads by work.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
     at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
@@ -187,23 +196,27 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
     });
     at::Tensor o = proj(li, 1, attn).contiguous();
     const T* op = o.data_ptr<T>();
-    for (int64_t i = 0; i < n * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
-    for (int64_t r = 0; r < n; ++r) rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
+    by_rows(n, C, [&](int64_t r) {
+      for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
+      rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
+    });
     at::Tensor gu = proj(li, 2, h).contiguous();  // (n, 2 I): gate then up
     const int64_t I = gu.size(1) / 2;
     auto act = at::empty({n, I}, x.options());
     const T* gp = gu.data_ptr<T>();
     T* actp = act.data_ptr<T>();
-    for (int64_t r = 0; r < n; ++r) {
+    by_rows(n, I * 4, [&](int64_t r) {
       for (int64_t i = 0; i < I; ++i) {
         const float gate = f32(gp[r * 2 * I + i]);
         const T silu = static_cast<T>(gate / (1.f + fast_exp(-gate)));  // rounded as F.silu's output is
         actp[r * I + i] = static_cast<T>(f32(silu) * f32(gp[r * 2 * I + I + i]));
       }
-    }
+    });
     at::Tensor down = proj(li, 3, act).contiguous();
     const T* dp = down.data_ptr<T>();
-    for (int64_t i = 0; i < n * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
+    by_rows(n, C, [&](int64_t r) {
+      for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
+    });
   }
   return x;
 }
