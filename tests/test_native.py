@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,27 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += a.shape[0]
     assert agree >= 0.95 * total
+
+
+@needs_native
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch waits forever on its build lock; one left by a build killed midway is cleared."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    code = "from fundament.models import native; print(native.cache_dir())"
+    where = Path(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip())
+    where.mkdir(parents=True)
+    (where / "lock").touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(where / "lock", (old, old))
+    code = "from fundament.models import native; print(native.load())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    assert (where / "fundament_decode.so").exists() and not (where / "lock").exists()
 
 
 def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # it, it runs on one thread. The library then needs libgomp.so.1, which resolves to the copy torch
 # has already loaded, so there is one OpenMP pool in the process.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
+STALE_LOCK_S = 300
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -67,6 +69,11 @@ def load() -> bool:
             _put_ninja_on_path()
             where = cache_dir()
             where.mkdir(parents=True, exist_ok=True)
+            # torch's build lock: a build killed midway (Ctrl-C at first start) leaves it behind,
+            # and torch would then wait on it forever. A build takes ~10 s; older is stale.
+            lock = where / "lock"
+            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink(missing_ok=True)
             if not (where / "fundament_decode.so").exists():
                 log.info("building the native decode kernel (once per machine) in %s", where)
             build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False, verbose=False)
