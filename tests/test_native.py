@@ -105,7 +105,7 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplo
     broken = tmp_path / "decode.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="fundament.models.native"):
         assert native.load() is False
@@ -114,7 +114,7 @@ def test_a_failed_build_falls_back_with_one_warning(tmp_path, monkeypatch, caplo
 
 
 def test_no_compiler_falls_back_without_trying_to_build(monkeypatch, caplog):
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with caplog.at_level(logging.WARNING, logger="fundament.models.native"):
         assert native.load() is False
@@ -122,6 +122,6 @@ def test_no_compiler_falls_back_without_trying_to_build(monkeypatch, caplog):
 
 
 def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setenv("FUNDAMENT_NATIVE", "0")
     assert native.load() is False

@@ -256,6 +256,9 @@ class _LazyWeights:
         return t
 
 
+NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 = 0, 1, 2  # csrc/decode.cpp's kDense, kInt8, kInt4
+
+
 class LlamaModel:
     LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # the fused projections, in the native kernel's order
 
@@ -301,20 +304,24 @@ class LlamaModel:
             from . import native
 
             self.native = native.load()
-        # The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
-        # (kind, 3 tensors) per layer.
-        none = torch.empty(0, dtype=dtype)
+        if self.native:
+            self._native_args()
+
+    def _native_args(self) -> None:
+        """The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
+        (a kind, then 3 tensors) per layer."""
+        none = torch.empty(0, dtype=self.dtype)
         self._native_norms = [t for layer in self.layers for t in (layer["in_norm"], layer["post_norm"])]
         self._native_lin, self._native_kinds = [], []
         for layer in self.layers:
             for name in self.LORA_TARGETS:
                 lin = layer[name]
                 if lin.q4 is not None:
-                    kind, a, b = 2, *lin.q4
+                    kind, a, b = NATIVE_INT4, *lin.q4
                 elif lin.q8 is not None:
-                    kind, a, b = 1, lin.q8, lin.scale
+                    kind, a, b = NATIVE_INT8, lin.q8, lin.scale
                 else:
-                    kind, a, b = 0, lin.weight, none
+                    kind, a, b = NATIVE_DENSE, lin.weight, none
                 self._native_kinds.append(kind)
                 self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
 
@@ -442,12 +449,11 @@ class LlamaModel:
         positions = [s.start for s in segments]
         lora, counts = [], [0] * len(self._native_kinds)
         groups = self._lora_rows(segments)
-        if groups:
-            for k, (li, name) in enumerate((li, name) for li in range(len(self.layers)) for name in self.LORA_TARGETS):
+        if groups:  # per (layer, projection): rows, A, B of each adapter present
+            for k, lin in enumerate(layer[name] for layer in self.layers for name in self.LORA_TARGETS):
                 for slot, rows in groups:
-                    ab = self.layers[li][name].lora.get(slot)
-                    if ab is not None:
-                        lora += [rows, ab[0], ab[1]]
+                    if slot in lin.lora:
+                        lora += [rows, *lin.lora[slot]]
                         counts[k] += 1
         index = torch.tensor(positions)
         return torch.ops.fundament.decode_layers(

@@ -24,7 +24,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
 STALE_LOCK_S = 300
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_loaded: bool | None = None  # load()'s answer, once asked
 
 
 def cache_dir() -> Path:
@@ -51,34 +51,38 @@ def _put_ninja_on_path() -> None:
 
 
 def load() -> bool:
-    """Build (once per machine) and load the kernel; False, with one warning, if it cannot be."""
+    """Build (once per machine) and load the kernel; False, with one warning, if it cannot be.
+    Decided once per process."""
+    global _loaded
     with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        if os.environ.get("FUNDAMENT_NATIVE", "1") == "0":
-            _state["ok"] = False
-            return False
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
-            log.warning("native decode kernel unavailable: no C++ compiler (%s) on PATH; decoding through PyTorch calls instead", compiler)
-            _state["ok"] = False
-            return False
-        try:
-            from torch.utils.cpp_extension import load as build
+        if _loaded is None:
+            _loaded = _build()
+        return _loaded
 
-            _put_ninja_on_path()
-            where = cache_dir()
-            where.mkdir(parents=True, exist_ok=True)
-            # torch's build lock: a build killed midway (Ctrl-C at first start) leaves it behind,
-            # and torch would then wait on it forever. A build takes ~10 s; older is stale.
-            lock = where / "lock"
-            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-                lock.unlink(missing_ok=True)
-            if not (where / "fundament_decode.so").exists():
-                log.info("building the native decode kernel (once per machine) in %s", where)
-            build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where), is_python_module=False, verbose=False)
-            _state["ok"] = True
-        except Exception as e:  # no compiler, no ninja, a failed build: run without it
-            log.warning("native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            _state["ok"] = False
-        return bool(_state["ok"])
+
+def _build() -> bool:
+    if os.environ.get("FUNDAMENT_NATIVE", "1") == "0":
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("native decode kernel unavailable: no C++ compiler (%s) on PATH; decoding through PyTorch calls instead", compiler)
+        return False
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        _put_ninja_on_path()
+        where = cache_dir()
+        where.mkdir(parents=True, exist_ok=True)
+        # torch's build lock: a build killed midway (Ctrl-C at first start) leaves it behind, and
+        # torch would then wait on it forever. A build takes ~10 s; older is stale.
+        lock = where / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        if not (where / "fundament_decode.so").exists():
+            log.info("building the native decode kernel (once per machine) in %s", where)
+        build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where),
+              is_python_module=False, verbose=False)
+        return True
+    except Exception as e:  # no ninja, a failed build: run without it
+        log.warning("native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False

@@ -19,7 +19,7 @@
 
 namespace {
 
-constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2;
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2;  // llama.py NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4
 constexpr int64_t kInt4Group = 32;
 
 template <typename T>
@@ -76,7 +76,8 @@ void rms_norm(const T* x, const T* w, T* out, int64_t C, float eps) {
   for (int64_t i = 0; i < C; ++i) out[i] = static_cast<T>(f32(w[i]) * f32(static_cast<T>(f32(x[i]) * r)));
 }
 
-// Rotary embedding of one head (HF's rotate_half convention), rounded once to T.
+// Rotary embedding of one head (HF's rotate_half convention), rounded once to T. `out` may be
+// `x`: each step reads x[i] and x[i + half] before it writes them.
 template <typename T>
 void rope(const T* x, const T* cos, const T* sin, T* out, int64_t hd) {
   const int64_t half = hd / 2;
@@ -165,11 +166,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       const int64_t pos = positions[r], cap = k_caches[r].size(2);
       T* kc = k_caches[r].data_ptr<T>() + li * KVH * cap * hd;
       T* vc = v_caches[r].data_ptr<T>() + li * KVH * cap * hd;
-      std::vector<T> tmp(hd);
-      for (int64_t hh = 0; hh < H; ++hh) {
-        rope(row + hh * hd, cp + r * hd, sp + r * hd, tmp.data(), hd);
-        std::copy(tmp.begin(), tmp.end(), row + hh * hd);
-      }
+      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cp + r * hd, sp + r * hd, row + hh * hd, hd);
       for (int64_t g = 0; g < KVH; ++g) {
         rope(row + q_dim + g * hd, cp + r * hd, sp + r * hd, kc + (g * cap + pos) * hd, hd);
         std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
