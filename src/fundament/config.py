@@ -59,7 +59,7 @@ class EngineConfig:
     threads: int | None = None  # torch threads; None = all cores
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
     dtype: str = "auto"
-    int8_decode: bool = True  # on CPU in bfloat16: weight-only int8 copies for small decode batches
+    int8_decode: bool = True  # on CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows
     # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
     # models/native.py); without a compiler, or false, through PyTorch calls from Python.
     native_decode: bool = True
@@ -100,6 +100,23 @@ class AdapterSpec:
 DEFAULT_ALIASES = {"gpt-4o-mini": "smollm2-135m-instruct", "text-embedding-3-small": "all-minilm-l6-v2"}
 
 
+def _engine_config(raw, path) -> EngineConfig:
+    """The `engine:` section, each key checked against the type of its default (YAML's `no` is
+    False, but `"no"` or `1` for a switch is a mistake to name, not a truthy value to act on)."""
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"config file {path}: engine must be a mapping of settings", "engine")
+    defaults = EngineConfig()
+    for key, value in raw.items():
+        if not hasattr(defaults, key):
+            known = sorted(f.name for f in fields(EngineConfig))
+            raise InvalidRequestError(f"config file {path}: unknown engine setting {key!r}; known: {known}", f"engine.{key}")
+        default = getattr(defaults, key)
+        want = int if default is None else type(default)  # `threads` is an int or null
+        if (value is None and default is not None) or (value is not None and (type(value) is not want)):
+            raise InvalidRequestError(f"config file {path}: engine.{key} must be {want.__name__}{' or null' if default is None else ''}, got {value!r}", f"engine.{key}")
+    return EngineConfig(**raw)
+
+
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -132,7 +149,7 @@ class ServeConfig:
             elif key == "adapters":
                 value = [AdapterSpec(**a) for a in value]
             elif key == "engine":
-                value = EngineConfig(**value)
+                value = _engine_config(value, path)
             elif key == "api_keys" and isinstance(value, str):
                 value = [value]
             setattr(cfg, key, value)
