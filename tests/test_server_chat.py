@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -32,6 +35,16 @@ def test_the_readme_snippet_calls_the_review_positive(server, tmp_path):
     out = subprocess.run([sys.executable, "-c", SNIPPET], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "positive" in out.stdout.lower()
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the server decodes through PyTorch calls")
+def test_the_server_decodes_through_the_native_kernel(server, client):
+    health = httpx.get(server.base_url.removesuffix("/v1") + "/health", timeout=10).json()
+    assert health["engines"]["smollm2-135m-instruct"]["native_decode"] is True
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from one to ten in words."}],
+                                       max_completion_tokens=24, temperature=0)
+    assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+    assert re.findall(r"\d+", r.choices[0].message.content)[:4] == ["1", "1", "2", "2"]  # "1. 1\n2. 2\n3. 3..." 
 
 
 def test_plain_chat_has_openai_shape(client):
