@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -39,7 +38,7 @@ def test_the_readme_snippet_calls_the_review_positive(server, tmp_path):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the server decodes through PyTorch calls")
 def test_the_server_decodes_through_the_native_kernel(server, client):
-    health = httpx.get(server.base_url.removesuffix("/v1") + "/health", timeout=10).json()
+    health = server.health()
     assert health["engines"]["smollm2-135m-instruct"]["native_decode"] is True
     r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from one to ten in words."}],
                                        max_completion_tokens=24, temperature=0)
