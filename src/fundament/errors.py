@@ -7,7 +7,8 @@
     ├── NotFoundError                   404 (any missing object)
     │   └── ModelNotFoundError          404 code=model_not_found
     ├── PayloadTooLargeError            413 request body over the configured limit
-    └── QueueFullError                  429 the engine's queue is full (with retry-after)
+    ├── QueueFullError                  429 the engine's queue is full (with retry-after)
+    └── ServiceUnavailableError         503 the server is shutting down
 
 Core code raises these; the server's one handler and the CLI format them. Nothing else does.
 """
@@ -72,6 +73,12 @@ class QueueFullError(FundamentError):
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ServiceUnavailableError(FundamentError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
 
 
 def error_payload(exc: BaseException) -> dict:

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..config import EngineConfig
-from ..errors import ContextLengthExceededError, ModelNotFoundError, NotFoundError, QueueFullError
+from ..errors import ContextLengthExceededError, ModelNotFoundError, NotFoundError, QueueFullError, ServiceUnavailableError
 from ..models.llama import KVCache, LlamaModel, Segment
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
@@ -209,6 +209,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        # Whatever was still queued or running is failed, so no caller waits for an engine that is gone.
+        with self._cv:
+            pending, self.waiting, self.running = [*self.running, *self.waiting], deque(), []
+        for req in pending:
+            self._fail(req, ServiceUnavailableError("The server is shutting down; this request was stopped. Retry it."))
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -227,11 +232,10 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as e:  # never let one bad step kill the thread: fail its requests
+            except Exception as e:  # a fault of the batch as a whole (the forward pass): fail its requests
                 log.exception("engine step failed")
                 for req in self.running:
-                    req.on_output(e)
-                    self._release(req)
+                    self._fail(req, e)
                 self.running = []
 
     def _warm_up(self) -> None:
@@ -248,9 +252,31 @@ class Engine:
             log.exception("engine warm-up failed")
 
     def _release(self, req: EngineRequest) -> None:
+        """Give back what a request holds: its KV cache and its reservation (once)."""
         req.finished = True
         req.cache = None
         self._reserved -= req.reserved_tokens
+        req.reserved_tokens = 0
+
+    def _fail(self, req: EngineRequest, error: BaseException) -> None:
+        """End one request with an error: its resources are released and its caller is told;
+        the engine goes on serving the others."""
+        if req.finished:
+            return
+        self._release(req)
+        try:
+            req.on_output(error)
+        except Exception:  # the caller's callback failed too: nothing more to tell it
+            log.exception("could not deliver an error to request %s", req.request_id)
+
+    def _isolated(self, req: EngineRequest, work: Callable[[], None]) -> None:
+        """Run one sequence's own work (admission, sampling, its logits processors, delivery):
+        an exception there fails that request alone."""
+        try:
+            work()
+        except Exception as e:
+            log.exception("request %s failed in the engine", req.request_id)
+            self._fail(req, e)
 
     def _schedule(self) -> None:
         with self._cv:
@@ -268,15 +294,20 @@ class Engine:
                 self.waiting.popleft()
                 req.reserved_tokens = need
                 self._reserved += need
-                req.cache = self.model.new_cache(need)
-                if req.params.seed is not None:
-                    req.generator = torch.Generator().manual_seed(req.params.seed)
-                req.processors = req.params.processors()
-                self.running.append(req)
+                self._isolated(req, lambda: self._admit(req))
+                if not req.finished:
+                    self.running.append(req)
         if aborts:
             for req in [r for r in self.running if r.request_id in aborts]:
                 self._release(req)
             self.running = [r for r in self.running if not r.finished]
+
+    def _admit(self, req: EngineRequest) -> None:
+        """A request's own state, made as it starts running (its reservation is already counted)."""
+        req.cache = self.model.new_cache(req.reserved_tokens)
+        if req.params.seed is not None:
+            req.generator = torch.Generator().manual_seed(req.params.seed)
+        req.processors = req.params.processors()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -335,17 +366,20 @@ class Engine:
         logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long))
         self.steps += 1
         for (req, first, n), (at, count) in zip(plan, read):
-            mine = logits[at : at + count]
-            if req.tree is not None:
-                self._record_scores(req, mine, n)
-                continue
-            if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
-                self._record_prompt_logprobs(req, mine, n)
-            req.num_computed += n
-            if req.num_computed < len(req.prompt_ids):
-                continue  # more prompt to prefill
-            self._sample(req, mine[-1])
+            self._isolated(req, lambda: self._advance(req, logits[at : at + count], n))
         self.running = [r for r in self.running if not r.finished]
+
+    def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:
+        """One request's share of a step: its n tokens were computed, `mine` are its logit rows."""
+        if req.tree is not None:
+            self._record_scores(req, mine, n)
+            return
+        if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
+            self._record_prompt_logprobs(req, mine, n)
+        req.num_computed += n
+        if req.num_computed < len(req.prompt_ids):
+            return  # more prompt to prefill
+        self._sample(req, mine[-1])
 
     def _record_scores(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
         tree = req.tree
