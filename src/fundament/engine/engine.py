@@ -253,10 +253,11 @@ class Engine:
 
     def _release(self, req: EngineRequest) -> None:
         """Give back what a request holds: its KV cache and its reservation (once)."""
+        if req.finished:
+            return
         req.finished = True
         req.cache = None
         self._reserved -= req.reserved_tokens
-        req.reserved_tokens = 0
 
     def _fail(self, req: EngineRequest, error: BaseException) -> None:
         """End one request with an error: its resources are released and its caller is told;
