@@ -132,10 +132,14 @@ class Remote:
         t0 = time.perf_counter()
         done = []
         with ThreadPoolExecutor(CONCURRENCY) as pool_:
-            for res in pool_.map(one, range(len(test))):
-                done.append(res)
-                if ctx.progress:
-                    ctx.progress(len(done), len(test))
+            try:
+                for res in pool_.map(one, range(len(test))):
+                    done.append(res)
+                    if ctx.progress:
+                        ctx.progress(len(done), len(test))
+            except BaseException:  # the cell has failed: the requests not yet sent are not sent (a server that is down fails each after retries)
+                pool_.shutdown(cancel_futures=True)
+                raise
         predict_s = time.perf_counter() - t0
         latencies = time_each(one, list(range(min(cfg.latency_sample, len(test)))))
         with_logprobs = self._logprobs and any(p is not None for _, p, _ in done)

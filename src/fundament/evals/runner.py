@@ -1,7 +1,8 @@
 """`evaluate(EvalConfig)`: every strategy on the same splits of every task, at every training size
 and seed; cached cells are read back, the rest computed with a progress display; then the
-summary, results.json and the report. Owns the run's fundament server (started only if a cell
-needs it) and stops it on the way out.
+summary, results.json and the report. A cell that raises is listed with its error (and left out
+of the cache, so a rerun retries it); the other cells still run. Owns the run's fundament server
+(started only if a cell needs it) and stops it on the way out.
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed:
     return record
 
 
+def describe(e: Exception) -> str:
+    """A failed cell's error in one line: what failed and why."""
+    import openai
+
+    if isinstance(e, FundamentError):
+        return e.message
+    if isinstance(e, openai.APIConnectionError):  # its message is only "Connection error.": name the URL and the cause
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        return f"cannot reach {e.request.url}: {e.message}{cause}"
+    if isinstance(e, openai.APIStatusError):
+        return f"{e.request.url} answered {e.status_code}: {e.message}"
+    return f"{type(e).__name__}: {e}"
+
+
 def _machine(records: list[dict]) -> dict:
     loads = [r["load_average"] for r in records if r.get("load_average") is not None]
     return {"cpus": os.cpu_count(), "load_average": sum(loads) / len(loads) if loads else None}
@@ -114,12 +129,14 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
                 bar.update(current, completed=0, total=None, description=f"  {what}")
                 try:
                     rec = _run_cell(ctx, cache, task, s, n, seed, tests[task.name])
-                except (FundamentError, openai.APIError) as e:  # recorded; the rest of the run goes on
-                    message = getattr(e, "message", None) or str(e)
-                    errors.append({"task": task.name, "strategy": s.name, "size": n, "seed": seed, "error": message})
-                    bar.console.print(f"[red]{what}: {message}")
-                else:
                     rec["metrics"] = cell_metrics(rec, task.classes)
+                except Exception as e:  # recorded, not cached; the rest of the run goes on and the command fails at the end
+                    message = describe(e)
+                    errors.append({"task": task.name, "strategy": s.name, "size": n, "seed": seed, "error": message, "type": type(e).__name__})
+                    if not isinstance(e, (FundamentError, openai.APIError)):  # not an expected failure: a bug, shown where it is
+                        bar.console.print_exception()
+                    bar.console.print(f"{what}: failed: {message}", style="red", highlight=False, markup=False)
+                else:
                     records.append(rec)
                     m = rec["metrics"]  # one line per cell: the record of a long run, in a log file too
                     took = "cached" if rec.get("cached") else f"{rec['wall_s']:.0f} s"
@@ -129,7 +146,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
         fundament.close()
     results = {"config": cfg.to_dict(), "wall_s": time.perf_counter() - started,
                "cells_wall_s": sum(r["wall_s"] for r in records),  # what computing every cell took, cached or not
-               "cells": len(records), "cells_computed": sum(not r.get("cached") for r in records),
+               "cells": len(records), "cells_computed": sum(not r.get("cached") for r in records), "cells_failed": len(errors),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(records), "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
                "tasks": {}, "errors": errors}
     for task in tasks:
