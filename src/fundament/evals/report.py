@@ -109,6 +109,24 @@ def _sections(results: dict):
         yield name, intro, verdict_lines(t.get("verdict") or {}), header, table_rows(t), ["strategy", "n"] + t["classes"], per_class_rows(t), notes
 
 
+FAILED_HEADER = ["task", "strategy", "n", "seed", "error"]
+
+
+def failed(results: dict) -> tuple[str, list[list[str]]]:
+    """The cells that raised: a sentence and one row each (results["errors"]); ("", []) when none did."""
+    errors = results.get("errors") or []
+    if not errors:
+        return "", []
+    n = len(errors)
+    words = (f"{n} of {n + results.get('cells', 0)} cells failed: they are missing from the tables and plots, and were not cached, "
+             "so running the same command again retries them (and reads the others back).")
+    return words, [[e["task"], e["strategy"], str(e["size"]), str(e["seed"]), e["error"]] for e in errors]
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")  # one line, and a "|" in an error message does not split the row
+
+
 def _machine_words(m: dict) -> str:
     load = f", 1-minute load average {m['load_average']:.1f} while the cells ran (timings grow with it)" if m.get("load_average") is not None else ""
     return f"Machine: {m.get('cpus', '?')} CPUs{load}."
@@ -133,6 +151,9 @@ def markdown(results: dict, images: dict[str, str]) -> str:
              f"Made by `{command(cfg)}` (finished {results['finished']}; the cells' compute time {results['cells_wall_s'] / 60:.1f} min; {_this_run(results)}).", "",
              f"Model: {cfg['model']} (prompted, fine-tuned, probed); embeddings: {cfg['embedding_model']}; k = {cfg['k']} examples for few-shot ({cfg.get('example_format', 'list')} format, docs/classification.md); seeds {', '.join(map(str, cfg['seeds']))}.", "",
              _machine_words(results.get("machine") or {}), ""]
+    words, rows = failed(results)
+    if rows:
+        lines += ["## Failed cells", "", words, "", _md_table(FAILED_HEADER, [[_md_cell(c) for c in r] for r in rows]), ""]
     for title, image in images.items():
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
     for name, intro, verdict, header, rows, pc_header, pc_rows, notes in _sections(results):
@@ -158,6 +179,9 @@ def html_page(results: dict, images: dict[str, str]) -> str:
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}</style>",
              "<h1>Evaluation: prompting vs fine-tuning vs a small custom model</h1>", f"<p>Made by <code>{html.escape(command(cfg))}</code> (finished {results['finished']}).</p>",
              f"<p>{html.escape(_machine_words(results.get('machine') or {}))}</p>"]
+    words, rows = failed(results)
+    if rows:
+        parts += ["<h2>Failed cells</h2>", f"<p>{html.escape(words)}</p>", _html_table(FAILED_HEADER, rows)]
     for title, image in images.items():
         parts += [f"<h2>{html.escape(title)}</h2>", f"<img src='{image}' alt='{html.escape(title)}'>"]
     for name, intro, verdict, header, rows, pc_header, pc_rows, notes in _sections(results):
@@ -186,8 +210,9 @@ def write_report(results: dict, out: Path) -> Path:
 def _this_run(results: dict) -> str:
     """What the last invocation did: a rerun reads finished cells back from the cache."""
     total, computed = results.get("cells"), results.get("cells_computed")
+    failed = f"; {results['cells_failed']} failed (see Failed cells)" if results.get("cells_failed") else ""
     if total is None or computed == total:
-        return f"this run's wall time {results['wall_s'] / 60:.1f} min"
+        return f"this run's wall time {results['wall_s'] / 60:.1f} min{failed}"
     if not computed:
-        return f"all {total} cells read back from the cache"
-    return f"this run computed {computed} of {total} cells in {results['wall_s'] / 60:.1f} min, the rest read back from the cache"
+        return f"all {total} cells read back from the cache{failed}"
+    return f"this run computed {computed} of {total} cells in {results['wall_s'] / 60:.1f} min, the rest read back from the cache{failed}"
