@@ -184,10 +184,15 @@ def _eval(args) -> int:
     # too; by default it would end this process at once and leave that server running.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        evaluate(cfg)
+        results = evaluate(cfg)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(cfg.out / "report.md")
+    if results["errors"]:  # the report is written, but it is not the one asked for: a script must not take it for a success
+        n = len(results["errors"])
+        print(f"fundament: {n} of {n + results['cells']} cells failed (listed in {cfg.out / 'report.md'}); "
+              "running the same command again retries them", file=sys.stderr)
+        return 1
     return 0
 
 
