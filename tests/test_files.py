@@ -198,3 +198,51 @@ def test_files_survive_a_restart(tmp_path_factory):
         assert c.files.retrieve(f.id) == f and c.files.content(f.id).content == b'{"a": 1}\n'
     finally:
         srv.stop()
+
+
+# ---- Content-Disposition (RFC 6266) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, fallback, encoded", [
+    ("../../../../outside.txt", "outside.txt", "..%2F..%2F..%2F..%2Foutside.txt"),
+    ('say "hi".jsonl', "say _hi_.jsonl", "say%20%22hi%22.jsonl"),
+    ("données é.jsonl", "donn_es _.jsonl", "donn%C3%A9es%20%C3%A9.jsonl"),
+    ("a\r\nSet-Cookie: x=1", "a__Set-Cookie_ x_1", "a%0D%0ASet-Cookie%3A%20x%3D1"),
+    ("C:\\Users\\me\\..", "file", "C%3A%5CUsers%5Cme%5C.."),
+    ("train.jsonl", "train.jsonl", "train.jsonl"),
+])
+def test_content_disposition_has_a_safe_fallback_and_the_real_name_encoded(name, fallback, encoded):
+    from urllib.parse import unquote
+
+    from fundament.server.serving_files import content_disposition
+
+    header = content_disposition(name)
+    assert header == f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+    assert header.isascii() and header.isprintable()
+    assert unquote(encoded) == name  # filename* gives the real name back
+
+
+def upload_named(tiny_server, filename: str) -> str:
+    """Upload with this exact filename in the multipart header (clients escape some characters)."""
+    boundary = "b0undary"
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{quoted}\"\r\n\r\n"
+            f"hello\r\n--{boundary}--\r\n").encode()
+    r = httpx.post(f"{tiny_server.base_url}/files", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["filename"] == filename  # stored as given
+    return r.json()["id"]
+
+
+def test_file_content_header_is_safe_for_path_quote_and_non_ascii_names(tiny_server):
+    cases = [
+        ("../../../../outside.txt", 'attachment; filename="outside.txt"; filename*=UTF-8\'\'..%2F..%2F..%2F..%2Foutside.txt'),
+        ('a"b".jsonl', 'attachment; filename="a_b_.jsonl"; filename*=UTF-8\'\'a%22b%22.jsonl'),
+        ("données.jsonl", 'attachment; filename="donn_es.jsonl"; filename*=UTF-8\'\'donn%C3%A9es.jsonl'),
+    ]
+    for name, expected in cases:
+        r = httpx.get(f"{tiny_server.base_url}/files/{upload_named(tiny_server, name)}/content")
+        assert r.status_code == 200 and r.content == b"hello"
+        assert r.headers["content-disposition"] == expected
+    assert not (tiny_server.home / "outside.txt").exists() and not (tiny_server.home.parent / "outside.txt").exists()

@@ -7,6 +7,8 @@ to their temporary file in $FUNDAMENT_HOME/files and nowhere else; a body cut of
 from __future__ import annotations
 
 import asyncio
+import re
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import FileResponse
@@ -19,6 +21,21 @@ from ..jobs.files import FileStore, Upload
 from .protocol_fine_tuning import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
 
 MAX_FIELD_BYTES = 4096  # form fields besides the file (purpose, expires_after[...]) are short
+
+
+# RFC 5987 attr-chars: what filename*= may carry unencoded (no slash, backslash, '%', quote or control)
+_ATTR_CHARS = "!#$&+-.^_`|~"
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with the stored name made safe, as RFC 6266 says: `filename="..."` is a plain
+    ASCII fallback (the last path component; all but letters, digits and ` ._()-` replaced by `_`;
+    no leading or trailing dots), and `filename*=UTF-8''...` the real name, percent-encoded
+    (its slashes too). The name is the uploader's: echoed raw it could carry a path or a quote."""
+    base = re.split(r"[/\\]", filename)[-1]
+    fallback = re.sub(r"[^A-Za-z0-9 ._()-]", "_", base).strip(" .") or "file"
+    encoded = quote(filename, safe=_ATTR_CHARS, errors="replace")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def file_object(row: dict) -> FileObject:
@@ -147,7 +164,8 @@ class FilesHandler:
 
     def content(self, file_id: str) -> FileResponse:
         row = self.get_row(file_id)
-        return FileResponse(self.files.path(file_id), media_type="application/octet-stream", filename=row["filename"])
+        return FileResponse(self.files.path(file_id), media_type="application/octet-stream",
+                            headers={"content-disposition": content_disposition(row["filename"])})
 
     def delete(self, file_id: str) -> FileDeleted:
         if not self.files.delete(file_id):
