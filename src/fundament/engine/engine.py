@@ -29,6 +29,7 @@ from .tree import TokenTree
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (near) zero probability
 
 
 @dataclass
@@ -410,12 +411,17 @@ class Engine:
         token = sample_row(logits, req.params, req.generator)
         out = EngineOutput(token_id=token)
         if req.params.logprobs is not None:
+            # From the distribution the token was drawn from: after logit_bias, penalties and a
+            # grammar's mask, before temperature and top_p. A token the grammar forbids has
+            # probability 0: it is never listed among the top ones (JSON has no -inf), and a chosen
+            # token at -inf (only if every token was masked) reads as OpenAI's floor, -9999.
             lp = torch.log_softmax(logits, dim=-1)
-            out.logprob = float(lp[token])
+            chosen = float(lp[token])
+            out.logprob = chosen if chosen > LOGPROB_FLOOR else LOGPROB_FLOOR  # also NaN (a broken model) -> the floor
             k = req.params.logprobs
             if k > 0:
                 top = torch.topk(lp, k)
-                out.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+                out.top_logprobs = [(t, v) for t, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
         if not req.output_ids and req.params.prompt_logprobs:
             out.prompt_logprobs = req.prompt_logprobs
         req.output_ids.append(token)
