@@ -61,13 +61,25 @@ def _describe(value) -> str:
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
+    kind, loc = first.get("type"), tuple(first.get("loc", ()))
+    if kind == "json_invalid":
         msg = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}). Send a JSON object."
         param = None
+    elif loc == ("body",):  # no body, or JSON that is not an object
+        got = "nothing" if kind == "missing" else _describe(first.get("input"))
+        msg = f"The request body must be a JSON object with this endpoint's parameters (got {got})."
+        param = None
+    elif kind == "extra_forbidden":
+        param = _param_from_loc(loc)
+        msg = f"Unrecognized request argument supplied: {param}"
+    elif kind == "lone_surrogate":
+        param = (_param_from_loc(loc) or "") + first["ctx"]["path"]
+        msg = (f"Invalid value for '{param}': it contains a lone UTF-16 surrogate ({first['ctx']['char']}), "
+               "which is not valid Unicode. Send the text as valid UTF-8.")
     else:
-        param = _param_from_loc(first.get("loc", ()))
+        param = _param_from_loc(loc)
         same = [e for e in errors if _param_from_loc(e.get("loc", ())) == param]
-        if first.get("type") == "missing":
+        if kind == "missing":
             msg = f"Missing required parameter: '{param}'."
         elif len(same) > 1:  # a union: none of the accepted shapes matched
             msg = f"Invalid type for '{param}' (got {_describe(first.get('input'))}); see the API reference for the accepted shapes."
@@ -90,20 +102,29 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._too_large(send, limit, param)
-        seen = 0
+        seen, over = 0, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
+                    over = True
                     raise _TooLarge()
             return msg
 
+        async def guarded_send(msg):
+            # A body cut off at the limit may reach the app as a parse error (FastAPI turns any
+            # exception while reading it into a 400); the answer to that is this 413, not the 400.
+            if not over:
+                await send(msg)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
+            pass
+        if over:
             await self._too_large(send, limit, param)
 
     async def _too_large(self, send, limit: int, param: str | None):
@@ -227,8 +248,8 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return await _until_disconnect(request, completions.create(body))
 
     @app.post("/v1/classifications", dependencies=v1)
-    async def create_classification(body: ClassificationRequest) -> ClassificationResponse:
-        return await classifications.create(body)
+    async def create_classification(body: ClassificationRequest, request: Request) -> ClassificationResponse:
+        return await _until_disconnect(request, classifications.create(body))
 
     @app.post("/v1/embeddings", dependencies=v1)
     async def create_embedding(body: EmbeddingRequest):

@@ -1,6 +1,7 @@
 """Pydantic wire types mirroring OpenAI's API reference, field names and order as OpenAI's.
 
-Requests accept (and ignore) valid OpenAI fields we do not use. Our extensions are fenced under an
+Requests accept (and ignore) valid OpenAI fields we do not use; any other field is refused with
+OpenAI's "Unrecognized request argument supplied". Our extensions are fenced under an
 `# --- fundament extensions ---` comment in each type and documented in docs/api.md.
 """
 
@@ -11,6 +12,7 @@ import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 
 def new_id(prefix: str) -> str:
@@ -21,9 +23,49 @@ def now() -> int:
     return int(time.time())
 
 
-class Request(BaseModel):
-    # Unknown keys are dropped: OpenAI clients send fields we may not know (and extra_body).
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI's `seed`
+
+
+def lone_surrogate(value, where: str = "") -> tuple[str, str] | None:
+    """Where in a JSON value a string holds a lone UTF-16 surrogate ("\\udfff" is valid JSON but
+    not Unicode, and no tokenizer can encode it): (path such as "[0].content", which character);
+    None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where, f"U+{ord(value[e.start]):04X} at character {e.start}"
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := lone_surrogate(v, f"{where}[{i}]")) is not None:
+                return found
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (found := lone_surrogate(str(k), where) or lone_surrogate(v, f"{where}.{k}")) is not None:
+                return found
+    return None
+
+
+class Part(BaseModel):
+    """A nested object of a request. Unknown keys are dropped: clients send back the messages
+    they were given, with fields such as `refusal` or `annotations`."""
+
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, v):
+        found = lone_surrogate(v)
+        if found is not None:  # the server's validation handler names the exact path
+            raise PydanticCustomError("lone_surrogate", "contains a lone UTF-16 surrogate ({char})", {"path": found[0], "char": found[1]})
+        return v
+
+
+class Request(Part):
+    """A request body: a field that is neither OpenAI's nor one of our documented extensions is
+    an error, as at OpenAI, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # ---- chat -------------------------------------------------------------------------------------
@@ -39,7 +81,18 @@ class ImagePart(BaseModel):
     image_url: Any
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class AudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: Any
+
+
+class FilePart(BaseModel):
+    type: Literal["file"]
+    file: Any
+
+
+# Parts OpenAI defines; the serving handler refuses those the model cannot read (all but text).
+ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart, FilePart], Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -53,7 +106,7 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(Request):
+class ChatMessage(Part):
     role: Literal["developer", "system", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
@@ -68,7 +121,7 @@ class ChatMessage(Request):
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
-class StreamOptions(Request):
+class StreamOptions(Part):
     include_usage: Optional[bool] = None
     include_obfuscation: Optional[bool] = None
 
@@ -81,7 +134,7 @@ class SamplingFields(Request):
     max_tokens: Optional[int] = Field(None, ge=1)
     n: Optional[int] = Field(1, ge=1, le=128)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[str, list[str], None] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -118,6 +171,9 @@ class SamplingFields(Request):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     model: str
+    audio: Optional[Any] = None  # refused by the handler when set: no audio output here
+    function_call: Optional[Any] = None  # deprecated names of tool_choice and tools: refused with a pointer
+    functions: Optional[list[Any]] = None
     logprobs: Optional[bool] = False
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     metadata: Optional[dict[str, str]] = None
@@ -134,6 +190,7 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[dict[str, Any]]] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     verbosity: Optional[str] = None
+    web_search_options: Optional[Any] = None  # refused by the handler when set: no web search here
 
 
 class TopLogprob(BaseModel):
@@ -303,12 +360,12 @@ class ModelList(BaseModel):
 # ---- classifications (a fundament extension; see docs/classification.md) ------------------------
 
 
-class ClassificationLabel(Request):
+class ClassificationLabel(Part):
     name: str
     description: Optional[str] = None
 
 
-class ClassificationExample(Request):
+class ClassificationExample(Part):
     input: str
     label: str
 

@@ -38,6 +38,16 @@ def render_messages(req: ChatCompletionRequest, tool_prompt: str | None = None) 
     for i, m in enumerate(req.messages):
         if m.role in ("user", "system", "developer") and m.content is None:
             raise InvalidRequestError(f"messages[{i}] ({m.role}) has no content.", f"messages[{i}].content")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type != "text":  # never dropped silently: the answer would ignore what was sent
+                raise InvalidRequestError(f"messages[{i}].content[{j}] is an {part.type} part; this model reads text only. Send text parts.",
+                                          f"messages[{i}].content[{j}]")
+        for j, call in enumerate(m.tool_calls or []):
+            try:
+                json.loads(call.function.arguments or "{}")
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object as a string ({e.msg} at character {e.pos}).",
+                                          f"messages[{i}].tool_calls[{j}].function.arguments") from None
         if m.role == "tool" and not m.tool_call_id:
             raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id")
         d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -52,6 +62,17 @@ def render_messages(req: ChatCompletionRequest, tool_prompt: str | None = None) 
         else:
             out.insert(0, {"role": "system", "content": tool_prompt})
     return out
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """OpenAI fields whose request this server cannot honour: refused, never silently ignored."""
+    if req.functions is not None or req.function_call is not None:
+        param = "functions" if req.functions is not None else "function_call"
+        raise InvalidRequestError(f"{param} is OpenAI's deprecated form of tools; send tools and tool_choice instead.", param)
+    if req.audio is not None or (req.modalities and set(req.modalities) - {"text"}):
+        raise InvalidRequestError("This model produces text only; omit audio and send modalities ['text'].", "audio" if req.audio is not None else "modalities")
+    if req.web_search_options is not None:
+        raise InvalidRequestError("Web search is not available on this server; omit web_search_options.", "web_search_options")
 
 
 class OutputRules(NamedTuple):
@@ -92,6 +113,7 @@ class ChatHandler:
 
     def prepare(self, req: ChatCompletionRequest):
         lm, adapter = self.registry.generator(req.model)
+        _refuse_unsupported(req)
         funcs = tools.functions(req.tools)
         choice = tools.resolve_choice(req.tool_choice, funcs)
         messages = render_messages(req, tools.system_prompt(funcs) if choice != "none" else None)

@@ -43,7 +43,13 @@ def resolve_choice(tool_choice, funcs: list[dict]) -> str | dict:
         if tool_choice != "none" and not funcs:
             raise InvalidRequestError(f"tool_choice '{tool_choice}' needs tools.", "tool_choice")
         return tool_choice
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function":
+        raise InvalidRequestError(
+            f"tool_choice must be 'none', 'auto', 'required' or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}; got {json.dumps(tool_choice)[:100]}.", "tool_choice")
+    if not isinstance(name, str):
+        raise InvalidRequestError("tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}.", "tool_choice")
     match = [f for f in funcs if f["name"] == name]
     if not match:
         raise InvalidRequestError(f"tool_choice names function {name!r}, which is not in tools.", "tool_choice")
