@@ -291,7 +291,14 @@ class Classifier:
                 progress(1)
             return _softmax(ll).reshape(len(ks), texts_per_input, len(names)), used
 
-        scored = await asyncio.gather(*(one(i, t) for i, t in enumerate(inputs)))
+        # A task group, not gather: when one input fails or the request is cancelled (the client
+        # went away), every other input's engine work is cancelled with it instead of running on.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, t)) for i, t in enumerate(inputs)]
+        except ExceptionGroup as eg:  # the first failure is the answer (a 4xx names its input)
+            raise eg.exceptions[0] from None
+        scored = [t.result() for t in tasks]
         p = np.stack([x for x, _ in scored], axis=1)  # (members, inputs, texts, labels)
         return LabelScores(names, p[:, :, 0], p[:, :, 1] if content_free else None, [[int(j) for j in c] for c in chosen], [u for _, u in scored])
 
