@@ -12,6 +12,8 @@ import time
 from .config import AdapterSpec, ServeConfig
 from .errors import FundamentError
 
+SHUTDOWN_GRACE_S = 3  # seconds `fundament serve` lets requests in flight finish after SIGTERM
+
 
 def _serve(args) -> None:
     import uvicorn
@@ -55,7 +57,9 @@ def _serve(args) -> None:
 
         worker = WorkerProcess(cfg, log_level=args.log_level)
     app = create_app(cfg, registry, worker)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+    # On SIGTERM uvicorn waits for requests in flight; past this it cancels them (their engine work
+    # is aborted with them), so a server with long generations running still stops within seconds.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 def _worker(args) -> int:
