@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidRequestError
+from ..errors import FundamentError, InvalidRequestError
 from ..models.tokenizer import ChatTokenizer
 
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; learning_rate_multiplier scales it (OpenAI's knob)
@@ -72,27 +72,54 @@ def _auto_batch(n: int) -> int:
     return max(1, min(32, round(n * 0.002)))
 
 
+# The ranges (inclusive) every numeric setting is checked against, in one
+# place: the server's 400s, the worker's checks and docs/fine-tuning.md all follow this table.
+# Outside them a run is absurd (1e308, Infinity) or cannot train at all.
+RANGES: dict[str, tuple[type, float, float]] = {
+    "n_epochs": (int, 1, 50),
+    "batch_size": (int, 1, 256),
+    "learning_rate_multiplier": (float, 1e-3, 50.0),
+    "lora_r": (int, 1, 256),
+    "lora_alpha": (float, 1e-3, 1024.0),
+    "lora_dropout": (float, 0.0, 0.99),
+    "warmup_ratio": (float, 0.0, 0.99),
+    "weight_decay": (float, 0.0, 1.0),
+    "eval_every": (int, 0, 1_000_000),
+    "row_tokens": (int, 64, 16384),
+}
+
+
+def _checked_number(name: str, value: Any, param: str) -> int | float:
+    """`value` as RANGES says `name` must be: a finite number of its kind, within its range."""
+    kind, lo, hi = RANGES[name]
+    shown = repr(value) if len(repr(value)) <= 32 else repr(value)[:29] + "..."
+    span = f"between {lo} and {hi}" if kind is int else f"between {lo:g} and {hi:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{param} must be {'an integer' if kind is int else 'a number'} {span}, got {shown}.", param)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(f"{param} must be a finite number {span}, got {shown}.", param)
+    if not lo <= value <= hi:  # exact for ints of any size, so 10**400 is refused here, not overflowed
+        raise InvalidRequestError(f"{param} must be {span}, got {shown}.", param)
+    if kind is int and value != int(value):
+        raise InvalidRequestError(f"{param} must be an integer {span}, got {shown}.", param)
+    return kind(value)
+
+
 def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, extensions: dict[str, Any] | None = None, seed: int = 0) -> TuneConfig:
     """Turn OpenAI's hyperparameters ("auto" or numbers) and our extensions into a TuneConfig.
     "auto": n_epochs = ceil(1000 / n) between 1 and 10 (1 from 1,000 examples up), batch_size = 0.2%
-    of the examples between 1 and 32, learning_rate_multiplier = 1 (learning rate 2e-4)."""
+    of the examples between 1 and 32, learning_rate_multiplier = 1 (learning rate 2e-4). Every
+    number must be finite and within RANGES; an InvalidRequestError names the first that is not."""
     req = dict(requested or {})
 
-    def number(name, kind, auto, lo, hi):
+    def number(name, auto):
         v = req.pop(name, "auto")
-        if v is None or v == "auto":
-            return auto
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and float(v) != int(v)):
-            raise InvalidRequestError(f"hyperparameters.{name} must be 'auto' or {'an integer' if kind is int else 'a number'}, got {v!r}.", f"hyperparameters.{name}")
-        v = kind(v)
-        if not lo <= v <= hi:
-            raise InvalidRequestError(f"hyperparameters.{name} must be between {lo} and {hi}, got {v}.", f"hyperparameters.{name}")
-        return v
+        return auto if v is None or v == "auto" else _checked_number(name, v, f"hyperparameters.{name}")
 
     cfg = TuneConfig(
-        n_epochs=number("n_epochs", int, _auto_epochs(n_examples), 1, 50),
-        batch_size=number("batch_size", int, _auto_batch(n_examples), 1, 256),
-        learning_rate_multiplier=number("learning_rate_multiplier", float, 1.0, 1e-3, 50.0),
+        n_epochs=number("n_epochs", _auto_epochs(n_examples)),
+        batch_size=number("batch_size", _auto_batch(n_examples)),
+        learning_rate_multiplier=number("learning_rate_multiplier", 1.0),
         seed=int(seed),
     )
     if req:
@@ -105,18 +132,10 @@ def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, e
     for name, value in ext.items():
         if name not in known or name in ("n_epochs", "batch_size", "learning_rate_multiplier", "seed"):
             raise InvalidRequestError(f"unknown fine-tuning option {name!r}.", name)
-        setattr(cfg, name, value)
-    if not (isinstance(cfg.lora_r, int) and 1 <= cfg.lora_r <= 256):
-        raise InvalidRequestError(f"lora_r must be an integer between 1 and 256, got {cfg.lora_r!r}.", "lora_r")
-    if not (isinstance(cfg.lora_alpha, (int, float)) and cfg.lora_alpha > 0):
-        raise InvalidRequestError(f"lora_alpha must be a positive number, got {cfg.lora_alpha!r}.", "lora_alpha")
-    if not (isinstance(cfg.lora_dropout, (int, float)) and 0 <= cfg.lora_dropout < 1):
-        raise InvalidRequestError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}.", "lora_dropout")
+        setattr(cfg, name, _checked_number(name, value, name) if name in RANGES else value)
     bad = [t for t in (cfg.target_modules if isinstance(cfg.target_modules, list) else [None]) if t not in ALL_LINEAR]
     if bad or not cfg.target_modules:
         raise InvalidRequestError(f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.", "target_modules")
-    if not (isinstance(cfg.row_tokens, int) and 64 <= cfg.row_tokens <= 16384):
-        raise InvalidRequestError(f"row_tokens must be an integer between 64 and 16384, got {cfg.row_tokens!r}.", "row_tokens")
     if cfg.compile not in (True, False, "auto"):
         raise InvalidRequestError(f"compile must be true, false or 'auto', got {cfg.compile!r}.", "compile")
     return cfg
@@ -458,6 +477,11 @@ class _Trainer:
             return self.config.learning_rate * (step + 1) / warm
         return self.config.learning_rate * max(0.0, (total - step) / max(1, total - warm))
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite (one flag per tensor, one sync)."""
+        return bool(torch.stack([p.isfinite().all() for p in self.params]).all())
+
     def adapter_state(self) -> dict:
         from peft import get_peft_model_state_dict
 
@@ -543,10 +567,21 @@ def _warm_up(trainer: _Trainer, row: list[Example], valid_row: list[Example] | N
     return None
 
 
+def _diverged(step: int, what: str, config: TuneConfig) -> FundamentError:
+    """A run whose loss, gradients or weights overflow has diverged: every later step is NaN and
+    the adapter would answer nothing. The job fails with the step and what to change."""
+    return FundamentError(
+        f"Training diverged at step {step}: {what}. Lower learning_rate_multiplier (it is {config.learning_rate_multiplier:g}, "
+        f"a learning rate of {config.learning_rate:g}) or lora_alpha (it is {config.lora_alpha:g}) and create the job again.",
+        code="training_diverged",
+    )
+
+
 def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None, config: TuneConfig, out_dir: Path, hooks: TuneHooks | None = None) -> TuneResult:
     """Train a LoRA adapter on `train`; write checkpoints (one per epoch, each a PEFT directory
     under out_dir/checkpoints/) and the final adapter (out_dir/adapter). Resumes by itself from
-    out_dir/resume if an earlier run of the same job stopped part-way (crash or pause)."""
+    out_dir/resume if an earlier run of the same job stopped part-way (crash or pause). A run whose
+    loss, gradients or weights stop being finite raises FundamentError (code training_diverged)."""
     hooks = hooks or TuneHooks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -592,8 +627,15 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
             loss, _, c = trainer.row_loss(row)
             (loss / n_loss).backward()  # the step's loss is the mean over all its learned tokens
             loss_sum, right = loss_sum + loss.item(), right + c
-        torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, 1.0))
+        # Checked before anything is saved: no checkpoint or adapter holds an inf or a NaN.
+        if not math.isfinite(loss_sum):
+            raise _diverged(step + 1, f"the training loss became non-finite ({loss_sum / n_loss})", config)
+        if not math.isfinite(grad_norm):
+            raise _diverged(step + 1, f"the gradient norm became non-finite ({grad_norm})", config)
         trainer.opt.step()
+        if not trainer.weights_finite():
+            raise _diverged(step + 1, "the adapter's weights became non-finite in the optimizer's update", config)
         trainer.opt.zero_grad(set_to_none=True)
         step += 1
         trained_tokens += sum(ex.n_tokens for ex in batch)

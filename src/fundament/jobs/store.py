@@ -86,6 +86,9 @@ CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, step_number);
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINISHED = ("succeeded", "failed", "cancelled")
+# A failed job has no model, as OpenAI's: the checkpoints it saved before it failed (a run that
+# diverged, say) are neither listed nor served.
+_NOT_FAILED = "job_id NOT IN (SELECT id FROM jobs WHERE status = 'failed')"
 _JSON = {"metadata", "hyperparameters", "extensions", "error", "result_files", "data", "metrics"}
 
 
@@ -191,8 +194,11 @@ class JobStore:
     # ---- jobs ----------------------------------------------------------------------------------
 
     def create_job(self, *, model: str, base_model: str, training_file: str, validation_file: str | None, suffix: str | None,
-                   seed: int, metadata: dict | None, hyperparameters: dict, extensions: dict, out_root: Path) -> dict:
-        job_id = new_id("ftjob")
+                   seed: int, metadata: dict | None, hyperparameters: dict, extensions: dict, out_root: Path,
+                   job_id: str | None = None) -> dict:
+        """A new job, `validating_files`, its output under out_root/<id>. `job_id` when the caller
+        chose it beforehand (to put the job's copy of its files in place before the row exists)."""
+        job_id = job_id or new_id("ftjob")
         with self._write() as c:
             c.execute(
                 "INSERT INTO jobs (id, created_at, model, base_model, training_file, validation_file, suffix, seed, metadata,"
@@ -334,8 +340,8 @@ class JobStore:
                 c.execute("UPDATE checkpoints SET metrics = ? WHERE id = ?", (json.dumps({**json.loads(r["metrics"]), **metrics}), r["id"]))
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
-        """Newest step first; checkpoints whose model was deleted are left out."""
-        where, args = "job_id = ? AND deleted = 0", [job_id]
+        """Newest step first; checkpoints whose model was deleted, and those of a failed job, are left out."""
+        where, args = f"job_id = ? AND deleted = 0 AND {_NOT_FAILED}", [job_id]
         if after:
             where += " AND seq < ?"
             args.append(self._seq("checkpoints", after, where="AND job_id = ?", args=(job_id,)))
@@ -345,14 +351,16 @@ class JobStore:
     # ---- fine-tuned models ---------------------------------------------------------------------
 
     def fine_tuned_models(self) -> list[dict]:
-        """Every servable ft: model and checkpoint: {id, base_model, created, path, job_id, out_dir, kind}."""
+        """Every servable ft: model and checkpoint: {id, base_model, created, path, job_id, out_dir, kind}
+        (a failed job's checkpoints are not)."""
         jobs = self._all(
             "SELECT fine_tuned_model AS id, base_model, finished_at AS created, adapter_dir AS path, id AS job_id, out_dir, 'model' AS kind"
             " FROM jobs WHERE status = 'succeeded' AND model_deleted = 0 AND adapter_dir IS NOT NULL ORDER BY seq"
         )
         ckpts = self._all(
             "SELECT c.model_id AS id, j.base_model, c.created_at AS created, c.path, j.id AS job_id, j.out_dir, 'checkpoint' AS kind"
-            " FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.deleted = 0 AND j.model_deleted = 0 ORDER BY c.seq"
+            " FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.deleted = 0 AND j.model_deleted = 0 AND j.status != 'failed'"
+            " ORDER BY c.seq"
         )
         return jobs + ckpts
 

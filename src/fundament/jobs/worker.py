@@ -271,8 +271,8 @@ class Worker:
             if hooks.should_stop():
                 return self._after_stop(job, hooks, "cancel" if self.store.get_job(jid)["status"] == "cancelled" else "pause")
             result = fine_tune(base_dir, train.examples, valid.examples if valid else None, hp, out_dir, hooks)
-        except FundamentError as e:
-            return self._fail(job, "invalid_request", e.message, e.param)
+        except FundamentError as e:  # bad values from an older version's job, or a run that diverged
+            return self._fail(job, e.code or "invalid_request", e.message, e.param)
         except Exception as e:
             log.exception("training %s", jid)
             return self._fail(job, "training_error", f"Training failed: {type(e).__name__}: {e}", None)

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
+from ..adapt.tune import RANGES
 from .protocol import Request
 
 # ---- files ------------------------------------------------------------------------------------
@@ -63,6 +64,13 @@ class Hyperparameters(BaseModel):
     n_epochs: Union[Literal["auto"], StrictInt] = "auto"
 
 
+def _in_range(name: str):
+    """A field whose range (and finiteness: no Infinity or NaN, which JSON parsing lets through)
+    is the trainer's own, so the schema states it and a value outside it is a 400 naming the field."""
+    _, lo, hi = RANGES[name]
+    return Field(None, ge=lo, le=hi, allow_inf_nan=False)
+
+
 class SupervisedMethod(Request):
     hyperparameters: Optional[Hyperparameters] = None
 
@@ -84,16 +92,16 @@ class CreateFineTuningJobRequest(Request):
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
     method: Optional[Method] = None
     metadata: Optional[dict[str, str]] = None
-    # --- fundament extensions (docs/fine-tuning.md) ---
+    # --- fundament extensions (docs/fine-tuning.md); numbers within adapt/tune.py's RANGES ---
     training_type: Optional[str] = None  # "lora" (the only one for now)
-    lora_r: Optional[StrictInt] = None
-    lora_alpha: Optional[float] = None
-    lora_dropout: Optional[float] = None
+    lora_r: Optional[StrictInt] = _in_range("lora_r")
+    lora_alpha: Optional[StrictFloat] = _in_range("lora_alpha")
+    lora_dropout: Optional[StrictFloat] = _in_range("lora_dropout")
     target_modules: Optional[list[str]] = None
-    warmup_ratio: Optional[float] = Field(None, ge=0.0, lt=1.0)
-    weight_decay: Optional[float] = Field(None, ge=0.0)
-    eval_every: Optional[StrictInt] = Field(None, ge=0)
-    row_tokens: Optional[StrictInt] = None
+    warmup_ratio: Optional[StrictFloat] = _in_range("warmup_ratio")
+    weight_decay: Optional[StrictFloat] = _in_range("weight_decay")
+    eval_every: Optional[StrictInt] = _in_range("eval_every")
+    row_tokens: Optional[StrictInt] = _in_range("row_tokens")
     compile: Optional[Union[StrictBool, Literal["auto"]]] = None
 
     @field_validator("suffix")

@@ -100,7 +100,7 @@ class FineTuningHandler:
         except InvalidRequestError as e:
             param = e.param or ""
             param = prefix + param if param.startswith("hyperparameters") else ("training_type" if param == "method" else param)
-            raise InvalidRequestError(e.message, param or None) from None
+            raise InvalidRequestError(prefix + e.message if e.message.startswith("hyperparameters.") else e.message, param or None) from None
         row = self.store.create_job(
             model=req.model, base_model=base, training_file=req.training_file, validation_file=req.validation_file,
             suffix=req.suffix, seed=seed, metadata=req.metadata, hyperparameters=requested, extensions=extensions, out_root=self.out_root,
