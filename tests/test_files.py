@@ -246,3 +246,37 @@ def test_file_content_header_is_safe_for_path_quote_and_non_ascii_names(tiny_ser
         assert r.status_code == 200 and r.content == b"hello"
         assert r.headers["content-disposition"] == expected
     assert not (tiny_server.home / "outside.txt").exists() and not (tiny_server.home.parent / "outside.txt").exists()
+
+
+# ---- a job's own copy of a file -----------------------------------------------------------------
+
+
+def test_keep_links_the_bytes_so_deleting_the_file_leaves_the_copy(tmp_path):
+    files = FileStore(JobStore(tmp_path / "db.sqlite3"), tmp_path / "files")
+    fid = files.add_bytes(b'{"prompt": "a", "completion": "b"}\n', "t.jsonl", "fine-tune")["id"]
+    dest = files.keep(fid, tmp_path / "job" / "data" / "training_file.jsonl")
+    assert dest.read_bytes() == files.read(fid)
+    assert dest.stat().st_ino == files.path(fid).stat().st_ino and dest.stat().st_nlink == 2  # a link: no second copy on disk
+    assert files.delete(fid) and not files.path(fid).exists()
+    assert dest.read_bytes() == b'{"prompt": "a", "completion": "b"}\n' and dest.stat().st_nlink == 1
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temporary file left
+    with pytest.raises(FileNotFoundError):
+        files.keep(fid, tmp_path / "job" / "data" / "again.jsonl")
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+
+
+def test_keep_copies_where_a_link_cannot_be_made(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    files = FileStore(JobStore(tmp_path / "db.sqlite3"), tmp_path / "files")
+    fid = files.add_bytes(b"x" * 5000, "t.jsonl", "fine-tune")["id"]
+
+    def no_link(src, dst):  # as across filesystems
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    dest = files.keep(fid, tmp_path / "job" / "t.jsonl")
+    assert dest.read_bytes() == b"x" * 5000 and dest.stat().st_ino != files.path(fid).stat().st_ino
+    files.delete(fid)
+    assert dest.read_bytes() == b"x" * 5000

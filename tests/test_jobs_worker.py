@@ -16,6 +16,7 @@ import pytest
 from fundament.adapt.tune import latest_checkpoint
 from fundament.config import ModelSpec, ServeConfig
 from fundament.jobs.files import FileStore
+from fundament.jobs.job_data import keep_job_files
 from fundament.jobs.store import JobStore
 from fundament.jobs.worker import Worker, fine_tuned_model_id
 from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
@@ -191,6 +192,7 @@ def test_worker_shutdown_queues_the_job_and_the_next_worker_resumes_it(env):
 
 
 def test_deleted_training_file_fails_the_job(env):
+    # A job with no copy of its own (created before jobs kept one) whose file went before validation.
     store, files, cfg = env
     train = upload(files, sst2_chat(12))
     job = create(store, train)
@@ -199,3 +201,108 @@ def test_deleted_training_file_fails_the_job(env):
     row = store.get_job(job["id"])
     assert row["status"] == "failed" and row["error"]["param"] == "training_file"
     assert "cannot be read" in row["error"]["message"]
+
+
+# ---- a job's own copy of its files ----------------------------------------------------------------
+
+
+def create_with_copies(store, files, train, valid=None, **kw):
+    """As the server creates a job: with its own copy of its files (the server makes it first)."""
+    job = create(store, train, valid, **kw)
+    assert set(keep_job_files(files, job["out_dir"], job)) == {"training_file"} | ({"validation_file"} if valid else set())
+    return job
+
+
+def test_deleting_the_files_after_create_leaves_the_job_whole(env):
+    store, files, cfg = env
+    train, valid = upload(files, sst2_chat(12)), upload(files, sst2_chat(4, start=100), "valid.jsonl")
+    job = create_with_copies(store, files, train, valid)
+    data = Path(job["out_dir"]) / "data"
+    assert (data / "training_file.jsonl").read_bytes() == files.read(train)
+    assert files.delete(train) and files.delete(valid)  # as DELETE /v1/files/{id} does
+    Worker(cfg, store, files).run_once()
+    row = store.get_job(job["id"])
+    assert row["status"] == "succeeded", row["error"]
+    assert store.metrics(job["id"])[-1]["valid_loss"] is not None  # the validation file was read too
+    assert not data.exists() and (Path(row["out_dir"]) / "adapter" / "adapter_model.safetensors").exists()  # the copy went with the job's end
+
+
+def test_a_job_resumed_after_its_file_was_deleted_finishes_every_step(env):
+    store, files, cfg = env
+    train = upload(files, sst2_chat(12))
+    job = create_with_copies(store, files, train, hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"})
+    first = Worker(cfg, store, files)
+    t = run_in_thread(first)
+    wait_for(lambda: len(store.metrics(job["id"])) >= 5)
+    assert files.delete(train)
+    first.stopping.set()  # the worker goes; the next one has nothing in memory and reads the job's copy
+    t.join(timeout=10)
+    step = store.metrics(job["id"])[-1]["step"]
+    assert store.get_job(job["id"])["status"] == "queued" and not files.path(train).exists()
+    Worker(cfg, store, files).run_once()
+    row = store.get_job(job["id"])
+    assert row["status"] == "succeeded", row["error"]
+    assert f"Resumed from the state saved at step {step}." in messages(store, job["id"])
+    assert [m["step"] for m in store.metrics(job["id"])] == list(range(1, 301))
+
+
+def test_a_cancelled_or_failed_job_drops_its_copy_and_a_paused_one_keeps_it(env):
+    store, files, cfg = env
+    job = create_with_copies(store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"})
+    data = Path(job["out_dir"]) / "data"
+    t = run_in_thread(Worker(cfg, store, files))
+    wait_for(lambda: len(store.metrics(job["id"])) >= 3)
+    store.update_job(job["id"], ("running",), status="paused")
+    t.join(timeout=10)
+    assert (data / "training_file.jsonl").exists()  # a paused job resumes from it
+    store.update_job(job["id"], ("paused",), status="queued")
+    t = run_in_thread(Worker(cfg, store, files))
+    wait_for(lambda: store.get_job(job["id"])["status"] == "running" and len(store.metrics(job["id"])) >= 6)
+    store.update_job(job["id"], ("running",), status="cancelled")
+    t.join(timeout=10)
+    assert not data.exists() and Path(job["out_dir"]).exists()  # checkpoints stay; the copy goes
+    few = create_with_copies(store, files, upload(files, sst2_chat(3)))
+    Worker(cfg, store, files).run_once()
+    assert store.get_job(few["id"])["status"] == "failed" and not Path(few["out_dir"]).exists()  # nothing left at all
+
+
+# ---- runs that cannot train --------------------------------------------------------------------
+
+
+def test_a_job_stored_with_an_absurd_value_fails_validation_naming_it(env):
+    """A job created before the server checked ranges (or written by another tool) is refused by
+    the worker, before it trains."""
+    store, files, cfg = env
+    job = create(store, upload(files, sst2_chat(12)), lora_alpha=1e308)
+    Worker(cfg, store, files).run_once()
+    row = store.get_job(job["id"])
+    assert row["status"] == "failed" and row["error"]["param"] == "lora_alpha"
+    assert row["error"]["message"] == "lora_alpha must be between 0.001 and 1024, got 1e+308."
+
+
+def test_a_job_that_diverges_fails_at_its_step_and_serves_no_model(env, monkeypatch):
+    from fundament.adapt import tune
+
+    store, files, cfg = env
+    row_loss = tune._Trainer.row_loss
+    calls = []
+
+    def diverging(self, row):  # one row per step here; from the fifth step on the loss overflows
+        calls.append(1)
+        loss, n, right = row_loss(self, row)
+        return (loss * float("inf") if len(calls) >= 5 else loss), n, right
+
+    monkeypatch.setattr(tune._Trainer, "row_loss", diverging)
+    job = create_with_copies(store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2})
+    Worker(cfg, store, files).run_once()
+    row = store.get_job(job["id"])
+    assert row["status"] == "failed" and row["fine_tuned_model"] is None and row["result_files"] == []
+    assert row["error"] == {"code": "training_diverged", "param": None, "message": (
+        "Training diverged at step 5: the training loss became non-finite (inf). Lower learning_rate_multiplier "
+        "(it is 2, a learning rate of 0.0004) or lora_alpha (it is 32) and create the job again.")}
+    assert [m["step"] for m in store.metrics(job["id"])] == [1, 2, 3, 4]  # no step with a non-finite loss recorded
+    assert all(m["train_loss"] > 0 for m in store.metrics(job["id"]))
+    # the checkpoint of the first epoch (step 3) is on disk, but a failed job has no model
+    assert (Path(row["out_dir"]) / "checkpoints" / "step-3").is_dir() and not (Path(row["out_dir"]) / "adapter").exists()
+    assert store.fine_tuned_models() == [] and store.list_checkpoints(job["id"])[0] == []
+    assert messages(store, job["id"])[-1] == "Fine-tuning job failed: " + row["error"]["message"]

@@ -8,6 +8,7 @@ of HTTP or multipart; the server feeds it bytes.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,6 +83,30 @@ class FileStore:
 
     def read(self, file_id: str) -> bytes:
         return self.path(file_id).read_bytes()
+
+    def keep(self, file_id: str, dest: Path) -> Path:
+        """Give `dest` this file's bytes for good, so that deleting the file later leaves them: a
+        hard link (stored bytes are never rewritten, only replaced, so a link is a copy that costs
+        no space until the file is deleted), or a copy where a link cannot be made (another
+        filesystem). Written under a temporary name and renamed; FileNotFoundError if the file is gone."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{_TMP}{dest.name}-{new_id('k')}")
+        try:
+            try:
+                os.link(self.path(file_id), tmp)
+            except FileNotFoundError:
+                raise
+            except OSError:  # EXDEV, or a filesystem without hard links
+                shutil.copyfile(self.path(file_id), tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
 
     def delete(self, file_id: str) -> bool:
         """Drop the row, then the bytes; False if there was no such file."""

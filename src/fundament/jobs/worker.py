@@ -25,7 +25,8 @@ from ..adapt.tune import TuneHooks, encode_example, fine_tune, latest_checkpoint
 from ..config import ModelSpec, ServeConfig
 from ..errors import FundamentError, InvalidRequestError
 from .files import FileStore
-from .store import JobStore, worker_identity
+from .job_data import data_path, drop_job_files, keep_job_files
+from .store import FINISHED, JobStore, worker_identity
 from .validation import MIN_TRAINING_EXAMPLES, Dataset, validate_file
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,13 @@ class Worker:
             def encode(record):
                 return encode_example(tok, record, max_len)
 
-            train = validate_file(self.files.path(job["training_file"]), "training_file", encode, max_len, MIN_TRAINING_EXAMPLES)
+            # The job's own copies (made at create; made here for a job from before they were), so
+            # neither validation nor a resume after a crash reads a file the user may have deleted.
+            keep_job_files(self.files, job["out_dir"], {"training_file": job["training_file"], "validation_file": job["validation_file"]})
+            train = validate_file(data_path(job["out_dir"], "training_file"), "training_file", encode, max_len, MIN_TRAINING_EXAMPLES)
             valid = None
             if job["validation_file"]:
-                valid = validate_file(self.files.path(job["validation_file"]), "validation_file", encode, max_len, 1)
+                valid = validate_file(data_path(job["out_dir"], "validation_file"), "validation_file", encode, max_len, 1)
             return train, valid
 
     def validate(self, job: dict) -> bool:
@@ -234,17 +238,27 @@ class Worker:
         resolved = {"batch_size": hp.batch_size, "learning_rate_multiplier": hp.learning_rate_multiplier, "n_epochs": hp.n_epochs}
         self._datasets[jid] = (train, valid)
         n_tok = train.n_tokens
-        return self.store.update_job(
+        queued = self.store.update_job(
             jid, ("validating_files",), status="queued", hyperparameters=resolved,
             event=f"Files validated ({len(train.examples)} training examples, {n_tok} tokens); moving job to queued state.",
         )
+        if not queued:  # cancelled meanwhile
+            self._drop_data_if_ended(job)
+        return queued
 
     def _fail(self, job: dict, code: str, message: str, param: str | None, from_status=("running",)) -> bool:
         """-> failed with OpenAI's {code, message, param}, unless the job moved on (cancelled)."""
-        return self.store.update_job(
+        failed = self.store.update_job(
             job["id"], from_status, status="failed", error={"code": code, "message": message, "param": param},
             finished_at=int(time.time()), estimated_finish=None, event=f"Fine-tuning job failed: {message}", level="error",
         )
+        self._drop_data_if_ended(job)
+        return failed
+
+    def _drop_data_if_ended(self, job: dict) -> None:
+        """The job's copy of its files goes when the job has ended, never while it may resume (paused)."""
+        if self.store.get_job(job["id"])["status"] in FINISHED:
+            drop_job_files(job["out_dir"])
 
     # ---- training ------------------------------------------------------------------------------
 
@@ -265,7 +279,7 @@ class Worker:
             self._datasets = {k: v for k, v in self._datasets.items() if k in queued}  # drop cancelled ones
             train, valid = cached or self._read_data(job)
             bad = next((ds for ds in (train, valid) if ds is not None and not ds.ok), None)
-            if bad is not None:  # a file was deleted or changed since validation
+            if bad is not None:  # the job's copy is gone (a job from before there were copies, say)
                 return self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
             hp = resolve_hyperparameters(job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"])
             if hooks.should_stop():
@@ -288,6 +302,7 @@ class Worker:
         jid, step = job["id"], hooks.last_step
         if why == "cancel":
             self.store.add_event(jid, f"Training stopped at step {step}: the job was cancelled.")
+            self._drop_data_if_ended(job)
             return
         if self.stopping.is_set() and self.store.update_job(
             jid, ("running",), status="queued", worker=None, worker_pid=None, estimated_finish=None,
@@ -314,6 +329,7 @@ class Worker:
             self.store.add_event(jid, "The job has successfully completed")
         else:  # cancelled at the very end: the cancel wins
             self.files.delete(result_file["id"])
+        self._drop_data_if_ended(job)
 
     def _metrics_csv(self, job_id: str) -> bytes:
         """OpenAI's result file: one row per step."""

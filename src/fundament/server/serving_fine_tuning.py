@@ -11,7 +11,8 @@ from ..adapt.tune import resolve_hyperparameters
 from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from ..jobs.files import FileStore
-from ..jobs.store import ACTIVE, JobStore
+from ..jobs.job_data import drop_job_files, keep_job_files
+from ..jobs.store import ACTIVE, JobStore, new_id
 from ..jobs.worker import ORGANIZATION
 from ..models.registry import ModelRegistry
 from .protocol_fine_tuning import (
@@ -91,21 +92,40 @@ class FineTuningHandler:
         prefix = "method.supervised." if in_method else ""
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         extensions = req.extensions()
-        # Resolve now (with the file's line count standing in for its example count) so that bad
-        # values are a 400 here, not a failed job later.
-        with open(self.files.path(req.training_file), "rb") as f:
-            n_lines = sum(1 for line in f if line.strip())
+        # The job's own copy of its files, before its row exists: from here on it never reads the
+        # uploaded files, so deleting them (as OpenAI allows) cannot hurt it.
+        job_id = new_id("ftjob")
+        out_dir = self.out_root / job_id
+        file_ids = {"training_file": req.training_file, "validation_file": req.validation_file}
+        kept = keep_job_files(self.files, out_dir, file_ids)
         try:
-            resolve_hyperparameters(requested, max(n_lines, 1), extensions, seed=seed)
+            for param, file_id in file_ids.items():
+                if file_id and param not in kept:
+                    raise InvalidRequestError(f"invalid {param}: {file_id} was deleted while the job was being created. Upload it again.", param)
+            # Resolve now (with the file's line count standing in for its example count) so that
+            # bad values are a 400 here, not a failed job later.
+            with open(kept["training_file"], "rb") as f:
+                n_lines = sum(1 for line in f if line.strip())
+            self._resolve(requested, max(n_lines, 1), extensions, seed, prefix)
+            row = self.store.create_job(
+                model=req.model, base_model=base, training_file=req.training_file, validation_file=req.validation_file,
+                suffix=req.suffix, seed=seed, metadata=req.metadata, hyperparameters=requested, extensions=extensions,
+                out_root=self.out_root, job_id=job_id,
+            )
+        except BaseException:
+            drop_job_files(out_dir)
+            raise
+        return job_object(row)
+
+    @staticmethod
+    def _resolve(requested: dict, n_examples: int, extensions: dict, seed: int, prefix: str) -> None:
+        """resolve_hyperparameters' 400, its `param` named as the request named the field."""
+        try:
+            resolve_hyperparameters(requested, n_examples, extensions, seed=seed)
         except InvalidRequestError as e:
             param = e.param or ""
             param = prefix + param if param.startswith("hyperparameters") else ("training_type" if param == "method" else param)
             raise InvalidRequestError(prefix + e.message if e.message.startswith("hyperparameters.") else e.message, param or None) from None
-        row = self.store.create_job(
-            model=req.model, base_model=base, training_file=req.training_file, validation_file=req.validation_file,
-            suffix=req.suffix, seed=seed, metadata=req.metadata, hyperparameters=requested, extensions=extensions, out_root=self.out_root,
-        )
-        return job_object(row)
 
     # ---- read ----------------------------------------------------------------------------------
 
@@ -151,7 +171,9 @@ class FineTuningHandler:
         return job_object(self.get_row(row["id"]))
 
     def cancel(self, job_id: str) -> FineTuningJob:
-        return self._move(job_id, ACTIVE, "cancel", "Fine-tuning job cancelled", status="cancelled", finished_at=int(time.time()), estimated_finish=None)
+        job = self._move(job_id, ACTIVE, "cancel", "Fine-tuning job cancelled", status="cancelled", finished_at=int(time.time()), estimated_finish=None)
+        drop_job_files(self.get_row(job_id)["out_dir"])  # it has ended: its copy of the files goes (a training worker holds its own in memory)
+        return job
 
     def pause(self, job_id: str) -> FineTuningJob:
         return self._move(job_id, ("running", "queued"), "pause", "Fine-tuning job paused", status="paused", estimated_finish=None)
