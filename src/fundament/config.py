@@ -63,6 +63,10 @@ class EngineConfig:
     # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
     # models/native.py); without a compiler, or false, through PyTorch calls from Python.
     native_decode: bool = True
+    # Each prompt's rows get matmuls of their own, so a request's output never depends on what else
+    # runs in its step (the bf16 GEMM rounds differently by row count, e.g. with AMX). false: one
+    # matmul for all prompt rows of a step, faster when many prompts arrive together.
+    batch_invariant: bool = True
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
 

@@ -112,22 +112,27 @@ class Linear:
                 self.q8[i : i + 4096] = torch.round(w / scale[i : i + 4096, None]).clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = ()) -> torch.Tensor:
-        """x: (N, in). The first n_decode rows are decode tokens: they always take the int8 path
-        and the rest the bf16 path, so a row's result never depends on what else is in the batch
-        (both kernels compute each row independently of the others; switching kernels by batch
-        size would not)."""
-        if (self.q8 is None and self.q4 is None) or n_decode == 0:
-            y = F.linear(x, self.weight, self.bias)
-        else:
+    def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = (), splits: list[int] | None = None) -> torch.Tensor:
+        """x: (N, in). The first n_decode rows are decode tokens: they take the int4/int8 path
+        (those kernels compute each row alone, whatever the number of rows). The rest are prompt
+        rows, in runs of `splits` rows (one per sequence; None: one run): each run is its own
+        matmul, since the bf16 GEMM picks its kernel, and so its rounding, by the number of rows
+        (with AMX, tile kernels from a few rows up), and a sequence's rows must not be computed
+        differently because other prompts share its step."""
+        quantized = (self.q4 is not None or self.q8 is not None) and n_decode > 0
+        parts = []
+        if quantized:
             if self.q4 is not None:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
+                parts.append(torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1]))
             else:
-                y = torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale)
-            if n_decode < x.shape[0]:
-                y = torch.cat([y, F.linear(x[n_decode:], self.weight)])
+                parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
             if self.bias is not None:
-                y = y + self.bias
+                parts[0] = parts[0] + self.bias
+        runs = [n_decode] if n_decode and not quantized else []  # rows of each dense matmul
+        if x.shape[0] > n_decode:
+            runs += list(splits) if splits else [x.shape[0] - n_decode]
+        parts += [F.linear(rows, self.weight, self.bias) for rows in x[n_decode if quantized else 0 :].split(runs)]
+        y = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)  # no rows at all
         # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
         for slot, rows in lora_rows:
             ab = self.lora.get(slot)
@@ -263,10 +268,12 @@ class LlamaModel:
     LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # the fused projections, in the native kernel's order
 
     def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True,
-                 native_decode: bool = True):
+                 native_decode: bool = True, batch_invariant: bool = True):
         """`native_decode`: run decode rows through the native kernel (models/native.py) when this
-        machine can build it; on a CPU only, in bfloat16 or float32."""
+        machine can build it; on a CPU only, in bfloat16 or float32. `batch_invariant`: each
+        segment's prompt rows get matmuls of their own (see Linear)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.batch_invariant = batch_invariant
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
 
         def w(name):
@@ -326,13 +333,15 @@ class LlamaModel:
                 self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
 
     @classmethod
-    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True, native_decode: bool = True) -> "LlamaModel":
+    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True, native_decode: bool = True,
+                 batch_invariant: bool = True) -> "LlamaModel":
         path = Path(path)
         cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
-        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode, native_decode=native_decode)
+        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode, native_decode=native_decode,
+                   batch_invariant=batch_invariant)
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
         """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""
@@ -442,7 +451,12 @@ class LlamaModel:
         else:
             x = self._layers(input_ids, segments, n_dec)
         x = self._rms_norm(x[logit_rows], self.norm)
-        return self.lm_head(x, n_dec).float().cpu()  # (R, V)
+        splits = None
+        if self.batch_invariant and len(logit_rows) > n_dec:  # the prompt rows' logits, per sequence (as in the layers)
+            ends = torch.tensor([s.length for s in segments]).cumsum(0)
+            per_segment = torch.bucketize(logit_rows[n_dec:].cpu(), ends, right=True).bincount(minlength=len(segments))
+            splits = [n for n in per_segment.tolist() if n]
+        return self.lm_head(x, n_dec, splits=splits).float().cpu()  # (R, V)
 
     def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """Every layer for n decode rows in one native call; returns the last hidden states (n, C)."""
@@ -484,15 +498,16 @@ class LlamaModel:
         N = input_ids.shape[0]
         x = self.embed[input_ids]  # (N, C)
         q_dim, kv_dim = H * hd, KVH * hd
+        splits = [s.length for s in segments[n_dec:]] if self.batch_invariant else None  # each prompt's rows: matmuls of their own
         for li, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer["in_norm"])
-            qkv = layer["qkv"](h, n_dec, lora_rows)  # (N, q_dim + 2 kv_dim)
+            qkv = layer["qkv"](h, n_dec, lora_rows, splits)  # (N, q_dim + 2 kv_dim)
             qk = self._rope(qkv[:, : q_dim + kv_dim].view(N, H + KVH, hd), cos, sin)  # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
             attn = self._attention(li, q, k, v, segments, n_dec, dec_views)  # (N, H, hd)
-            x = x + layer["o"](attn.view(N, q_dim), n_dec, lora_rows)
+            x = x + layer["o"](attn.view(N, q_dim), n_dec, lora_rows, splits)
             h = self._rms_norm(x, layer["post_norm"])
-            gate, up = layer["gate_up"](h, n_dec, lora_rows).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows)
+            gate, up = layer["gate_up"](h, n_dec, lora_rows, splits).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows, splits)
         return x

@@ -55,7 +55,7 @@ def load_generation_model(spec: ModelSpec, engine_config: EngineConfig) -> Gener
     tokenizer = ChatTokenizer(path)
     device = resolve_device(engine_config.device)
     model = LlamaModel.from_dir(path, dtype=resolve_dtype(engine_config.dtype, device), device=device, int8_decode=engine_config.int8_decode,
-                               native_decode=engine_config.native_decode)
+                               native_decode=engine_config.native_decode, batch_invariant=engine_config.batch_invariant)
     engine = Engine(model, engine_config, tokenizer.eos_token_ids)
     fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
     return GenerationModel(spec.name, spec, tokenizer, engine, int(time.time()), fp)
