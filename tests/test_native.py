@@ -66,8 +66,12 @@ def test_native_decode_computes_what_the_pytorch_path_does(tiny_llama, dtype):
 @pytest.mark.slow
 @needs_native
 def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_dir):
-    """bfloat16 with the GGUF's int4 weights: the two paths round differently, so logits differ in
-    the last bits; their next-token choices agree."""
+    """bfloat16 with the GGUF's int4 weights: the two paths round differently (the PyTorch path's
+    attention is SDPA in bf16, on tile kernels where the CPU has AMX; the kernel's is float32), so
+    logits differ by a few bf16 steps. Their next-token choices may then differ only where the
+    PyTorch path's best two are close: a bound meant to hold with AMX and without (with AMX the
+    two agreed on 49 of 52 choices, under the old 95% bound; on an AMD EPYC without AMX on 50 of
+    52, each miss at an exact tie, and their logits differed by at most 0.97)."""
     tok = ChatTokenizer(smollm_dir)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in ("Explain what a foundation model is.", "Name three rivers.")]
     continuations = [tok.encode(" A foundation model is a large neural network trained on broad data, then adapted to many tasks by prompting or by fine-tuning.")[:32]] * 2
@@ -75,9 +79,16 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
     agree = total = 0
     for a, b in zip(nat, py):
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.995
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        top = b.topk(2, dim=-1).values
+        clear = (top[:, 0] - top[:, 1]) >= CLEAR_MARGIN  # the reference's choice is not a near tie
+        same = a.argmax(-1) == b.argmax(-1)
+        assert same[clear].all(), f"the paths chose differently where the reference led by >= {CLEAR_MARGIN} logits"
+        agree += int(same.sum())
         total += a.shape[0]
-    assert agree >= 0.95 * total
+    assert agree >= 0.9 * total
+
+
+CLEAR_MARGIN = 2.0  # logits; the paths' logits differ by at most ~1 (a few bf16 steps at this magnitude)
 
 
 @needs_native

@@ -98,6 +98,11 @@ class Engine:
 
     # ---- public API (any thread) -------------------------------------------------------------
 
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cache tokens held for running sequences (0 when idle: nothing leaked)."""
+        return self._reserved
+
     def check_fits(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
         total = n_prompt + max_tokens
         if total > self.max_context:

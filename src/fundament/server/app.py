@@ -221,7 +221,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
     @app.get("/health")
     async def health():
         engines = {n: {"running": len(g.engine.running), "waiting": len(g.engine.waiting), "steps": g.engine.steps,
-                       "native_decode": g.engine.model.native} for n, g in reg.generators.items()}
+                       "kv_reserved_tokens": g.engine.reserved_tokens, "native_decode": g.engine.model.native} for n, g in reg.generators.items()}
         return {"status": "ok", "engines": engines}
 
     @app.get("/v1/models", dependencies=v1)
