@@ -7,7 +7,9 @@ import json
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -17,7 +19,19 @@ from ..errors import AuthenticationError, FundamentError, ModelNotFoundError, Qu
 from ..jobs.files import FileStore
 from ..jobs.store import JobStore
 from ..models.registry import ModelRegistry
-from .protocol import ChatCompletionRequest, ClassificationRequest, ClassificationResponse, CompletionRequest, EmbeddingRequest, Model, ModelList
+from . import openapi
+from .protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ClassificationRequest,
+    ClassificationResponse,
+    Completion,
+    CompletionRequest,
+    CreateEmbeddingResponse,
+    EmbeddingRequest,
+    Model,
+    ModelList,
+)
 from .serving_classify import ClassificationHandler
 from .serving_chat import ChatHandler
 from .serving_completions import CompletionHandler
@@ -79,8 +93,12 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     else:
         param = _param_from_loc(loc)
         same = [e for e in errors if _param_from_loc(e.get("loc", ())) == param]
+        too_long = next((e for e in same if e.get("type") == "too_long"), None)
         if kind == "missing":
             msg = f"Missing required parameter: '{param}'."
+        elif too_long is not None:  # a list over its limit, whichever shapes of a union it was tried as
+            ctx = too_long.get("ctx", {})
+            msg = f"'{param}' has {ctx.get('actual_length')} items; at most {ctx.get('max_length')} are allowed per request."
         elif len(same) > 1:  # a union: none of the accepted shapes matched
             msg = f"Invalid type for '{param}' (got {_describe(first.get('input'))}); see the API reference for the accepted shapes."
         else:
@@ -197,7 +215,11 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         msg = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}}, status_code=exc.status_code)
+        if exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', 'none')}."
+        # exc.headers carries a 405's Allow header
+        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):
@@ -235,13 +257,13 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
                 return Model(id=i, created=c, owned_by="fundament")
         raise ModelNotFoundError(model_id)
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions", dependencies=v1, response_model=ChatCompletion)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         if body.stream:
             return StreamingResponse(chat.stream(body), media_type="text/event-stream")
         return await _until_disconnect(request, chat.create(body))
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions", dependencies=v1, response_model=Completion)
     async def create_completion(body: CompletionRequest, request: Request):
         if body.stream:
             return StreamingResponse(completions.stream(body), media_type="text/event-stream")
@@ -251,7 +273,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
     async def create_classification(body: ClassificationRequest, request: Request) -> ClassificationResponse:
         return await _until_disconnect(request, classifications.create(body))
 
-    @app.post("/v1/embeddings", dependencies=v1)
+    @app.post("/v1/embeddings", dependencies=v1, response_model=CreateEmbeddingResponse)
     async def create_embedding(body: EmbeddingRequest):
         return await embeddings.create(body)
 
@@ -261,19 +283,21 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
 
     # ---- files (sync handlers run in the thread pool: SQLite and disk never block the loop) ----
 
-    @app.post("/v1/files", dependencies=v1)
+    @app.post("/v1/files", dependencies=v1, openapi_extra=openapi.upload_body(config.max_file_bytes))
     async def create_file(request: Request) -> FileObject:
         return await files.create(request)
 
     @app.get("/v1/files", dependencies=v1)
-    def list_files(after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None) -> FileList:
+    def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
+                   purpose: str | None = None) -> FileList:
         return files.list(after, limit, order, purpose)
 
     @app.get("/v1/files/{file_id}", dependencies=v1)
     def retrieve_file(file_id: str) -> FileObject:
         return files.retrieve(file_id)
 
-    @app.get("/v1/files/{file_id}/content", dependencies=v1)
+    @app.get("/v1/files/{file_id}/content", dependencies=v1, response_class=FileResponse,
+             responses={200: {"description": "The file's bytes.", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     def file_content(file_id: str) -> FileResponse:
         return files.content(file_id)
 
@@ -288,7 +312,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return fine_tuning.create(body)
 
     @app.get("/v1/fine_tuning/jobs", dependencies=v1)
-    def list_fine_tuning_jobs(request: Request, after: str | None = None, limit: int = 20) -> FineTuningJobList:
+    def list_fine_tuning_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
         q = request.query_params
         metadata = {k[len("metadata["):-1]: v for k, v in q.multi_items() if k.startswith("metadata[") and k.endswith("]")}
         return fine_tuning.list(after, limit, metadata, q.get("metadata") == "null")
@@ -310,10 +334,12 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return fine_tuning.resume(job_id)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
-    def list_fine_tuning_events(job_id: str, after: str | None = None, limit: int = 20) -> FineTuningJobEventList:
+    def list_fine_tuning_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> FineTuningJobEventList:
         return fine_tuning.events(job_id, after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
-    def list_fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> FineTuningJobCheckpointList:
+    def list_fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:
         return fine_tuning.checkpoints(job_id, after, limit)
+
+    openapi.install(app, config)
     return app

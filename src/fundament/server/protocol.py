@@ -135,7 +135,7 @@ class SamplingFields(Request):
     n: Optional[int] = Field(1, ge=1, le=128)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
@@ -316,8 +316,11 @@ class Completion(BaseModel):
 # ---- embeddings -------------------------------------------------------------------------------
 
 
+MAX_INPUTS = 2048  # inputs per embeddings or classifications request (OpenAI's limit for embeddings)
+
+
 class EmbeddingRequest(Request):
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: Union[str, Annotated[list[str], Field(max_length=MAX_INPUTS)], list[int], Annotated[list[list[int]], Field(max_length=MAX_INPUTS)]]
     model: str
     dimensions: Optional[int] = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"
@@ -372,7 +375,7 @@ class ClassificationExample(Part):
 
 class ClassificationRequest(Request):
     model: str
-    input: Union[str, list[str]]
+    input: Union[str, Annotated[list[str], Field(max_length=MAX_INPUTS)]]
     labels: list[Union[str, ClassificationLabel]]
     instruction: Optional[str] = None
     examples: Optional[list[ClassificationExample]] = None
@@ -400,3 +403,19 @@ class ClassificationResponse(BaseModel):
     model: str
     data: list[Classification]
     usage: Usage
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer (errors.py's classes, the server's one handler)."""
+
+    error: ErrorObject

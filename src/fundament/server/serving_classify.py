@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from ..adapt.classify import Classifier, PoolVectorCache
-from ..errors import InvalidRequestError
 from ..models.registry import ModelRegistry
 from .protocol import Classification, ClassificationRequest, ClassificationResponse, Usage, new_id, now
-
-MAX_INPUTS = 2048  # inputs per request, as /v1/embeddings (OpenAI's limit there)
 
 
 class ClassificationHandler:
@@ -17,9 +14,6 @@ class ClassificationHandler:
 
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
         lm, adapter = self.registry.generator(req.model)  # an ft: model or --lora adapter scores through its base engine
-        n_inputs = 1 if isinstance(req.input, str) else len(req.input)
-        if n_inputs > MAX_INPUTS:
-            raise InvalidRequestError(f"input has {n_inputs} items; at most {MAX_INPUTS} are allowed per request. Split it into several requests.", "input")
         embedder = None
         most = req.k if isinstance(req.k, int) else max(req.k) if req.k else None
         if req.examples and req.selection == "nearest" and (most is None or most < len(req.examples)):

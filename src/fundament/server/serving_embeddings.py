@@ -9,9 +9,7 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from ..models.registry import ModelRegistry
-from .protocol import CreateEmbeddingResponse, Embedding, EmbeddingRequest, EmbeddingUsage
-
-MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+from .protocol import MAX_INPUTS, CreateEmbeddingResponse, Embedding, EmbeddingRequest, EmbeddingUsage
 
 
 class EmbeddingHandler:
