@@ -47,11 +47,12 @@ class Embedder:
         return self.st.encode(texts, convert_to_numpy=True, batch_size=64, normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
 
     @torch.inference_mode()
-    def embed_token_ids(self, batches: list[list[int]]) -> tuple[list[list[float]], int]:
-        """Vectors for inputs already tokenized with this model's tokenizer (OpenAI's token-array input)."""
+    def embed_token_ids(self, batches: list[list[int]], first_index: int = 0) -> tuple[list[list[float]], int]:
+        """Vectors for inputs already tokenized with this model's tokenizer (OpenAI's token-array
+        input); `first_index`: the request's index of batches[0], for error messages."""
         out, n_tokens = [], 0
         cls_id, sep_id = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        for i, ids in enumerate(batches):
+        for i, ids in enumerate(batches, first_index):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(f"input[{i}] has token id {bad[0]} outside this model's vocabulary (0..{self.vocab_size - 1})", "input")

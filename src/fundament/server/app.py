@@ -274,8 +274,8 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return await _until_disconnect(request, classifications.create(body))
 
     @app.post("/v1/embeddings", dependencies=v1, response_model=CreateEmbeddingResponse)
-    async def create_embedding(body: EmbeddingRequest):
-        return await embeddings.create(body)
+    async def create_embedding(body: EmbeddingRequest, request: Request):
+        return await _until_disconnect(request, embeddings.create(body))
 
     @app.delete("/v1/models/{model_id:path}", dependencies=v1)
     def delete_model(model_id: str) -> ModelDeleted:
