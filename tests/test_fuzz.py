@@ -4,6 +4,7 @@ body). Generation is kept cheap: at most a few tokens, choices and inputs per re
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -17,7 +18,8 @@ from conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = 100  # per operation and mode; 21 operations
+# per operation and mode (21 operations); FUNDAMENT_FUZZ_EXAMPLES=1000 for a long run by hand
+EXAMPLES = int(os.environ.get("FUNDAMENT_FUZZ_EXAMPLES", "100"))
 SENT: list[int] = []  # status of every fuzzed response
 
 
