@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 import time
 from pathlib import Path
 
@@ -194,10 +195,12 @@ def warm_up(base: str, model: str, prompts: list[str]) -> None:
     time.sleep(5)
 
 
-def start_ours(home: str) -> tuple[subprocess.Popen, str]:
+def start_ours(home: str, config: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, FUNDAMENT_HOME=home)
-    proc = subprocess.Popen([sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = ["--config", config] if config else []
+    proc = subprocess.Popen([sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}/health", proc)
     return proc, f"http://127.0.0.1:{port}/v1"
 
@@ -224,6 +227,9 @@ def main():
     ap.add_argument("--levels", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--batch-variant", action="store_true",
+                    help="also serve with engine.batch_invariant: false (one matmul for all prompt rows of a step) and give its speed beside the default's")
+    ap.add_argument("--skip-in-process", action="store_true", help="only the HTTP load levels")
     args = ap.parse_args()
     if args.llama_lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
@@ -235,23 +241,36 @@ def main():
     os.environ["FUNDAMENT_HOME"] = home
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
-    e = engine_figures(gguf, args.llama_py, args.reps)
-    for what in ("decode", "prefill"):
-        a = statistics.median(e[what]["fundament"])
-        b = statistics.median(e[what]["llama.cpp"]) if e[what]["llama.cpp"] else float("nan")
-        print(f"{what:8s} tokens/s: fundament {a:8.1f}  llama.cpp {b:8.1f}  ratio {a / b:5.2f}x")
-    bw = bandwidth_gbs()
-    bound = bw * 1e9 / e["weight_bytes_per_step"]
-    print(f"bound   : memory bandwidth {bw:.1f} GB/s / {e['weight_bytes_per_step'] / 1e6:.0f} MB of weights per decode step = {bound:.0f} tokens/s; "
-          f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it")
+    flags = set(open("/proc/cpuinfo").read().split())
+    print("cpu     : " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile")))
+    if not args.skip_in_process:
+        e = engine_figures(gguf, args.llama_py, args.reps)
+        for what in ("decode", "prefill"):
+            a = statistics.median(e[what]["fundament"])
+            b = statistics.median(e[what]["llama.cpp"]) if e[what]["llama.cpp"] else float("nan")
+            print(f"{what:8s} tokens/s: fundament {a:8.1f}  llama.cpp {b:8.1f}  ratio {a / b:5.2f}x")
+        bw = bandwidth_gbs()
+        bound = bw * 1e9 / e["weight_bytes_per_step"]
+        print(f"bound   : memory bandwidth {bw:.1f} GB/s / {e['weight_bytes_per_step'] / 1e6:.0f} MB of weights per decode step = {bound:.0f} tokens/s; "
+              f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it")
 
     prompts = [f"Write a short story about a robot number {i}." for i in range(64)]
+    variant = None
+    if args.batch_variant:
+        variant_cfg = Path(home) / "batch-variant.yaml"
+        variant_cfg.write_text("engine:\n  batch_invariant: false\n")
+        variant, variant_url = start_ours(home, str(variant_cfg))
+        warm_up(variant_url, "gpt-4o-mini", prompts)
     ours, ours_url = start_ours(home)
     warm_up(ours_url, "gpt-4o-mini", prompts)
     try:
         for c in [int(x) for x in args.levels.split(",")]:
             a = asyncio.run(load(ours_url, "gpt-4o-mini", c, args.max_tokens, prompts))
             line = f"C={c:<3d} fundament {a['tokens_per_s']:7.1f} tok/s ttft p50 {a['ttft_p50']:.2f}s p95 {a['ttft_p95']:.2f}s"
+            if variant is not None:
+                v = asyncio.run(load(variant_url, "gpt-4o-mini", c, args.max_tokens, prompts))
+                line += (f" | batch_invariant false {v['tokens_per_s']:7.1f} tok/s ttft p50 {v['ttft_p50']:.2f}s p95 {v['ttft_p95']:.2f}s"
+                         f" (default/variant {a['tokens_per_s'] / v['tokens_per_s']:.2f}x)")
             if args.llama_server:
                 srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
                 try:
@@ -270,6 +289,8 @@ def main():
             print(f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {peak_rss_mb(ours.pid):.0f} MB ({a['tokens_per_s']:.0f} tok/s)")
     finally:
         stop(ours)
+        if variant is not None:
+            stop(variant)
 
 
 if __name__ == "__main__":
