@@ -41,7 +41,7 @@ def main():
     from fundament.config import ServeConfig
     from fundament.engine.engine import reserve_cpu_for_engines
     from fundament.evals.tasks import load_task
-    from fundament.models.registry import ModelRegistry
+    from fundament.registry import ModelRegistry
 
     reserve_cpu_for_engines()
     cfg = ServeConfig()

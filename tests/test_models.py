@@ -13,7 +13,7 @@ from conftest import ServerProcess, make_tiny_llama
 from fundament.config import DEFAULT_MODELS, ServeConfig
 from fundament.errors import InvalidRequestError, ModelNotFoundError
 from fundament.models.loading import hf_dir_for, resolve_path
-from fundament.models.registry import ModelRegistry, spec_from_path
+from fundament.registry import ModelRegistry, spec_from_path
 
 
 def test_models_list_has_defaults_and_aliases(client):

@@ -19,7 +19,7 @@ def _serve(args) -> None:
     import uvicorn
 
     from .engine.engine import reserve_cpu_for_engines
-    from .models.registry import ModelRegistry, spec_from_path
+    from .registry import ModelRegistry, spec_from_path
     from .server.app import create_app
 
     cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
@@ -146,7 +146,7 @@ def _classify(args) -> None:
 
     from .adapt import Classifier
     from .engine.engine import reserve_cpu_for_engines
-    from .models.registry import ModelRegistry
+    from .registry import ModelRegistry
 
     texts = list(args.text)
     if args.file:

@@ -75,7 +75,7 @@ def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: in
     from ..adapt import Classifier
     from ..config import ServeConfig
     from ..engine.engine import reserve_cpu_for_engines
-    from ..models.registry import ModelRegistry
+    from ..registry import ModelRegistry
 
     reserve_cpu_for_engines()
     cfg = ServeConfig()

@@ -1,1 +1,2 @@
-"""Models: the registry of named models and how each kind of weights file loads."""
+"""Models: how each kind of weights file loads (GGUF, Hugging Face directories, sentence
+encoders), their tokenizers, and the Llama-family model itself."""

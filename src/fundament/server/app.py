@@ -18,7 +18,7 @@ from ..config import ServeConfig
 from ..errors import AuthenticationError, FundamentError, ModelNotFoundError, QueueFullError, error_payload
 from ..jobs.files import FileStore
 from ..jobs.store import JobStore
-from ..models.registry import ModelRegistry
+from ..registry import ModelRegistry
 from . import openapi
 from .protocol import (
     ChatCompletion,

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 from ..engine import EngineOutput, SamplingParams
 from ..errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
-from ..models.registry import GenerationModel
+from ..registry import GenerationModel
 from ..models.tokenizer import IncrementalDetokenizer
 from .protocol import SamplingFields
 

@@ -9,7 +9,7 @@ from typing import AsyncIterator, NamedTuple
 
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..models.registry import GenerationModel, ModelRegistry
+from ..registry import GenerationModel, ModelRegistry
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,7 +26,7 @@ from .protocol import (
     new_id,
     now,
 )
-from . import tools
+from ..adapt import tools
 from .structured import response_format_grammar, schema_refusal
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 

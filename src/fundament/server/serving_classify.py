@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..adapt.classify import Classifier, PoolVectorCache
-from ..models.registry import ModelRegistry
+from ..registry import ModelRegistry
 from .protocol import Classification, ClassificationRequest, ClassificationResponse, Usage, new_id, now
 
 

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_grammar, regex_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..models.registry import GenerationModel, ModelRegistry
+from ..registry import GenerationModel, ModelRegistry
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
 from .structured import response_format_grammar
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list

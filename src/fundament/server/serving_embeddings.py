@@ -8,7 +8,7 @@ import base64
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..models.registry import ModelRegistry
+from ..registry import ModelRegistry
 from .protocol import MAX_INPUTS, CreateEmbeddingResponse, Embedding, EmbeddingRequest, EmbeddingUsage
 
 SLICE = 256  # inputs embedded per thread hand-off (a multiple of the encoder's batch of 32)

@@ -14,7 +14,7 @@ from ..jobs.files import FileStore
 from ..jobs.job_data import drop_job_files, keep_job_files
 from ..jobs.store import ACTIVE, JobStore, new_id
 from ..jobs.worker import ORGANIZATION
-from ..models.registry import ModelRegistry
+from ..registry import ModelRegistry
 from .protocol_fine_tuning import (
     CheckpointMetrics,
     CreateFineTuningJobRequest,
