@@ -170,7 +170,7 @@ def _text(content, where: str) -> str:
 
 def _chat_messages(record: dict) -> tuple[list[dict], list[int]]:
     """The template's messages for a chat example, and the indices of assistant turns to learn."""
-    from ..server import tools  # the tool-call convention the server prompts with
+    from . import tools  # the tool-call convention the server prompts with
 
     msgs = record.get("messages")
     if not isinstance(msgs, list) or not msgs:

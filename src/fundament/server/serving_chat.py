@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from typing import AsyncIterator, NamedTuple
 
+from ..adapt import tools
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
 from ..registry import GenerationModel, ModelRegistry
@@ -26,7 +27,6 @@ from .protocol import (
     new_id,
     now,
 )
-from ..adapt import tools
 from .structured import response_format_grammar, schema_refusal
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
 

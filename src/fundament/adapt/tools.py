@@ -7,6 +7,7 @@ the system prompt, calls are written as `<tool_call>{"name": ..., "arguments": {
     required  one call (or several with parallel_tool_calls), arguments enforced by the grammar
     {name}    exactly that function, arguments enforced
 
+Serving and training share it: a model tuned on these calls is prompted with the same words.
 Knows wire messages and JSON schemas; the engine sees only a grammar.
 """
 
