@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ServerProcess, make_tiny_llama
 from fundament.config import DEFAULT_MODELS, ServeConfig
-from fundament.errors import InvalidRequestError, ModelNotFoundError
+from fundament.errors import ConfigError, ModelNotFoundError
 from fundament.models.loading import hf_dir_for, resolve_path
 from fundament.registry import ModelRegistry, spec_from_path
 
@@ -56,7 +56,7 @@ def test_spec_from_path_names_models_by_file(tmp_path):
 def test_config_file_rejects_unknown_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("port: 9000\nmodles: []\n")
-    with pytest.raises(InvalidRequestError, match="modles"):
+    with pytest.raises(ConfigError, match="modles"):
         ServeConfig.from_yaml(p)
     p.write_text("port: 9001\naliases: {mini: smollm2-135m-instruct}\nengine: {max_num_seqs: 8}\n")
     cfg = ServeConfig.from_yaml(p)

@@ -16,13 +16,14 @@ SHUTDOWN_GRACE_S = 3  # seconds `fundament serve` lets requests in flight finish
 
 
 def _serve(args) -> None:
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()  # a wrong file fails before torch loads
+
     import uvicorn
 
     from .engine.engine import reserve_cpu_for_engines
     from .registry import ModelRegistry, spec_from_path
     from .server.app import create_app
 
-    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     cfg.host = args.host or cfg.host
     cfg.port = args.port or cfg.port
     keys = args.api_key or ([os.environ["FUNDAMENT_API_KEY"]] if os.environ.get("FUNDAMENT_API_KEY") else [])

@@ -1,17 +1,29 @@
-"""Settings as dataclasses: one model entry, the engine, the server. Loaded from flags or a YAML file.
+"""Settings as pydantic dataclasses: one model entry, the engine, the server. Loaded from flags or a YAML file.
 
 Knows nothing of how models load or how requests are served; it only names and validates settings.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from .errors import ConfigError
+
+# Every section refuses keys it does not know. Scalars are strict: YAML's `no` is False, but "no"
+# or 1 for a switch, 8.5 or "8000" for a number is a mistake to name, not a value to coerce.
+SECTION = ConfigDict(extra="forbid")
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # an integer passes (`temperature: 0`)
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
 
 
 def fundament_home() -> Path:
@@ -19,56 +31,50 @@ def fundament_home() -> Path:
     return Path(os.environ.get("FUNDAMENT_HOME") or Path.home() / ".cache" / "fundament")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class SamplingDefaults:
     """What a request gets for each sampling field it leaves out (see docs/models.md)."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_completion_tokens: int = 1024
+    temperature: Float = 1.0
+    top_p: Float = 1.0
+    max_completion_tokens: Int = 1024
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ModelSpec:
     """One served model. `path` is a GGUF file, a Hugging Face directory or a sentence-transformers
     directory; `package`+`file` find weights shipped inside an installed Python package instead."""
 
-    name: str
-    task: str = "generate"  # "generate" (chat, completions) or "embed"
-    path: str | None = None
-    package: str | None = None
-    file: str | None = None
-    description: str = ""
+    name: Str
+    task: Literal["generate", "embed"] = "generate"  # "generate" (chat, completions) or "embed"
+    path: Str | None = None
+    package: Str | None = None
+    file: Str | None = None
+    description: Str = ""
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
-    def __post_init__(self):
-        if self.task not in ("generate", "embed"):
-            raise InvalidRequestError(f"model '{self.name}': task must be 'generate' or 'embed', not '{self.task}'", "task")
-        if isinstance(self.sampling, dict):
-            self.sampling = SamplingDefaults(**self.sampling)
 
-
-@dataclass
+@dataclass(config=SECTION)
 class EngineConfig:
     """The generation engine's limits. `kv_cache_tokens` bounds the KV cache memory across all sequences."""
 
-    max_num_seqs: int = 64  # sequences decoded together in one step
-    max_num_batched_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
-    kv_cache_tokens: int = 65536  # total tokens held in KV caches at once
-    max_queue: int = 256  # requests waiting beyond this get a 429
-    threads: int | None = None  # torch threads; None = all cores
+    max_num_seqs: Int = 64  # sequences decoded together in one step
+    max_num_batched_tokens: Int = 512  # prompt tokens prefilled per step (chunked prefill)
+    kv_cache_tokens: Int = 65536  # total tokens held in KV caches at once
+    max_queue: Int = 256  # requests waiting beyond this get a 429
+    threads: Int | None = None  # torch threads; None = all cores
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
-    dtype: str = "auto"
-    int8_decode: bool = True  # on CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows
+    dtype: Str = "auto"
+    int8_decode: Bool = True  # on CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows
     # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
     # models/native.py); without a compiler, or false, through PyTorch calls from Python.
-    native_decode: bool = True
+    native_decode: Bool = True
     # Each prompt's rows get matmuls of their own, so a request's output never depends on what else
     # runs in its step (the bf16 GEMM rounds differently by row count, e.g. with AMX). false: one
     # matmul for all prompt rows of a step, faster when many prompts arrive together.
-    batch_invariant: bool = True
+    batch_invariant: Bool = True
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
+    device: Str = "auto"
 
 
 DEFAULT_MODELS = [
@@ -92,46 +98,35 @@ DEFAULT_MODELS = [
     ),
 ]
 
-@dataclass
+
+@dataclass(config=SECTION)
 class AdapterSpec:
     """A PEFT LoRA adapter directory served as its own model id on top of a base model."""
 
-    name: str
-    path: str
-    base: str = "smollm2-135m-instruct"
+    name: Str
+    path: Str
+    base: Str = "smollm2-135m-instruct"
 
 
 DEFAULT_ALIASES = {"gpt-4o-mini": "smollm2-135m-instruct", "text-embedding-3-small": "all-minilm-l6-v2"}
 
 
-def _engine_config(raw, path) -> EngineConfig:
-    """The `engine:` section, each key checked against the type of its default (YAML's `no` is
-    False, but `"no"` or `1` for a switch is a mistake to name, not a truthy value to act on)."""
-    if not isinstance(raw, dict):
-        raise InvalidRequestError(f"config file {path}: engine must be a mapping of settings", "engine")
-    defaults = EngineConfig()
-    for key, value in raw.items():
-        if not hasattr(defaults, key):
-            known = sorted(f.name for f in fields(EngineConfig))
-            raise InvalidRequestError(f"config file {path}: unknown engine setting {key!r}; known: {known}", f"engine.{key}")
-        default = getattr(defaults, key)
-        want = int if default is None else type(default)  # `threads` is an int or null
-        if (value is None and default is not None) or (value is not None and (type(value) is not want)):
-            raise InvalidRequestError(f"config file {path}: engine.{key} must be {want.__name__}{' or null' if default is None else ''}, got {value!r}", f"engine.{key}")
-    return EngineConfig(**raw)
-
-
-@dataclass
+@dataclass(config=SECTION)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: list[str] = field(default_factory=list)  # empty: any key accepted
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_file_bytes: int = 512 * 1024 * 1024  # POST /v1/files uploads (OpenAI's limit)
+    host: Str = "127.0.0.1"
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] = 8000
+    api_keys: list[Str] = field(default_factory=list)  # empty: any key accepted
+    max_body_bytes: Int = 8 * 1024 * 1024
+    max_file_bytes: Int = 512 * 1024 * 1024  # POST /v1/files uploads (OpenAI's limit)
     models: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    aliases: dict[Str, Str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     adapters: list[AdapterSpec] = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _one_key(cls, value):
+        return [value] if isinstance(value, str) else value  # `api_keys: sk-1` is one key
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServeConfig":
@@ -139,22 +134,52 @@ class ServeConfig:
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise InvalidRequestError(f"cannot read config file {path}: {e}", "config") from e
+            raise ConfigError(f"cannot read config file {path}: {e}", "config") from e
         if not isinstance(raw, dict):
-            raise InvalidRequestError(f"config file {path} must hold a mapping at the top level", "config")
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise InvalidRequestError(f"config file {path}: unknown keys {sorted(unknown)}; known: {sorted(known)}", "config")
-        cfg = cls()
-        for key, value in raw.items():
-            if key == "models":
-                value = [ModelSpec(**m) for m in value]
-            elif key == "adapters":
-                value = [AdapterSpec(**a) for a in value]
-            elif key == "engine":
-                value = _engine_config(value, path)
-            elif key == "api_keys" and isinstance(value, str):
-                value = [value]
-            setattr(cfg, key, value)
-        return cfg
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {_shown(raw)}", "config")
+        try:
+            return cls(**raw)
+        except ValidationError as e:
+            problems = [(_key_path(err["loc"]), _problem(err)) for err in e.errors()]
+            listed = "; ".join(f"{key}: {what}" for key, what in problems)
+            raise ConfigError(f"config file {path}: {listed}", problems[0][0]) from None
+
+
+# The section a key path ends in, by the name of the key that holds it (`models[0].sampling.top_p`).
+_SECTIONS = {"models": ModelSpec, "adapters": AdapterSpec, "engine": EngineConfig, "sampling": SamplingDefaults}
+
+
+def _key_path(loc: tuple) -> str:
+    """('models', 0, 'pth') -> 'models[0].pth'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _shown(value) -> str:
+    """A value as the YAML file spells it: null, true, 'abc', 8.5."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return repr(value)
+
+
+def _problem(err: dict) -> str:
+    """What is wrong with one key, in the words of the config file rather than of pydantic."""
+    loc, kind, got = err["loc"], err["type"], _shown(err.get("input"))
+    section = next((_SECTIONS[p] for p in reversed(loc[:-1]) if p in _SECTIONS), ServeConfig)
+    known = list(section.__pydantic_fields__)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        return f"unknown key (did you mean {near[0]!r}?)" if near else f"unknown key; known: {', '.join(known)}"
+    if kind == "missing":
+        return "required, but missing"
+    info = section.__pydantic_fields__.get(loc[-1]) if loc else None
+    or_null = " or null" if info is not None and type(None) in get_args(info.annotation) else ""
+    wanted = {"int": "an integer", "bool": "true or false", "float": "a number", "string": "a string",
+              "list": "a list", "dict": "a mapping", "dataclass": "a mapping of settings"}.get(kind.split("_")[0])
+    if wanted and kind.endswith(("_type", "_parsing", "_from_float")):
+        return f"must be {wanted}{or_null}, got {got}"
+    if kind == "literal_error":
+        return f"must be {err['ctx']['expected']}, got {got}"
+    return f"{err['msg'].replace('Input should be', 'must be')}, got {got}"  # e.g. "must be less than or equal to 65535"

@@ -8,7 +8,9 @@
     │   └── ModelNotFoundError          404 code=model_not_found
     ├── PayloadTooLargeError            413 request body over the configured limit
     ├── QueueFullError                  429 the engine's queue is full (with retry-after)
-    └── ServiceUnavailableError         503 the server is shutting down
+    ├── ServiceUnavailableError         503 the server is shutting down
+    └── ConfigError                     500 a config file fundament cannot start with (the CLI
+                                            prints one line and exits 2; no request gets it)
 
 Core code raises these; the server's one handler and the CLI format them. Nothing else does.
 """
@@ -79,6 +81,11 @@ class ServiceUnavailableError(FundamentError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class ConfigError(FundamentError):
+    """A setting fundament cannot start with; `param` is its key path in the file (`models[0].path`).
+    Not an InvalidRequestError: no request was made, so a 400 would blame a client for the server's file."""
 
 
 def error_payload(exc: BaseException) -> dict:
