@@ -23,6 +23,7 @@ import torch
 
 from ..errors import FundamentError, InvalidRequestError
 from ..models.tokenizer import ChatTokenizer
+from .chat import render_chat
 
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; learning_rate_multiplier scales it (OpenAI's knob)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -158,60 +159,6 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def _text(content, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ValueError(f"{where}: content must be a string or a list of text parts")
-
-
-def _chat_messages(record: dict) -> tuple[list[dict], list[int]]:
-    """The template's messages for a chat example, and the indices of assistant turns to learn."""
-    from . import tools  # the tool-call convention the server prompts with
-
-    msgs = record.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' must be a non-empty list")
-    out, learn = [], []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object")
-        role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{i}] has unknown role {role!r} (use system, user, assistant or tool)")
-        d = {"role": "system" if role == "developer" else role, "content": _text(m.get("content"), f"messages[{i}]")}
-        if role == "assistant":
-            calls = m.get("tool_calls") or []
-            if calls:
-                try:
-                    d["content"] = "\n".join(x for x in (d["content"], tools.render_assistant_calls(calls)) if x)
-                except (KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"messages[{i}].tool_calls is malformed ({e})") from None
-            weight = m.get("weight", 1)
-            if weight not in (0, 1):
-                raise ValueError(f"messages[{i}].weight must be 0 or 1, got {weight!r}")
-            if weight == 1:
-                learn.append(len(out))
-        elif not d["content"] and role != "tool":
-            raise ValueError(f"messages[{i}] ({role}) has no content")
-        out.append(d)
-    if not any(d["role"] == "assistant" for d in out):
-        raise ValueError("the example has no assistant message")
-    if not learn:
-        raise ValueError("every assistant message has weight 0: there is nothing to learn")
-    if record.get("tools"):
-        prompt = tools.system_prompt(tools.functions(record["tools"]))
-        if out[0]["role"] == "system":
-            out[0]["content"] += "\n\n" + prompt
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-            learn = [j + 1 for j in learn]
-    return out, learn
-
-
 def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Example:
     """Token ids and labels for one training record (chat or prompt/completion format). The ids
     are built turn by turn exactly as the server prompts at inference (template up to the
@@ -222,7 +169,17 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
     ids: list[int] = []
     learn_mask: list[bool] = []
     if "messages" in record:
-        msgs, learn = _chat_messages(record)
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list")
+        try:
+            msgs, learn, _, _ = render_chat(msgs, record.get("tools"))  # as the server renders it
+        except InvalidRequestError as e:  # one line's problem, listed with the file's others
+            raise ValueError(e.message.rstrip(".")) from None
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("the example has no assistant message")
+        if not learn:
+            raise ValueError("every assistant message has weight 0: there is nothing to learn")
         hf, eot = tokenizer.hf, set(tokenizer.eos_token_ids)
         done = ""
         for j, m in enumerate(msgs):
@@ -381,7 +338,7 @@ class _Trainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from ..models.llama import cpu_supports_bf16
+        from ..models.device import cpu_supports_bf16
 
         _wait_for_compiles()
         self.config = config

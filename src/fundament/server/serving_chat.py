@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import AsyncIterator, NamedTuple
 
 from ..adapt import tools
+from ..adapt.chat import render_chat
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
 from ..registry import GenerationModel, ModelRegistry
@@ -29,39 +30,6 @@ from .protocol import (
 )
 from .structured import response_format_grammar, schema_refusal
 from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
-
-
-def render_messages(req: ChatCompletionRequest, tool_prompt: str | None = None) -> list[dict]:
-    """Wire messages to the dicts a chat template reads. `developer` is OpenAI's new name for
-    `system`; templates only know the latter."""
-    out = []
-    for i, m in enumerate(req.messages):
-        if m.role in ("user", "system", "developer") and m.content is None:
-            raise InvalidRequestError(f"messages[{i}] ({m.role}) has no content.", f"messages[{i}].content")
-        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type != "text":  # never dropped silently: the answer would ignore what was sent
-                raise InvalidRequestError(f"messages[{i}].content[{j}] is an {part.type} part; this model reads text only. Send text parts.",
-                                          f"messages[{i}].content[{j}]")
-        for j, call in enumerate(m.tool_calls or []):
-            try:
-                json.loads(call.function.arguments or "{}")
-            except json.JSONDecodeError as e:
-                raise InvalidRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object as a string ({e.msg} at character {e.pos}).",
-                                          f"messages[{i}].tool_calls[{j}].function.arguments") from None
-        if m.role == "tool" and not m.tool_call_id:
-            raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id")
-        d = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.tool_calls:  # shown to the model as it is asked to write calls
-            d["content"] = "\n".join(x for x in (d["content"], tools.render_assistant_calls([tc.model_dump() for tc in m.tool_calls])) if x)
-        if m.tool_call_id:
-            d["tool_call_id"] = m.tool_call_id
-        out.append(d)
-    if tool_prompt:  # the tools go into the system message (templates here know no tools)
-        if out and out[0]["role"] == "system":
-            out[0]["content"] = out[0]["content"] + "\n\n" + tool_prompt
-        else:
-            out.insert(0, {"role": "system", "content": tool_prompt})
-    return out
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -114,11 +82,10 @@ class ChatHandler:
     def prepare(self, req: ChatCompletionRequest):
         lm, adapter = self.registry.generator(req.model)
         _refuse_unsupported(req)
-        funcs = tools.functions(req.tools)
-        choice = tools.resolve_choice(req.tool_choice, funcs)
-        messages = render_messages(req, tools.system_prompt(funcs) if choice != "none" else None)
+        chat = render_chat([m.model_dump(exclude_none=True) for m in req.messages], req.tools, req.tool_choice)
+        funcs, choice = chat.functions, chat.tool_choice
         try:
-            prompt_ids = lm.tokenizer.apply_chat_template(messages)
+            prompt_ids = lm.tokenizer.apply_chat_template(chat.messages)
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", "messages") from e
         check_prompt_length(lm, len(prompt_ids), "messages")
