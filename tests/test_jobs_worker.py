@@ -17,8 +17,9 @@ from fundament.adapt.tune import latest_checkpoint
 from fundament.config import ModelSpec, ServeConfig
 from fundament.jobs.files import FileStore
 from fundament.jobs.job_data import keep_job_files
+from fundament.jobs.naming import fine_tuned_model_id
 from fundament.jobs.store import JobStore
-from fundament.jobs.worker import Worker, fine_tuned_model_id
+from fundament.jobs.worker import Worker
 from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
 
 

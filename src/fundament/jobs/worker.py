@@ -26,6 +26,7 @@ from ..config import ModelSpec, ServeConfig
 from ..errors import FundamentError, InvalidRequestError
 from .files import FileStore
 from .job_data import data_path, drop_job_files, keep_job_files
+from .naming import checkpoint_model_id, fine_tuned_model_id
 from .store import FINISHED, JobStore, worker_identity
 from .validation import MIN_TRAINING_EXAMPLES, Dataset, validate_file
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 STALE_S = 30.0  # a running job whose heartbeat is older than this has lost its worker
 MAX_EVENTS_PER_FILE = 100  # validation problems written as events, per file
-ORGANIZATION = "fundament"
-
-
-def fine_tuned_model_id(job: dict) -> str:
-    """ft:<base>:<org>:<suffix>:<id> as OpenAI names them (an empty suffix leaves '::')."""
-    return f"ft:{job['model']}:{ORGANIZATION}:{job['suffix'] or ''}:{job['id'].removeprefix('ftjob-')}"
 
 
 def _pid_gone(pid: int) -> bool:
@@ -103,7 +98,7 @@ class JobHooks(TuneHooks):
         step, path = self.pending_checkpoint
         self.pending_checkpoint = None
         metrics = {k: data[k] for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy") if data.get(k) is not None}
-        self.store.add_checkpoint(self.job["id"], step, {"step": step, **metrics}, f"{self.model_id}:ckpt-step-{step}", path)
+        self.store.add_checkpoint(self.job["id"], step, {"step": step, **metrics}, checkpoint_model_id(self.model_id, step), path)
 
     def should_stop(self) -> str | None:
         if self.worker.stopping.is_set():

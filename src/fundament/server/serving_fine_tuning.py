@@ -12,8 +12,8 @@ from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from ..jobs.files import FileStore
 from ..jobs.job_data import drop_job_files, keep_job_files
+from ..jobs.naming import ORGANIZATION_ID
 from ..jobs.store import ACTIVE, JobStore, new_id
-from ..jobs.worker import ORGANIZATION
 from ..registry import ModelRegistry
 from .protocol_fine_tuning import (
     CheckpointMetrics,
@@ -36,7 +36,7 @@ def job_object(row: dict) -> FineTuningJob:
     return FineTuningJob(
         id=row["id"], created_at=row["created_at"], error=FineTuningJobError(**row["error"]) if row["error"] else None,
         fine_tuned_model=row["fine_tuned_model"], finished_at=row["finished_at"], hyperparameters=hp, model=row["model"],
-        organization_id=f"org-{ORGANIZATION}", result_files=row["result_files"], seed=row["seed"], status=row["status"],
+        organization_id=ORGANIZATION_ID, result_files=row["result_files"], seed=row["seed"], status=row["status"],
         trained_tokens=row["trained_tokens"], training_file=row["training_file"], validation_file=row["validation_file"],
         estimated_finish=row["estimated_finish"], integrations=[], metadata=row["metadata"],
         method=JobMethod(type="supervised", supervised=JobSupervisedMethod(hyperparameters=hp)),
