@@ -1,16 +1,13 @@
-"""The JobStore on a real SQLite file: pagination, conditional state changes, claiming one job at a
-time across processes, recovering jobs from dead workers, fine-tuned model records."""
+"""The JobStore on a real SQLite file: pagination, conditional field updates, fine-tuned model
+records. (Status changes are tests/test_jobs_lifecycle.py's.)"""
 
 from __future__ import annotations
-
-import multiprocessing
-import subprocess
-import sys
-import time
 
 import pytest
 
 from fundament.errors import InvalidRequestError
+from fundament.jobs import lifecycle
+from fundament.jobs.lifecycle import Status
 from fundament.jobs.store import JobStore
 
 
@@ -62,15 +59,15 @@ def test_job_created_validating_with_an_event(store, tmp_path):
     assert [e["message"] for e in events] == [f"Created fine-tuning job: {job['id']}"] and not more
 
 
-def test_state_changes_are_conditional(store, tmp_path):
+def test_field_updates_are_conditional_and_never_change_the_status(store, tmp_path):
     job = make_job(store, tmp_path)
-    assert store.update_job(job["id"], ("validating_files",), status="queued")
-    assert store.update_job(job["id"], ("queued", "running"), status="cancelled", event="cancelled")
-    # a worker finishing late cannot overwrite the cancel
-    assert not store.update_job(job["id"], ("running",), status="succeeded", fine_tuned_model="ft:x")
-    row = store.get_job(job["id"])
-    assert row["status"] == "cancelled" and row["fine_tuned_model"] is None
-    assert store.list_events(job["id"])[0][0]["message"] == "cancelled"
+    assert not store.update_job(job["id"], (Status.RUNNING,), estimated_finish=99, event="not running")
+    assert store.update_job(job["id"], (Status.VALIDATING_FILES,), estimated_finish=99, event="validating")
+    assert store.get_job(job["id"])["estimated_finish"] == 99
+    assert [e["message"] for e in store.list_events(job["id"])[0]][0] == "validating"
+    with pytest.raises(AssertionError, match="lifecycle"):
+        store.update_job(job["id"], None, status=Status.SUCCEEDED)
+    assert store.get_job(job["id"])["status"] == Status.VALIDATING_FILES
 
 
 def test_jobs_newest_first_paged_and_filtered_by_metadata(store, tmp_path):
@@ -96,58 +93,14 @@ def test_events_newest_first_and_metrics_one_per_step(store, tmp_path):
     assert [(m["step"], m["train_loss"]) for m in store.metrics(jid)] == [(1, 3.0), (2, 2.5), (3, 1.25)]
 
 
-def test_claim_is_one_job_at_a_time(store, tmp_path):
-    a, b = make_job(store, tmp_path), make_job(store, tmp_path)
-    assert store.claim_job("w1", 1, stale_s=30) is None  # nothing queued yet
-    for j in (a, b):
-        store.update_job(j["id"], ("validating_files",), status="queued")
-    got = store.claim_job("w1", 1, stale_s=30)
-    assert got["id"] == a["id"] and got["status"] == "running" and got["worker"] == "w1"
-    assert store.claim_job("w2", 2, stale_s=30) is None  # w1 is training and alive
-    assert store.heartbeat(a["id"], "w1") and not store.heartbeat(a["id"], "w2")
-    store.update_job(a["id"], ("running",), status="succeeded")
-    assert store.claim_job("w2", 2, stale_s=30)["id"] == b["id"]
-
-
-def _claim_in_process(path, out):
-    got = JobStore(path).claim_job(f"proc-{multiprocessing.current_process().pid}", 0, stale_s=30)
-    out.put(got["id"] if got else None)
-
-
-def test_claim_across_processes_gives_the_job_to_exactly_one(store, tmp_path):
-    for _ in range(3):
-        store.update_job(make_job(store, tmp_path)["id"], ("validating_files",), status="queued")
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_in_process, args=(store.path, out)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join()
-    assert len([r for r in results if r]) == 1  # one trains; the others see it busy
-    assert len(store.jobs_with_status("running")) == 1 and len(store.jobs_with_status("queued")) == 2
-
-
-def test_orphans_of_dead_or_silent_workers_are_queued_again(store, tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    a, b, c = (make_job(store, tmp_path) for _ in range(3))
-    for j, (worker, pid) in zip((a, b, c), [("h:dead", dead.pid), ("h:silent", 1), ("h:alive", 1)]):
-        store.update_job(j["id"], None, status="running", worker=worker, worker_pid=pid, heartbeat_at=time.time())
-    store.update_job(b["id"], None, heartbeat_at=time.time() - 100)
-    back = store.requeue_orphans(stale_s=30, is_dead=lambda row: row["worker_pid"] == dead.pid)
-    assert sorted(r["id"] for r in back) == sorted([a["id"], b["id"]])
-    assert [store.get_job(j["id"])["status"] for j in (a, b, c)] == ["queued", "queued", "running"]
-    assert "resumes from its last checkpoint" in store.list_events(a["id"])[0][0]["message"]
-
-
 def test_fine_tuned_models_and_their_deletion(store, tmp_path):
     job = make_job(store, tmp_path)
     adapter = tmp_path / "ft" / job["id"] / "adapter"
     store.add_checkpoint(job["id"], 5, {"step": 5, "train_loss": 1.0}, "ft:m:fundament::x:ckpt-step-5", adapter.parent / "checkpoints" / "step-5")
     assert [m["id"] for m in store.fine_tuned_models()] == ["ft:m:fundament::x:ckpt-step-5"]  # the job has not succeeded
-    store.update_job(job["id"], None, status="succeeded", fine_tuned_model="ft:m:fundament::x", adapter_dir=str(adapter), finished_at=123)
+    assert lifecycle.queue(store, job["id"], {"n_epochs": 1}, "valid") and lifecycle.claim(store, "w", 1, stale_s=30)
+    assert lifecycle.succeed(store, job["id"], "ft:m:fundament::x", str(adapter), 100, [])
+    assert store.update_job(job["id"], None, finished_at=123)
     models = store.fine_tuned_models()
     assert [(m["id"], m["kind"], m["base_model"]) for m in models] == [("ft:m:fundament::x", "model", "m"), ("ft:m:fundament::x:ckpt-step-5", "checkpoint", "m")]
     assert store.fine_tuned_model("ft:m:fundament::x")["created"] == 123
@@ -156,3 +109,4 @@ def test_fine_tuned_models_and_their_deletion(store, tmp_path):
     assert store.delete_fine_tuned_model("ft:m:fundament::x")["kind"] == "model"
     assert store.fine_tuned_models() == [] and store.list_checkpoints(job["id"])[0] == []
     assert store.delete_fine_tuned_model("ft:m:fundament::x") is None
+

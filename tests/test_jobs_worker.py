@@ -15,6 +15,7 @@ import pytest
 
 from fundament.adapt.tune import latest_checkpoint
 from fundament.config import ModelSpec, ServeConfig
+from fundament.jobs import lifecycle
 from fundament.jobs.files import FileStore
 from fundament.jobs.job_data import keep_job_files
 from fundament.jobs.naming import fine_tuned_model_id
@@ -143,7 +144,7 @@ def test_cancel_stops_training_within_seconds(env):
     job = long_job(store, files)
     t = run_in_thread(Worker(cfg, store, files))
     wait_for(lambda: len(store.metrics(job["id"])) >= 3)
-    assert store.update_job(job["id"], ("running",), status="cancelled")
+    assert lifecycle.cancel(store, job["id"])
     t0 = time.time()
     t.join(timeout=10)
     assert not t.is_alive() and time.time() - t0 < 10
@@ -159,14 +160,14 @@ def test_pause_saves_state_and_resume_continues_from_it(env):
     job = long_job(store, files)
     t = run_in_thread(Worker(cfg, store, files))
     wait_for(lambda: len(store.metrics(job["id"])) >= 5)
-    assert store.update_job(job["id"], ("running",), status="paused")
+    assert lifecycle.pause(store, job["id"])
     t.join(timeout=10)
     assert not t.is_alive()
     paused_at = store.metrics(job["id"])[-1]["step"]
     assert messages(store, job["id"])[-1] == f"Training paused at step {paused_at}; its state is saved for resume."
     assert latest_checkpoint(Path(job["out_dir"])) is not None and store.get_job(job["id"])["status"] == "paused"
     assert not Worker(cfg, store, files).run_once()  # a paused job is not trained
-    store.update_job(job["id"], ("paused",), status="queued")
+    assert lifecycle.resume(store, job["id"])
     Worker(cfg, store, files).run_once()
     row = store.get_job(job["id"])
     assert row["status"] == "succeeded"
@@ -253,13 +254,13 @@ def test_a_cancelled_or_failed_job_drops_its_copy_and_a_paused_one_keeps_it(env)
     data = Path(job["out_dir"]) / "data"
     t = run_in_thread(Worker(cfg, store, files))
     wait_for(lambda: len(store.metrics(job["id"])) >= 3)
-    store.update_job(job["id"], ("running",), status="paused")
+    assert lifecycle.pause(store, job["id"])
     t.join(timeout=10)
     assert (data / "training_file.jsonl").exists()  # a paused job resumes from it
-    store.update_job(job["id"], ("paused",), status="queued")
+    assert lifecycle.resume(store, job["id"])
     t = run_in_thread(Worker(cfg, store, files))
     wait_for(lambda: store.get_job(job["id"])["status"] == "running" and len(store.metrics(job["id"])) >= 6)
-    store.update_job(job["id"], ("running",), status="cancelled")
+    assert lifecycle.cancel(store, job["id"])
     t.join(timeout=10)
     assert not data.exists() and Path(job["out_dir"]).exists()  # checkpoints stay; the copy goes
     few = create_with_copies(store, files, upload(files, sst2_chat(3)))

@@ -107,6 +107,7 @@ def _tune(args) -> int:
     """Upload, create the job, follow it with a progress bar, plot the loss curve, print the model."""
     from pathlib import Path
 
+    from .jobs.lifecycle import Status
     from .jobs.progress import follow, plot_loss_curve
 
     client = _client(args)
@@ -131,7 +132,7 @@ def _tune(args) -> int:
     if metrics:
         png = plot_loss_curve(metrics, args.plot or f"{job.id}-loss.png", title=job.fine_tuned_model or job.id)
         print(f"loss curve: {png}")
-    if job.status != "succeeded":
+    if job.status != Status.SUCCEEDED:
         msg = job.error.message if job.error else job.status
         print(f"fundament: the job {job.status}: {msg}", file=sys.stderr)
         return 1

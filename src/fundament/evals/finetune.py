@@ -13,12 +13,12 @@ import time
 from ..adapt.prompt import PromptFormat
 from ..config import fundament_home
 from ..errors import FundamentError
+from ..jobs.lifecycle import FINISHED, Status
 from .measure import Outcome, PeakMemory, dir_size
 from .prompting import classify, request_body
 from .tasks import Example, Task
 
 MIN_EXAMPLES = 10  # the jobs API's minimum, as OpenAI's
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def chat_examples(task: Task, train: list[Example]) -> bytes:
@@ -44,7 +44,7 @@ class LoRA:
         while job.status not in FINISHED:
             time.sleep(2)
             job = client.fine_tuning.jobs.retrieve(job.id)
-            if progress and job.status == "running":
+            if progress and job.status == Status.RUNNING:
                 events = client.fine_tuning.jobs.list_events(job.id, limit=20).data
                 m = next((e.data for e in events if e.type == "metrics" and e.data), None)
                 if m and m.get("step", 0) > seen_step:
@@ -80,7 +80,7 @@ class LoRA:
             raise
         wall_s = time.perf_counter() - t0
         peak = mem.read() if mem else None
-        if job.status != "succeeded":
+        if job.status != Status.SUCCEEDED:
             why = job.error.message if job.error else job.status
             raise FundamentError(f"fine-tuning job {job.id} {job.status}: {why}", "lora")
         model = job.fine_tuned_model

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .files import FileStore
+if TYPE_CHECKING:  # not at run time: the store's lifecycle drops job files, and files.py imports the store
+    from .files import FileStore
 
 PARAMS = ("training_file", "validation_file")
 

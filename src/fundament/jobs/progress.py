@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-FINISHED = ("succeeded", "failed", "cancelled")
+from .lifecycle import FINISHED
 
 
 def new_events(client, job_id: str, seen: set[str]) -> list:

@@ -1,7 +1,7 @@
 """The durable record of files, fine-tuning jobs, their events and checkpoints: one SQLite file.
 
-WAL mode and short transactions, so the server and worker processes share it safely; every state
-change is one conditional UPDATE. Rows come back as plain dicts (JSON columns decoded). It knows
+WAL mode and short transactions, so the server and worker processes share it safely. Rows come
+back as plain dicts (JSON columns decoded). Status changes are jobs/lifecycle.py's; this knows
 nothing of HTTP wire types, training, or where file bytes live.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import fundament_home
 from ..errors import InvalidRequestError
+from .lifecycle import Status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -84,11 +85,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, step_number);
 """
 
-ACTIVE = ("validating_files", "queued", "running", "paused")
-FINISHED = ("succeeded", "failed", "cancelled")
 # A failed job has no model, as OpenAI's: the checkpoints it saved before it failed (a run that
 # diverged, say) are neither listed nor served.
-_NOT_FAILED = "job_id NOT IN (SELECT id FROM jobs WHERE status = 'failed')"
+_NOT_FAILED = f"job_id NOT IN (SELECT id FROM jobs WHERE status = '{Status.FAILED}')"
 _JSON = {"metadata", "hyperparameters", "extensions", "error", "result_files", "data", "metrics"}
 
 
@@ -129,7 +128,7 @@ class JobStore:
             c.close()
 
     @contextmanager
-    def _write(self):
+    def transaction(self):
         """A write transaction taken up front (BEGIN IMMEDIATE), so read-then-write is atomic."""
         with self._conn() as c:
             c.execute("BEGIN IMMEDIATE")
@@ -157,7 +156,7 @@ class JobStore:
     # ---- files ---------------------------------------------------------------------------------
 
     def add_file(self, file_id: str, filename: str, purpose: str, nbytes: int, status: str = "processed") -> dict:
-        with self._write() as c:
+        with self.transaction() as c:
             c.execute(
                 "INSERT INTO files (id, created_at, bytes, filename, purpose, status) VALUES (?, ?, ?, ?, ?, ?)",
                 (file_id, int(time.time()), nbytes, filename, purpose, status),
@@ -188,7 +187,7 @@ class JobStore:
         return rows[:limit], len(rows) > limit
 
     def delete_file(self, file_id: str) -> bool:
-        with self._write() as c:
+        with self.transaction() as c:
             return c.execute("UPDATE files SET deleted = 1 WHERE id = ? AND deleted = 0", (file_id,)).rowcount == 1
 
     # ---- jobs ----------------------------------------------------------------------------------
@@ -199,15 +198,15 @@ class JobStore:
         """A new job, `validating_files`, its output under out_root/<id>. `job_id` when the caller
         chose it beforehand (to put the job's copy of its files in place before the row exists)."""
         job_id = job_id or new_id("ftjob")
-        with self._write() as c:
+        with self.transaction() as c:
             c.execute(
                 "INSERT INTO jobs (id, created_at, model, base_model, training_file, validation_file, suffix, seed, metadata,"
-                " hyperparameters, extensions, status, out_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'validating_files', ?)",
+                " hyperparameters, extensions, status, out_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, int(time.time()), model, base_model, training_file, validation_file, suffix, seed,
                  None if metadata is None else json.dumps(metadata), json.dumps(hyperparameters), json.dumps(extensions),
-                 str(Path(out_root) / job_id)),
+                 Status.VALIDATING_FILES, str(Path(out_root) / job_id)),
             )
-            self._event(c, job_id, f"Created fine-tuning job: {job_id}")
+            self.insert_event(c, job_id, f"Created fine-tuning job: {job_id}")
         return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> dict | None:
@@ -228,80 +227,52 @@ class JobStore:
         rows = self._all(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
-    def update_job(self, job_id: str, from_status: tuple[str, ...] | None = None, event: str | None = None,
+    @staticmethod
+    def encode(fields: dict) -> list:
+        """Column values as stored (the JSON columns as text)."""
+        return [json.dumps(v) if k in _JSON and v is not None else v for k, v in fields.items()]
+
+    def update_job(self, job_id: str, from_status: tuple[Status, ...] | None = None, event: str | None = None,
                    level: str = "info", **fields) -> bool:
-        """Set fields (status included) if the job is in one of `from_status`; with an event in the
-        same transaction. False when the job had moved on (cancelled meanwhile, say)."""
+        """Set fields if the job is in one of `from_status`; with an event in the same transaction.
+        False when the job had moved on (paused meanwhile, say). The status itself changes only
+        by a transition of jobs/lifecycle.py."""
+        assert "status" not in fields, "status changes go through jobs.lifecycle"
         sets = ", ".join(f"{k} = ?" for k in fields)
-        vals = [json.dumps(v) if k in _JSON and v is not None else v for k, v in fields.items()]
         cond, cargs = "", []
         if from_status is not None:
             cond = f" AND status IN ({', '.join('?' * len(from_status))})"
             cargs = list(from_status)
-        with self._write() as c:
+        with self.transaction() as c:
             if fields:
-                n = c.execute(f"UPDATE jobs SET {sets} WHERE id = ?{cond}", (*vals, job_id, *cargs)).rowcount
+                n = c.execute(f"UPDATE jobs SET {sets} WHERE id = ?{cond}", (*self.encode(fields), job_id, *cargs)).rowcount
             else:  # only the event, if the job is still where the caller thinks
                 n = c.execute(f"SELECT 1 FROM jobs WHERE id = ?{cond}", (job_id, *cargs)).fetchone() is not None
             if n and event:
-                self._event(c, job_id, event, level)
+                self.insert_event(c, job_id, event, level)
         return bool(n)
 
-    def claim_job(self, worker: str, pid: int, stale_s: float) -> dict | None:
-        """The oldest queued job, now `running` and held by `worker`; None if none is queued or
-        another live worker is training already (one job trains at a time on this machine)."""
-        now = time.time()
-        with self._write() as c:
-            busy = c.execute(
-                "SELECT 1 FROM jobs WHERE status = 'running' AND worker IS NOT ? AND heartbeat_at > ?", (worker, now - stale_s)
-            ).fetchone()
-            if busy:
-                return None
-            r = c.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if r is None:
-                return None
-            c.execute(
-                "UPDATE jobs SET status = 'running', worker = ?, worker_pid = ?, heartbeat_at = ?, estimated_finish = NULL WHERE id = ?",
-                (worker, pid, now, r["id"]),
-            )
-            job_id = r["id"]
-        return self.get_job(job_id)
-
     def heartbeat(self, job_id: str, worker: str) -> bool:
-        with self._write() as c:
+        with self.transaction() as c:
             return c.execute(
-                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND status = 'running'", (time.time(), job_id, worker)
+                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND status = ?", (time.time(), job_id, worker, Status.RUNNING)
             ).rowcount == 1
 
-    def requeue_orphans(self, stale_s: float, is_dead) -> list[dict]:
-        """Running jobs whose worker is gone (`is_dead(row)`, or no heartbeat for stale_s) go back
-        to `queued`; the next claim resumes them from their last checkpoint."""
-        now = time.time()
-        out = []
-        with self._write() as c:
-            for r in c.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
-                row = _row(r)
-                if (row["heartbeat_at"] or 0) < now - stale_s or is_dead(row):
-                    c.execute("UPDATE jobs SET status = 'queued', worker = NULL, worker_pid = NULL, estimated_finish = NULL WHERE id = ?", (row["id"],))
-                    self._event(c, row["id"], "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.", "warn")
-                    out.append(row)
-        return out
-
-    def jobs_with_status(self, status: str) -> list[dict]:
+    def jobs_with_status(self, status: Status) -> list[dict]:
         return self._all("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,))
 
     # ---- events --------------------------------------------------------------------------------
 
     @staticmethod
-    def _event(c, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+    def insert_event(c, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
         c.execute(
             "INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (new_id("ftevent"), job_id, int(time.time()), level, message, type, None if data is None else json.dumps(data)),
         )
 
     def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
-        with self._write() as c:
-            self._event(c, job_id, message, level, type, data)
+        with self.transaction() as c:
+            self.insert_event(c, job_id, message, level, type, data)
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them; `after` pages towards older events."""
@@ -323,18 +294,18 @@ class JobStore:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_id: str, path: Path) -> dict:
-        with self._write() as c:
+        with self.transaction() as c:
             c.execute("DELETE FROM checkpoints WHERE model_id = ?", (model_id,))  # a step redone after a resume
             c.execute(
                 "INSERT INTO checkpoints (id, job_id, created_at, step_number, metrics, model_id, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (new_id("ftckpt", "_"), job_id, int(time.time()), step, json.dumps(metrics), model_id, str(path)),
             )
-            self._event(c, job_id, f"Checkpoint created at step {step}")
+            self.insert_event(c, job_id, f"Checkpoint created at step {step}")
         return self._one("SELECT * FROM checkpoints WHERE model_id = ?", (model_id,))
 
     def add_checkpoint_metrics(self, job_id: str, step: int, metrics: dict) -> None:
         """Merge metrics known only after the run (full validation) into a checkpoint's."""
-        with self._write() as c:
+        with self.transaction() as c:
             r = c.execute("SELECT id, metrics FROM checkpoints WHERE job_id = ? AND step_number = ?", (job_id, step)).fetchone()
             if r is not None:
                 c.execute("UPDATE checkpoints SET metrics = ? WHERE id = ?", (json.dumps({**json.loads(r["metrics"]), **metrics}), r["id"]))
@@ -355,11 +326,11 @@ class JobStore:
         (a failed job's checkpoints are not)."""
         jobs = self._all(
             "SELECT fine_tuned_model AS id, base_model, finished_at AS created, adapter_dir AS path, id AS job_id, out_dir, 'model' AS kind"
-            " FROM jobs WHERE status = 'succeeded' AND model_deleted = 0 AND adapter_dir IS NOT NULL ORDER BY seq"
+            f" FROM jobs WHERE status = '{Status.SUCCEEDED}' AND model_deleted = 0 AND adapter_dir IS NOT NULL ORDER BY seq"
         )
         ckpts = self._all(
             "SELECT c.model_id AS id, j.base_model, c.created_at AS created, c.path, j.id AS job_id, j.out_dir, 'checkpoint' AS kind"
-            " FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.deleted = 0 AND j.model_deleted = 0 AND j.status != 'failed'"
+            f" FROM checkpoints c JOIN jobs j ON j.id = c.job_id WHERE c.deleted = 0 AND j.model_deleted = 0 AND j.status != '{Status.FAILED}'"
             " ORDER BY c.seq"
         )
         return jobs + ckpts
@@ -372,13 +343,13 @@ class JobStore:
         m = self.fine_tuned_model(model_id)
         if m is None:
             return None
-        with self._write() as c:
+        with self.transaction() as c:
             if m["kind"] == "model":
                 c.execute("UPDATE jobs SET model_deleted = 1 WHERE id = ?", (m["job_id"],))
                 c.execute("UPDATE checkpoints SET deleted = 1 WHERE job_id = ?", (m["job_id"],))
             else:
                 c.execute("UPDATE checkpoints SET deleted = 1 WHERE model_id = ?", (model_id,))
-            self._event(c, m["job_id"], f"Model deleted: {model_id}")
+            self.insert_event(c, m["job_id"], f"Model deleted: {model_id}")
         return m
 
 

@@ -3,7 +3,8 @@
 `python -m fundament.jobs.worker --config serve.yaml` (or `fundament worker`). One job trains at a
 time. The job it trains carries its heartbeat; a job left `running` by a worker that died is queued
 again and the trainer resumes it from its saved state. Cancel, pause and shutdown are read between
-training steps. The training itself is adapt/tune.py's; this file only drives it.
+training steps. The training itself is adapt/tune.py's and every status change jobs/lifecycle.py's;
+this file only runs the loop.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from pathlib import Path
 from ..adapt.tune import TuneHooks, encode_example, fine_tune, latest_checkpoint, resolve_hyperparameters
 from ..config import ModelSpec, ServeConfig
 from ..errors import FundamentError, InvalidRequestError
+from . import lifecycle
 from .files import FileStore
 from .job_data import data_path, drop_job_files, keep_job_files
+from .lifecycle import FINISHED, Status
 from .naming import checkpoint_model_id, fine_tuned_model_id
-from .store import FINISHED, JobStore, worker_identity
+from .store import JobStore, worker_identity
 from .validation import MIN_TRAINING_EXAMPLES, Dataset, validate_file
 
 log = logging.getLogger(__name__)
@@ -83,7 +86,7 @@ class JobHooks(TuneHooks):
             msg += f", validation loss={data['valid_loss']:.4f}"
         self.store.add_event(jid, msg, type="metrics", data=data)
         per_step = (time.monotonic() - self.t0) / (step - self.first_step + 1)
-        self.store.update_job(jid, ("running",), estimated_finish=int(time.time() + per_step * (total_steps - step)))
+        self.store.update_job(jid, (Status.RUNNING,), estimated_finish=int(time.time() + per_step * (total_steps - step)))
         if self.pending_checkpoint and self.pending_checkpoint[0] == step:
             self.record_checkpoint(data)
 
@@ -104,9 +107,9 @@ class JobHooks(TuneHooks):
         if self.worker.stopping.is_set():
             return "pause"
         row = self.store.get_job(self.job["id"])
-        if row["status"] == "cancelled":
+        if row["status"] == Status.CANCELLED:
             return "cancel"
-        if row["status"] != "running" or row["worker"] != self.worker.identity:
+        if row["status"] != Status.RUNNING or row["worker"] != self.worker.identity:
             return "pause"  # paused, or taken from us: stop and leave the job as it is now
         return None
 
@@ -142,16 +145,16 @@ class Worker:
         return self.validate_pending() | self.train_next()
 
     def validate_pending(self) -> bool:
-        jobs = self.store.jobs_with_status("validating_files")
+        jobs = self.store.jobs_with_status(Status.VALIDATING_FILES)
         for job in jobs:
             self.validate(job)
         return bool(jobs)
 
     def train_next(self) -> bool:
         """Queue again what dead workers left running, then claim and train the oldest queued job."""
-        for job in self.store.requeue_orphans(STALE_S, worker_is_dead):
+        for job in lifecycle.requeue_orphans(self.store, STALE_S, worker_is_dead):
             log.warning("job %s lost its worker; queued again", job["id"])
-        job = self.store.claim_job(self.identity, self.pid, STALE_S)
+        job = lifecycle.claim(self.store, self.identity, self.pid, STALE_S)
         if job is None:
             return False
         self.train(job)
@@ -223,35 +226,32 @@ class Worker:
                 if ds is not None and not ds.ok:
                     for p in ds.problems[:MAX_EVENTS_PER_FILE]:
                         self.store.add_event(jid, f"{ds.param}: {p}", level="error")
-                    return self._fail(job, f"invalid_{ds.param}", ds.summary(), ds.param, ("validating_files",))
+                    return self._fail(job, f"invalid_{ds.param}", ds.summary(), ds.param)
             hp = resolve_hyperparameters(job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"])
         except FundamentError as e:
-            return self._fail(job, "invalid_request", e.message, e.param, ("validating_files",))
+            return self._fail(job, "invalid_request", e.message, e.param)
         except Exception as e:  # the worker survives whatever one job does
             log.exception("validating %s", jid)
-            return self._fail(job, "validation_error", f"Validation failed: {type(e).__name__}: {e}", None, ("validating_files",))
+            return self._fail(job, "validation_error", f"Validation failed: {type(e).__name__}: {e}", None)
         resolved = {"batch_size": hp.batch_size, "learning_rate_multiplier": hp.learning_rate_multiplier, "n_epochs": hp.n_epochs}
         self._datasets[jid] = (train, valid)
         n_tok = train.n_tokens
-        queued = self.store.update_job(
-            jid, ("validating_files",), status="queued", hyperparameters=resolved,
-            event=f"Files validated ({len(train.examples)} training examples, {n_tok} tokens); moving job to queued state.",
+        queued = lifecycle.queue(
+            self.store, jid, resolved, f"Files validated ({len(train.examples)} training examples, {n_tok} tokens); moving job to queued state.",
         )
         if not queued:  # cancelled meanwhile
             self._drop_data_if_ended(job)
         return queued
 
-    def _fail(self, job: dict, code: str, message: str, param: str | None, from_status=("running",)) -> bool:
+    def _fail(self, job: dict, code: str, message: str, param: str | None) -> bool:
         """-> failed with OpenAI's {code, message, param}, unless the job moved on (cancelled)."""
-        failed = self.store.update_job(
-            job["id"], from_status, status="failed", error={"code": code, "message": message, "param": param},
-            finished_at=int(time.time()), estimated_finish=None, event=f"Fine-tuning job failed: {message}", level="error",
-        )
+        failed = lifecycle.fail(self.store, job["id"], code, message, param)
         self._drop_data_if_ended(job)
         return failed
 
     def _drop_data_if_ended(self, job: dict) -> None:
-        """The job's copy of its files goes when the job has ended, never while it may resume (paused)."""
+        """The job's copy of its files goes when the job has ended, never while it may resume (paused).
+        (The transition that ended it dropped it; this drops what a read racing that cancel made again.)"""
         if self.store.get_job(job["id"])["status"] in FINISHED:
             drop_job_files(job["out_dir"])
 
@@ -269,7 +269,7 @@ class Worker:
             resuming = latest_checkpoint(out_dir) is not None
             self.store.add_event(jid, "Fine-tuning job resumed" if resuming else "Fine-tuning job started")
             base_dir, _, _ = self._base(job["base_model"])
-            queued = {j["id"] for j in self.store.jobs_with_status("queued")}
+            queued = {j["id"] for j in self.store.jobs_with_status(Status.QUEUED)}
             cached = self._datasets.pop(jid, None)
             self._datasets = {k: v for k, v in self._datasets.items() if k in queued}  # drop cancelled ones
             train, valid = cached or self._read_data(job)
@@ -278,7 +278,7 @@ class Worker:
                 return self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
             hp = resolve_hyperparameters(job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"])
             if hooks.should_stop():
-                return self._after_stop(job, hooks, "cancel" if self.store.get_job(jid)["status"] == "cancelled" else "pause")
+                return self._after_stop(job, hooks, "cancel" if self.store.get_job(jid)["status"] == Status.CANCELLED else "pause")
             result = fine_tune(base_dir, train.examples, valid.examples if valid else None, hp, out_dir, hooks)
         except FundamentError as e:  # bad values from an older version's job, or a run that diverged
             return self._fail(job, e.code or "invalid_request", e.message, e.param)
@@ -299,14 +299,13 @@ class Worker:
             self.store.add_event(jid, f"Training stopped at step {step}: the job was cancelled.")
             self._drop_data_if_ended(job)
             return
-        if self.stopping.is_set() and self.store.update_job(
-            jid, ("running",), status="queued", worker=None, worker_pid=None, estimated_finish=None,
-            event=f"The worker shut down at step {step}; the job is queued and resumes from there when a worker starts.",
+        if self.stopping.is_set() and lifecycle.requeue(
+            self.store, jid, f"The worker shut down at step {step}; the job is queued and resumes from there when a worker starts.",
         ):
             return
         row = self.store.get_job(jid)
-        if row["status"] == "paused":
-            self.store.update_job(jid, ("paused",), estimated_finish=None, event=f"Training paused at step {step}; its state is saved for resume.")
+        if row["status"] == Status.PAUSED:
+            self.store.update_job(jid, (Status.PAUSED,), estimated_finish=None, event=f"Training paused at step {step}; its state is saved for resume.")
 
     def _succeed(self, job: dict, result) -> None:
         jid = job["id"]
@@ -315,14 +314,8 @@ class Worker:
             self.store.add_checkpoint_metrics(jid, result.steps, full)
         result_file = self.files.add_bytes(self._metrics_csv(jid), "step_metrics.csv", "fine-tune-results")
         model = fine_tuned_model_id(job)
-        ok = self.store.update_job(
-            jid, ("running",), status="succeeded", fine_tuned_model=model, adapter_dir=str(result.adapter_dir),
-            trained_tokens=result.trained_tokens, finished_at=int(time.time()), estimated_finish=None,
-            result_files=[result_file["id"]], event=f"New fine-tuned model created: {model}",
-        )
-        if ok:
-            self.store.add_event(jid, "The job has successfully completed")
-        else:  # cancelled at the very end: the cancel wins
+        ok = lifecycle.succeed(self.store, jid, model, str(result.adapter_dir), result.trained_tokens, [result_file["id"]])
+        if not ok:  # cancelled at the very end: the cancel wins
             self.files.delete(result_file["id"])
         self._drop_data_if_ended(job)
 

@@ -4,16 +4,16 @@ pause, resume, events, checkpoints. Jobs are rows in the JobStore; the worker pr
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 from ..adapt.tune import resolve_hyperparameters
 from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
+from ..jobs import lifecycle
 from ..jobs.files import FileStore
 from ..jobs.job_data import drop_job_files, keep_job_files
 from ..jobs.naming import ORGANIZATION_ID
-from ..jobs.store import ACTIVE, JobStore, new_id
+from ..jobs.store import new_id
 from ..registry import ModelRegistry
 from .protocol_fine_tuning import (
     CheckpointMetrics,
@@ -163,20 +163,19 @@ class FineTuningHandler:
 
     # ---- state changes -------------------------------------------------------------------------
 
-    def _move(self, job_id: str, from_status: tuple[str, ...], verb: str, event: str, **fields) -> FineTuningJob:
-        row = self.get_row(job_id)
-        if not self.store.update_job(job_id, from_status, event=event, **fields):
-            status = self.get_row(job_id)["status"]
-            raise InvalidRequestError(f"Cannot {verb} the job {job_id}: it is {status}; only a job that is {' or '.join(from_status)} can be.", "fine_tuning_job_id")
-        return job_object(self.get_row(row["id"]))
+    def _move(self, job_id: str, verb: str, transition) -> FineTuningJob:
+        """A transition the client asked for; a 400 naming the job's status when the table refuses it."""
+        self.get_row(job_id)
+        if not transition(self.store, job_id):
+            status, sources = self.get_row(job_id)["status"], lifecycle.TRANSITIONS[verb].sources
+            raise InvalidRequestError(f"Cannot {verb} the job {job_id}: it is {status}; only a job that is {' or '.join(sources)} can be.", "fine_tuning_job_id")
+        return job_object(self.get_row(job_id))
 
     def cancel(self, job_id: str) -> FineTuningJob:
-        job = self._move(job_id, ACTIVE, "cancel", "Fine-tuning job cancelled", status="cancelled", finished_at=int(time.time()), estimated_finish=None)
-        drop_job_files(self.get_row(job_id)["out_dir"])  # it has ended: its copy of the files goes (a training worker holds its own in memory)
-        return job
+        return self._move(job_id, "cancel", lifecycle.cancel)
 
     def pause(self, job_id: str) -> FineTuningJob:
-        return self._move(job_id, ("running", "queued"), "pause", "Fine-tuning job paused", status="paused", estimated_finish=None)
+        return self._move(job_id, "pause", lifecycle.pause)
 
     def resume(self, job_id: str) -> FineTuningJob:
-        return self._move(job_id, ("paused",), "resume", "Fine-tuning job resumed; queued to continue from its saved state", status="queued")
+        return self._move(job_id, "resume", lifecycle.resume)
