@@ -1,8 +1,9 @@
 """The durable record of files, fine-tuning jobs, their events and checkpoints: one SQLite file.
 
-WAL mode and short transactions, so the server and worker processes share it safely. Rows come
-back as plain dicts (JSON columns decoded). Status changes are jobs/lifecycle.py's; this knows
-nothing of HTTP wire types, training, or where file bytes live.
+WAL mode and short transactions, so the server and worker processes share it safely. The schema
+grows by MIGRATIONS, numbered by `PRAGMA user_version`. Rows come back as plain dicts (JSON columns
+decoded). Status changes are jobs/lifecycle.py's; this knows nothing of HTTP wire types, training,
+or where file bytes live.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import fundament_home
-from ..errors import InvalidRequestError
+from ..errors import FundamentError, InvalidRequestError
 from .lifecycle import Status
 
-SCHEMA = """
+# The schema as the first release made it (with no user_version: version 0). IF NOT EXISTS, so it
+# is a no-op on such a database and creates everything on a new one.
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT UNIQUE NOT NULL,
@@ -85,6 +88,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, step_number);
 """
 
+# Migration i takes a database from user_version i to i + 1, and each runs once, in the same
+# transaction as the version it sets. Only ever append: a release's database is at the length of
+# its list. A column added later is `ALTER TABLE jobs ADD COLUMN ...` (with a DEFAULT for old rows).
+MIGRATIONS: list[str] = [SCHEMA_V1]
+
 # A failed job has no model, as OpenAI's: the checkpoints it saved before it failed (a run that
 # diverged, say) are neither listed nor served.
 _NOT_FAILED = f"job_id NOT IN (SELECT id FROM jobs WHERE status = '{Status.FAILED}')"
@@ -97,6 +105,18 @@ def new_id(prefix: str, sep: str = "-") -> str:
 
 def default_db_path() -> Path:
     return fundament_home() / "fundament.sqlite3"
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, one by one (executescript would commit the migration's transaction)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    assert not buf.strip(), f"an incomplete statement in a migration: {buf!r}"
+    return out
 
 
 def _row(r: sqlite3.Row | None) -> dict | None:
@@ -114,7 +134,19 @@ class JobStore:
         self.busy_timeout_s = busy_timeout_s
         with self._conn() as c:
             c.execute("PRAGMA journal_mode=WAL")
-            c.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the database to len(MIGRATIONS); the server and worker may both open it at once."""
+        with self.transaction() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise FundamentError(f"{self.path} was written by a newer fundament (schema version {version}; this one knows up to {len(MIGRATIONS)}). Upgrade fundament, or point FUNDAMENT_HOME elsewhere.")
+            for script in MIGRATIONS[version:]:
+                for statement in _statements(script):
+                    c.execute(statement)
+            if version < len(MIGRATIONS):
+                c.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
     @contextmanager
     def _conn(self):
