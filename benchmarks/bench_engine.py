@@ -69,7 +69,8 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
 
     from fundament.config import DEFAULT_MODELS, EngineConfig
     from fundament.engine import Engine, EngineRequest, SamplingParams
-    from fundament.models.llama import LlamaModel, Segment, resolve_dtype
+    from fundament.models.device import resolve_dtype
+    from fundament.models.llama import LlamaModel, Segment
     from fundament.models.loading import hf_dir_for
     from fundament.models.tokenizer import ChatTokenizer
 

@@ -57,7 +57,8 @@ def main():
 
     from fundament.config import DEFAULT_MODELS, EngineConfig
     from fundament.engine import Engine, EngineRequest, SamplingParams
-    from fundament.models.llama import LlamaModel, resolve_dtype
+    from fundament.models.device import resolve_dtype
+    from fundament.models.llama import LlamaModel
     from fundament.models.loading import hf_dir_for
     from fundament.models.tokenizer import ChatTokenizer
 

@@ -305,7 +305,7 @@ def test_score_refuses_what_cannot_fit(model):
 
 def test_device_setting_resolves_or_says_what_is_wrong():
     from fundament.errors import InvalidRequestError
-    from fundament.models.llama import resolve_device
+    from fundament.models.device import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == "cpu"

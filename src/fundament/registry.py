@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
-from ..engine import Engine
-from ..errors import InvalidRequestError, ModelNotFoundError
-from .embedder import Embedder
-from .llama import LlamaModel, resolve_device, resolve_dtype
-from .loading import hf_dir_for, resolve_path
-from .tokenizer import ChatTokenizer
+from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
+from .engine import Engine
+from .errors import InvalidRequestError, ModelNotFoundError
+from .models.embedder import Embedder
+from .models.device import resolve_device, resolve_dtype
+from .models.llama import LlamaModel
+from .models.loading import hf_dir_for, resolve_path
+from .models.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,265 +1,20 @@
-"""A Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) in plain PyTorch, built for the engine.
-
-It knows tensors only: a flat batch of tokens from many sequences (prefill chunks and decode steps
-mixed), each sequence with its own KV cache. It knows nothing of tokenizers, requests or sampling.
-"""
+"""The Llama-family decoder in plain PyTorch, built for the engine: a flat batch of tokens from many
+sequences (prefill chunks and decode steps mixed), each with its own KV cache; decode rows through
+the native kernel where it builds. Knows tensors only: nothing of tokenizers, requests or sampling."""
 
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidRequestError
-
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-
-
-@dataclass
-class LlamaConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        arch = (cfg.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise InvalidRequestError(
-                f"architecture {arch} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model"
-            )
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise InvalidRequestError(f"rope type {rope.get('rope_type')} is not supported", "model")
-        heads = cfg["num_attention_heads"]
-        return cls(
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab_size=cfg["vocab_size"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-        )
-
-
-INT4_GROUP = 32
-
-
-def _int4_if_lossless(weight: torch.Tensor):
-    """Packed int4 (groups of 32 along the input, scale and offset per group) for torch's
-    `_weight_int4pack_mm_for_cpu`, but only if it represents `weight` exactly: true of weights
-    that came from a Q4_0/Q4_1 GGUF, where a group's min and max are its lowest and highest
-    levels. Anything else keeps the int8 path, so int4 never costs quality. None if not exact."""
-    N, K = weight.shape
-    if K % INT4_GROUP or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        return None
-    w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)  # (N, groups)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
-    if ((q * scale[..., None] + lo[..., None] - w).abs() > 1e-3 * scale[..., None]).any():
-        return None
-    # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
-    sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, N, 2)
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).to(torch.int32), 1)
-    except RuntimeError:
-        return None
-    return packed, sz
-
-
-class Linear:
-    """y = x W^T (+ b). On CPU in bfloat16 it also keeps a low-bit copy of the weight for decode
-    rows, since decode reads every weight once per token and is bound by bytes read: int4 where
-    that is exact (weights from a 4-bit GGUF), else weight-only int8 with per-row scales (torch's
-    `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`, the kernels gpt-fast uses)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False, source: torch.Tensor | None = None):
-        """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
-        int4 is exact; without it only int8 is considered."""
-        self.weight, self.bias = weight, bias
-        self.q8 = self.scale = self.q4 = None
-        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
-        if int8 and source is not None:
-            self.q4 = _int4_if_lossless(source)
-        if int8 and self.q4 is None:
-            # In slices of rows, so the float32 temporaries of a large matrix (the 49k x 576 output
-            # head) never add hundreds of MB to the peak while loading.
-            scale = torch.empty(weight.shape[0])
-            self.q8 = torch.empty(weight.shape, dtype=torch.int8)
-            for i in range(0, weight.shape[0], 4096):
-                w = weight[i : i + 4096].float()
-                scale[i : i + 4096] = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (rows,)
-                self.q8[i : i + 4096] = torch.round(w / scale[i : i + 4096, None]).clamp(-127, 127).to(torch.int8)
-            self.scale = scale.to(weight.dtype)
-
-    def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = (), splits: list[int] | None = None) -> torch.Tensor:
-        """x: (N, in). The first n_decode rows are decode tokens: they take the int4/int8 path
-        (those kernels compute each row alone, whatever the number of rows). The rest are prompt
-        rows, in runs of `splits` rows (one per sequence; None: one run): each run is its own
-        matmul, since the bf16 GEMM picks its kernel, and so its rounding, by the number of rows
-        (with AMX, tile kernels from a few rows up), and a sequence's rows must not be computed
-        differently because other prompts share its step."""
-        quantized = (self.q4 is not None or self.q8 is not None) and n_decode > 0
-        parts = []
-        if quantized:
-            if self.q4 is not None:
-                parts.append(torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1]))
-            else:
-                parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
-            if self.bias is not None:
-                parts[0] = parts[0] + self.bias
-        runs = [n_decode] if n_decode and not quantized else []  # rows of each dense matmul
-        if x.shape[0] > n_decode:
-            runs += list(splits) if splits else [x.shape[0] - n_decode]
-        parts += [F.linear(rows, self.weight, self.bias) for rows in x[n_decode if quantized else 0 :].split(runs)]
-        y = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)  # no rows at all
-        # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
-        for slot, rows in lora_rows:
-            ab = self.lora.get(slot)
-            if ab is not None:
-                y.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), ab[0]), ab[1]))
-        return y
-
-
-def cpu_supports_bf16() -> bool:
-    """AVX512-BF16 (or AMX) makes bfloat16 matmuls fast; without it they are emulated and slow."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(name: str) -> str:
-    """"auto": the first CUDA GPU torch sees, else the CPU. A named CUDA device that is not there
-    is a configuration error, not a silent fall back to the CPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InvalidRequestError(f"engine.device {name!r} is not a device; use auto, cpu or cuda[:N].", "device") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise InvalidRequestError(f"engine.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA devices.", "device")
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidRequestError(f"engine.device {name!r}: only cpu and cuda are supported.", "device")
-    return str(device)
-
-
-def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device != "cpu" or cpu_supports_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-class KVCache:
-    """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens,
-    never past `limit` tokens (what the engine reserved for it), so the engine's memory bound is
-    a bound on what is really allocated."""
-
-    BLOCK = 256
-
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, limit: int):
-        self.cfg, self.dtype, self.device, self.limit = cfg, dtype, device, limit
-        self.k = self.v = None  # (L, KVH, cap, hd)
-        self.capacity = 0
-
-    @staticmethod
-    def bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
-
-    def reserve(self, n_tokens: int) -> None:
-        if n_tokens <= self.capacity:
-            return
-        cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
-        assert cap >= n_tokens, "a sequence outgrew its reservation"
-        c = self.cfg
-        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
-        # empty, not zeros: attention reads only written positions, and untouched capacity then
-        # stays out of resident memory.
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if self.capacity:
-            k[:, :, : self.capacity] = self.k
-            v[:, :, : self.capacity] = self.v
-        self.k, self.v, self.capacity = k, v, cap
-
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
-
-
-@dataclass
-class Segment:
-    """A run of consecutive tokens of one sequence inside the flat batch."""
-
-    cache: KVCache
-    start: int  # cache slot of the first token (slots before it are filled)
-    length: int
-    adapter: int | None = None  # LoRA adapter slot, None for the base model
-    # A token tree packed into the cache (engine scoring requests): each token's position (its
-    # depth, for the rotary embedding) and which cache slots it attends to, (length, start +
-    # length) bool. None: a plain causal run, where position = slot.
-    positions: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-
-    @property
-    def is_decode(self) -> bool:
-        """One plain token: it runs through the decode kernels."""
-        return self.length == 1 and self.mask is None
-
-
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
-
-
-class _LazyWeights:
-    """Safetensors tensors read one at a time (`pop`) with plain file reads. safe_open would mmap
-    the file, and every page it touches counts toward the process's resident memory until the
-    end, so a float32 checkpoint would sit beside its converted copy (+540 MB peak here)."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
-        self._files: dict[Path, object] = {}  # open handles, one per file, closed after its last tensor
-        for f in files:
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                header = json.loads(fh.read(n))
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (f, 8 + n + meta["data_offsets"][0], _ST_DTYPES[meta["dtype"]], meta["shape"])
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def pop(self, name: str) -> torch.Tensor:
-        f, offset, dtype, shape = self._where.pop(name)
-        fh = self._files.get(f) or self._files.setdefault(f, open(f, "rb"))
-        t = torch.empty(shape, dtype=dtype)
-        fh.seek(offset)
-        fh.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
-        if not any(w[0] == f for w in self._where.values()):
-            self._files.pop(f).close()  # last tensor of this file read
-        return t
-
+from ...errors import InvalidRequestError
+from .cache import KVCache, Segment
+from .config import LlamaConfig
+from .linear import Linear
+from .weights import _LazyWeights
 
 NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 = 0, 1, 2  # csrc/decode.cpp's kDense, kInt8, kInt4
 
@@ -308,7 +63,7 @@ class LlamaModel:
         self.sin = emb.sin().to(dtype=dtype, device=self.device)
         self.native = False
         if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            from . import native
+            from .. import native
 
             self.native = native.load()
         if self.native:
@@ -345,7 +100,7 @@ class LlamaModel:
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
         """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""
-        from .lora import load_lora
+        from ..lora import load_lora
 
         c = self.cfg
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -1,0 +1,38 @@
+"""Where and in what precision a model runs: the CPU's bf16 support, `engine.device` and
+`engine.dtype` resolved to a torch device and dtype. Knows torch and /proc/cpuinfo, nothing else."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidRequestError
+
+def cpu_supports_bf16() -> bool:
+    """AVX512-BF16 (or AMX) makes bfloat16 matmuls fast; without it they are emulated and slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> str:
+    """"auto": the first CUDA GPU torch sees, else the CPU. A named CUDA device that is not there
+    is a configuration error, not a silent fall back to the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidRequestError(f"engine.device {name!r} is not a device; use auto, cpu or cuda[:N].", "device") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InvalidRequestError(f"engine.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA devices.", "device")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"engine.device {name!r}: only cpu and cuda are supported.", "device")
+    return str(device)
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device != "cpu" or cpu_supports_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

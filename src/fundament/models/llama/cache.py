@@ -1,0 +1,65 @@
+"""Each sequence's KV cache, and the segments of the flat batch that say which cache each run of
+tokens reads and writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LlamaConfig
+
+class KVCache:
+    """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens,
+    never past `limit` tokens (what the engine reserved for it), so the engine's memory bound is
+    a bound on what is really allocated."""
+
+    BLOCK = 256
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, limit: int):
+        self.cfg, self.dtype, self.device, self.limit = cfg, dtype, device, limit
+        self.k = self.v = None  # (L, KVH, cap, hd)
+        self.capacity = 0
+
+    @staticmethod
+    def bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+    def reserve(self, n_tokens: int) -> None:
+        if n_tokens <= self.capacity:
+            return
+        cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
+        assert cap >= n_tokens, "a sequence outgrew its reservation"
+        c = self.cfg
+        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
+        # empty, not zeros: attention reads only written positions, and untouched capacity then
+        # stays out of resident memory.
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.capacity:
+            k[:, :, : self.capacity] = self.k
+            v[:, :, : self.capacity] = self.v
+        self.k, self.v, self.capacity = k, v, cap
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Segment:
+    """A run of consecutive tokens of one sequence inside the flat batch."""
+
+    cache: KVCache
+    start: int  # cache slot of the first token (slots before it are filled)
+    length: int
+    adapter: int | None = None  # LoRA adapter slot, None for the base model
+    # A token tree packed into the cache (engine scoring requests): each token's position (its
+    # depth, for the rotary embedding) and which cache slots it attends to, (length, start +
+    # length) bool. None: a plain causal run, where position = slot.
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        """One plain token: it runs through the decode kernels."""
+        return self.length == 1 and self.mask is None
