@@ -46,7 +46,9 @@ def base_dir() -> Path:
 def run_one(which: str, n: int, batch: int, threads: int, seed: int) -> dict:
     import torch
 
-    from fundament.adapt.tune import IGNORE, encode_example, fine_tune, resolve_hyperparameters
+    from fundament.adapt.examples import IGNORE, encode_example
+    from fundament.adapt.hyperparameters import resolve_hyperparameters
+    from fundament.adapt.tune import fine_tune
     from fundament.models.tokenizer import ChatTokenizer
 
     torch.set_num_threads(threads)

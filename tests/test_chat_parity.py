@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fundament.adapt import tune as examples
-from fundament.adapt.tune import IGNORE, encode_example
+from fundament.adapt import examples
+from fundament.adapt.examples import IGNORE, encode_example
 from fundament.models.tokenizer import ChatTokenizer
 from fundament.server.protocol import ChatCompletionRequest
 from fundament.server.serving_chat import ChatHandler

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fundament.adapt.tune import encode_example
+from fundament.adapt.examples import encode_example
 from fundament.jobs.validation import MIN_TRAINING_EXAMPLES, validate_file
 from fundament.models.tokenizer import ChatTokenizer
 from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl

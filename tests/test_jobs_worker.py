@@ -283,10 +283,10 @@ def test_a_job_stored_with_an_absurd_value_fails_validation_naming_it(env):
 
 
 def test_a_job_that_diverges_fails_at_its_step_and_serves_no_model(env, monkeypatch):
-    from fundament.adapt import tune
+    from fundament.adapt.trainer import Trainer
 
     store, files, cfg = env
-    row_loss = tune._Trainer.row_loss
+    row_loss = Trainer.row_loss
     calls = []
 
     def diverging(self, row):  # one row per step here; from the fifth step on the loss overflows
@@ -294,7 +294,7 @@ def test_a_job_that_diverges_fails_at_its_step_and_serves_no_model(env, monkeypa
         loss, n, right = row_loss(self, row)
         return (loss * float("inf") if len(calls) >= 5 else loss), n, right
 
-    monkeypatch.setattr(tune._Trainer, "row_loss", diverging)
+    monkeypatch.setattr(Trainer, "row_loss", diverging)
     job = create_with_copies(store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2})
     Worker(cfg, store, files).run_once()
     row = store.get_job(job["id"])

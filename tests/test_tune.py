@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
-from fundament.adapt.tune import IGNORE, TuneHooks, _Trainer, encode_example, fine_tune, pack, resolve_hyperparameters
+from fundament.adapt.examples import IGNORE, encode_example, pack
+from fundament.adapt.hyperparameters import resolve_hyperparameters
+from fundament.adapt.trainer import Trainer
+from fundament.adapt.tune import TuneHooks, fine_tune
 from fundament.errors import InvalidRequestError
 from fundament.models.tokenizer import ChatTokenizer
 
@@ -88,7 +91,7 @@ def test_packing_keeps_examples_apart(tiny_chat, tok):
     rows = pack(exs, 1024)
     assert len(rows) == 1 and sum(e.n_tokens for e in rows[0]) == sum(e.n_tokens for e in exs)
     assert [len(r) for r in pack(exs, exs[0].n_tokens + 1)] == [1, 1, 1]
-    trainer = _Trainer(tiny_chat, resolve_hyperparameters({}, 3), bf16=False)  # exact fp32 sums
+    trainer = Trainer(tiny_chat, resolve_hyperparameters({}, 3), bf16=False)  # exact fp32 sums
     with torch.no_grad():
         packed, n, _ = trainer.row_loss(rows[0])
         alone = [trainer.row_loss([e]) for e in exs]
@@ -208,7 +211,7 @@ def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wai
     assert stopped.stopped == "cancel" and stopped.steps == 0 and rec.steps == []
 
     # The compiled layers compute the loss eager bf16 computes, to bf16's precision.
-    trainer = _Trainer(tiny_chat, resolve_hyperparameters({}, 6), bf16=True)
+    trainer = Trainer(tiny_chat, resolve_hyperparameters({}, 6), bf16=True)
     torch.manual_seed(0)
     for name, p in trainer.model.named_parameters():
         if "lora_B" in name:
@@ -241,7 +244,7 @@ def test_without_a_cxx_compiler_training_runs_uncompiled(tiny_chat, tok, tmp_pat
 
 
 def test_compile_auto_only_for_runs_long_enough_to_pay_for_it(tok):
-    from fundament.adapt.tune import COMPILE_MIN_TOKENS, should_compile
+    from fundament.adapt.trainer import COMPILE_MIN_TOKENS, should_compile
 
     ex = encode_example(tok, chat("a gorgeous film", "positive"), 2048)
     few = [ex] * (COMPILE_MIN_TOKENS // ex.n_tokens // 2)

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from fundament.adapt.tune import RANGES, TuneConfig, TuneHooks, encode_example, fine_tune, resolve_hyperparameters
+from fundament.adapt.examples import encode_example
+from fundament.adapt.hyperparameters import RANGES, TuneConfig, resolve_hyperparameters
+from fundament.adapt.tune import TuneHooks, fine_tune
 from fundament.errors import FundamentError, InvalidRequestError
 from fundament.models.tokenizer import ChatTokenizer
 from tuning_data import sst2_chat, tiny_chat_llama

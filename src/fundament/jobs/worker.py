@@ -22,7 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..adapt.tune import TuneHooks, encode_example, fine_tune, latest_checkpoint, resolve_hyperparameters
+from ..adapt.examples import encode_example
+from ..adapt.hyperparameters import resolve_hyperparameters
+from ..adapt.tune import TuneHooks, fine_tune, latest_checkpoint
 from ..config import ModelSpec, ServeConfig
 from ..errors import FundamentError, InvalidRequestError
 from . import lifecycle

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-from ..adapt.tune import RANGES
+from ..adapt.hyperparameters import RANGES
 from .protocol import Request
 
 # ---- files ------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class ModelDeleted(BaseModel):
 
 class Hyperparameters(BaseModel):
     """Each one "auto" or a JSON number (strict: no "3", no true); ranges are checked where they
-    are resolved (adapt/tune.py). An unknown name is refused: a typo must not train with "auto"."""
+    are resolved (adapt/hyperparameters.py). An unknown name is refused: a typo must not train with "auto"."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +92,7 @@ class CreateFineTuningJobRequest(Request):
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
     method: Optional[Method] = None
     metadata: Optional[dict[str, str]] = None
-    # --- fundament extensions (docs/fine-tuning.md); numbers within adapt/tune.py's RANGES ---
+    # --- fundament extensions (docs/fine-tuning.md); numbers within adapt/hyperparameters.py's RANGES ---
     training_type: Optional[str] = None  # "lora" (the only one for now)
     lora_r: Optional[StrictInt] = _in_range("lora_r")
     lora_alpha: Optional[StrictFloat] = _in_range("lora_alpha")
@@ -123,7 +123,7 @@ class CreateFineTuningJobRequest(Request):
         return v
 
     def extensions(self) -> dict:
-        """Our fenced fields that were set, under the names adapt/tune.py's TuneConfig uses."""
+        """Our fenced fields that were set, under the names adapt/hyperparameters.py's TuneConfig uses."""
         names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "warmup_ratio", "weight_decay", "eval_every", "row_tokens", "compile")
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.training_type is not None:

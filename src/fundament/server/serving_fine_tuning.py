@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..adapt.tune import resolve_hyperparameters
+from ..adapt.hyperparameters import resolve_hyperparameters
 from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from ..jobs import lifecycle
