@@ -69,7 +69,8 @@ def test_the_table_of_transitions():
 
 
 def test_the_wire_type_names_every_status():
-    from fundament.server.protocol_fine_tuning import FineTuningJob  # here: the spawned claimers import this module
+    # imported here, not at the top: the processes spawned to claim import this module
+    from fundament.server.protocol_fine_tuning import FineTuningJob
 
     assert typing.get_args(FineTuningJob.model_fields["status"].annotation) == tuple(Status)
 

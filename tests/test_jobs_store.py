@@ -69,7 +69,7 @@ def test_field_updates_are_conditional_and_never_change_the_status(store, tmp_pa
     assert not store.update_job(job["id"], (Status.RUNNING,), estimated_finish=99, event="not running")
     assert store.update_job(job["id"], (Status.VALIDATING_FILES,), estimated_finish=99, event="validating")
     assert store.get_job(job["id"])["estimated_finish"] == 99
-    assert [e["message"] for e in store.list_events(job["id"])[0]][0] == "validating"
+    assert store.list_events(job["id"])[0][0]["message"] == "validating"
     with pytest.raises(AssertionError, match="lifecycle"):
         store.update_job(job["id"], None, status=Status.SUCCEEDED)
     assert store.get_job(job["id"])["status"] == Status.VALIDATING_FILES
