@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fundament.adapt.classify import Classifier, LabelScores, PoolVectorCache, batch_calibrate, calibration_mode
+from fundament.adapt.classify import Classifier, LabelScores, PoolVectorCache, PromptOptions, batch_calibrate, calibration_mode
 from fundament.adapt.prompt import PromptFormat
 from fundament.errors import InvalidRequestError
 
@@ -133,11 +133,11 @@ def test_only_the_examples_shown_are_tokenized_and_a_shown_one_past_the_context_
 
     lm = WordLM()
     pool = [{"input": f"example number {i}", "label": "positive" if i % 2 else "negative"} for i in range(500)]
-    out = asyncio.run(Classifier(lm).classify(["a fine film"], ["positive", "negative"], examples=pool, k=2, selection="random"))
+    out = asyncio.run(Classifier(lm).classify(["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")))
     assert len(out[0].examples) == 2
     assert sum(t.startswith("example number") for t in lm.tokenizer.encoded) == 2  # not the 500 of the pool
 
     pool[out[0].examples[0]]["input"] = "word " * 100  # an example that is shown, longer than the context
     with pytest.raises(ContextLengthExceededError) as e:
-        asyncio.run(Classifier(WordLM()).classify(["a fine film"], ["positive", "negative"], examples=pool, k=2, selection="random"))
+        asyncio.run(Classifier(WordLM()).classify(["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")))
     assert e.value.param == "examples" and f"examples[{out[0].examples[0]}]" in str(e.value)

@@ -146,7 +146,7 @@ def _classify(args) -> None:
     import json
     from pathlib import Path
 
-    from .adapt import Classifier
+    from .adapt import Classifier, PromptOptions
     from .engine.engine import reserve_cpu_for_engines
     from .registry import ModelRegistry
 
@@ -171,9 +171,8 @@ def _classify(args) -> None:
     try:
         lm, _ = registry.generator(args.model)
         embedder = next(iter(registry.embedders.values())).embedder if registry.embedders else None
-        results = asyncio.run(Classifier(lm, embedder).classify(
-            texts, args.labels.split(","), args.instruction, examples or None, args.k, args.selection, args.calibrate, args.seed, args.answer_prefix,
-        ))
+        options = PromptOptions(args.instruction, examples or None, args.k, args.selection, args.seed, args.answer_prefix)
+        results = asyncio.run(Classifier(lm, embedder).classify(texts, args.labels.split(","), options, args.calibrate))
     finally:
         registry.stop()
     for text, r in zip(texts, results):

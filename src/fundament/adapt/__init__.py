@@ -1,5 +1,6 @@
-"""Adaptation: prompting (classification, few-shot selection) and, later, tuning."""
+"""Adaptation: prompting (classification with a probability per label, few-shot selection) and
+fine-tuning (LoRA), with the one rendering of a conversation both share."""
 
-from .classify import Classifier, ClassificationResult, Label
+from .classify import ClassificationResult, Classifier, Label, PromptOptions
 
-__all__ = ["Classifier", "ClassificationResult", "Label"]
+__all__ = ["ClassificationResult", "Classifier", "Label", "PromptOptions"]

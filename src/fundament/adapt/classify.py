@@ -131,6 +131,23 @@ class PoolVectorCache:
                 self._bytes -= self._pools.popitem(last=False)[1].nbytes
 
 
+@dataclass(frozen=True)
+class PromptOptions:
+    """How a classification prompt is built: the instruction, the labelled pool and how many of its
+    examples to show (`k`: a number, or a list for an ensemble of prompts with that many each),
+    chosen `nearest` to the input or at `random` (with `seed`), and the wording around the input
+    and the answer."""
+
+    instruction: str | None = None
+    examples: list[dict] | None = None
+    k: int | list[int] | None = None
+    selection: str = "nearest"
+    seed: int = 0
+    answer_prefix: str = "Answer:"
+    example_format: str = "list"
+    input_prefix: str = ""
+
+
 class Classifier:
     MAX_IN_FLIGHT = 32  # scorings submitted at once: enough to fill a batch, never the whole queue
 
@@ -208,28 +225,19 @@ class Classifier:
                 )
         conts = [p[shared:] + ids for p in prompts for ids in label_ids]
         async with self._slots:
-            lps = await self.lm.engine.score(prompts[0][:shared], conts, adapter=self.adapter, param=param)
+            try:
+                lps = await self.lm.engine.score(prompts[0][:shared], conts, adapter=self.adapter)
+            except ContextLengthExceededError as e:
+                e.param = param  # the engine knows token counts; the prompts came from this field
+                raise
         out = np.empty((len(prompts), len(label_ids)))
         for i, p in enumerate(prompts):
             for j in range(len(label_ids)):
                 out[i, j] = sum(lps[i * len(label_ids) + j][len(p) - shared :])
         return out, shared + sum(len(c) for c in conts)
 
-    async def score(
-        self,
-        inputs: list[str],
-        labels,
-        instruction: str | None = None,
-        examples: list[dict] | None = None,
-        k: int | list[int] | None = None,
-        selection: str = "nearest",
-        seed: int = 0,
-        answer_prefix: str = "Answer:",
-        example_format: str = "list",
-        input_prefix: str = "",
-        content_free: bool = False,
-        progress: Callable[[int], None] | None = None,
-    ) -> "LabelScores":
+    async def score(self, inputs: list[str], labels, options: PromptOptions = PromptOptions(), content_free: bool = False,
+                    progress: Callable[[int], None] | None = None) -> "LabelScores":
         """Every label's probability for every input, from one pass: one engine request per input
         scores each prompt of the ensemble (one per k) and, with `content_free`, the same prompts
         with the content-free input. Combine with `LabelScores.probabilities(calibrate)`."""
@@ -238,20 +246,21 @@ class Classifier:
         names = [l.name for l in labels]
         if not inputs:
             raise InvalidRequestError("input must not be empty.", "input")
-        if example_format not in EXAMPLE_FORMATS:
+        if options.example_format not in EXAMPLE_FORMATS:
             raise InvalidRequestError(f"example_format must be one of {', '.join(EXAMPLE_FORMATS)}.", "example_format")
         pool = []
-        for i, ex in enumerate(examples or []):
+        for i, ex in enumerate(options.examples or []):
             if ex.get("label") not in names:
                 raise InvalidRequestError(f"examples[{i}] has label {ex.get('label')!r}, which is not one of the labels.", "examples")
             pool.append((str(ex.get("input", "")), ex["label"]))
+        k = options.k
         ks = [len(pool)] if k is None else [k] if isinstance(k, int) else list(k)
         if not ks:
             raise InvalidRequestError("k must be a number or a non-empty list of numbers.", "k")
         for ki in ks:
             if ki < 0 or ki > len(pool):
                 raise InvalidRequestError(f"k is {ki} but the example pool has {len(pool)} examples.", "k")
-        if selection not in ("nearest", "random"):
+        if options.selection not in ("nearest", "random"):
             raise InvalidRequestError("selection must be 'nearest' or 'random'.", "selection")
         limit = self.lm.engine.max_context
         tok = self.lm.tokenizer
@@ -260,7 +269,7 @@ class Classifier:
                 raise ContextLengthExceededError(f"labels[{i}] is longer than the context window ({limit} tokens).", "labels")
 
         def select_and_check() -> list[list[int]]:
-            chosen = self.select_examples(inputs, pool, max(ks), selection, seed)
+            chosen = self.select_examples(inputs, pool, max(ks), options.selection, options.seed)
             # Only the examples shown can make a prompt too long: checking those, not the whole
             # pool, keeps a request against a 67k-example pool from tokenizing all of it each time.
             for i in sorted({j for c in chosen for j in c}):
@@ -270,13 +279,13 @@ class Classifier:
 
         # Tokenizing and embedding a large pool takes seconds to minutes: not on the event loop.
         chosen = await asyncio.to_thread(select_and_check)
-        fmt = PromptFormat(instruction, answer_prefix, input_prefix, example_format)
+        fmt = PromptFormat(options.instruction, options.answer_prefix, options.input_prefix, options.example_format)
         label_pairs = [(l.name, l.description) for l in labels]
         # The assistant's answer starts with `answer_prefix` (e.g. "The review is"), then the label:
         # the closer this is to how the model answers on its own, the better its likelihoods rank.
-        prefix_ids = tok.encode(answer_prefix) if answer_prefix else []
+        prefix_ids = tok.encode(options.answer_prefix) if options.answer_prefix else []
         end = tok.eos_token_ids[:1]
-        label_ids = [tok.encode((" " if answer_prefix else "") + name) + end for name in names]
+        label_ids = [tok.encode((" " if options.answer_prefix else "") + name) + end for name in names]
         texts_per_input = 2 if content_free else 1
 
         async def one(i: int, text: str) -> tuple[np.ndarray, int]:
@@ -302,9 +311,7 @@ class Classifier:
         p = np.stack([x for x, _ in scored], axis=1)  # (members, inputs, texts, labels)
         return LabelScores(names, p[:, :, 0], p[:, :, 1] if content_free else None, [[int(j) for j in c] for c in chosen], [u for _, u in scored])
 
-    async def classify(self, inputs: list[str], labels, instruction: str | None = None, examples: list[dict] | None = None,
-                       k: int | list[int] | None = None, selection: str = "nearest", calibrate: bool | str = False, seed: int = 0,
-                       answer_prefix: str = "Answer:", example_format: str = "list", input_prefix: str = "",
+    async def classify(self, inputs: list[str], labels, options: PromptOptions = PromptOptions(), calibrate: bool | str = False,
                        progress: Callable[[int], None] | None = None) -> list[ClassificationResult]:
         """`calibrate`: False/"none", True/"content_free" or "batch" (see the module docstring);
         `k` a number, or a list of numbers for an ensemble of prompts with that many examples each;
@@ -312,7 +319,7 @@ class Classifier:
         mode = calibration_mode(calibrate)
         if mode == "batch" and len(inputs) < 2:
             raise InvalidRequestError("calibrate 'batch' estimates the bias from the call's inputs: give many inputs (a sample of the task's), not one.", "calibrate")
-        scores = await self.score(inputs, labels, instruction, examples, k, selection, seed, answer_prefix, example_format, input_prefix, mode == "content_free", progress)
+        scores = await self.score(inputs, labels, options, mode == "content_free", progress)
         final = scores.probabilities(mode)
         raw = scores.probabilities("none") if mode != "none" else None
         results = []

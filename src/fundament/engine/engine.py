@@ -103,20 +103,20 @@ class Engine:
         """KV cache tokens held for running sequences (0 when idle: nothing leaked)."""
         return self._reserved
 
-    def check_fits(self, n_prompt: int, max_tokens: int, param: str = "messages") -> None:
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """ContextLengthExceededError (its `param` left to the caller, who knows the request's
+        field names) if a prompt and its completion cannot fit the context or the KV cache."""
         total = n_prompt + max_tokens
         if total > self.max_context:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.max_context} tokens. However, you requested "
                 f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Reduce the length of the prompt or of max_completion_tokens.",
-                param,
+                "Reduce the length of the prompt or of max_completion_tokens."
             )
         if total > self.config.kv_cache_tokens:
             raise ContextLengthExceededError(
                 f"The request needs {total} tokens of KV cache but the engine holds at most "
-                f"{self.config.kv_cache_tokens} (engine.kv_cache_tokens).",
-                param,
+                f"{self.config.kv_cache_tokens} (engine.kv_cache_tokens)."
             )
 
     def load_adapter(self, name: str, path) -> None:
@@ -176,17 +176,16 @@ class Engine:
             if not done:
                 self.abort(req.request_id)
 
-    async def score(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None, param: str = "input") -> list[list[float]]:
+    async def score(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None) -> list[list[float]]:
         """log P(token | prompt, the continuation's earlier tokens) for every token of every
         continuation, from one request: the prompt is prefilled once and a prefix that several
         continuations share is computed once. Cancelling the call aborts the request."""
         tree = TokenTree(list(prompt_ids), [list(c) for c in continuations])
-        self.check_fits(tree.depth, 0, param)
+        self.check_fits(tree.depth, 0)
         if len(tree) > self.config.kv_cache_tokens:
             raise ContextLengthExceededError(
                 f"Scoring needs {len(tree)} tokens of KV cache (the prompt and every continuation) but the engine "
-                f"holds at most {self.config.kv_cache_tokens} (engine.kv_cache_tokens). Score fewer or shorter continuations.",
-                param,
+                f"holds at most {self.config.kv_cache_tokens} (engine.kv_cache_tokens). Score fewer or shorter continuations."
             )
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()

@@ -72,7 +72,7 @@ def cells_for(task: Task, strategy: Strategy, scores, seconds: float) -> list[Ce
 def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: int | None, example_format: str, which: list[str]):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..adapt import Classifier
+    from ..adapt import Classifier, PromptOptions
     from ..config import ServeConfig
     from ..engine.engine import reserve_cpu_for_engines
     from ..registry import ModelRegistry
@@ -103,11 +103,10 @@ def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: in
                 for strategy in [s for s in strategies(k) if s.key in which]:
                     job = bar.add_task(f"{name} {strategy.name}", total=len(test))
                     t = time.perf_counter()
-                    scores = asyncio.run(clf.score(
-                        [e.text for e in test], labels, task.instruction, pool, strategy.k, strategy.selection, seed,
-                        task.answer_prefix, strategy.example_format or example_format, task.input_prefix, content_free=True,
-                        progress=lambda n, job=job: bar.advance(job, n),
-                    ))
+                    options = PromptOptions(task.instruction, pool, strategy.k, strategy.selection, seed, task.answer_prefix,
+                                            strategy.example_format or example_format, task.input_prefix)
+                    scores = asyncio.run(clf.score([e.text for e in test], labels, options, content_free=True,
+                                                   progress=lambda n, job=job: bar.advance(job, n)))
                     seconds = time.perf_counter() - t
                     new = cells_for(replace(task, test=test), strategy, scores, seconds)
                     cells += new

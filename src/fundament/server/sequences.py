@@ -35,14 +35,18 @@ def sampling_params(
 ) -> SamplingParams:
     """SamplingParams from a request, filling what it leaves out from the model's defaults."""
     engine, d = lm.engine, lm.defaults
-    if requested_max is not None:
-        engine.check_fits(n_prompt, requested_max, prompt_param)
-        max_tokens = requested_max
-    else:
-        room = min(engine.max_context, engine.config.kv_cache_tokens) - n_prompt
-        if room < 1:
-            engine.check_fits(n_prompt, 1, prompt_param)
-        max_tokens = min(d.max_completion_tokens, room)
+    try:
+        if requested_max is not None:
+            engine.check_fits(n_prompt, requested_max)
+            max_tokens = requested_max
+        else:
+            room = min(engine.max_context, engine.config.kv_cache_tokens) - n_prompt
+            if room < 1:
+                engine.check_fits(n_prompt, 1)
+            max_tokens = min(d.max_completion_tokens, room)
+    except ContextLengthExceededError as e:  # the engine counts tokens; the prompt came from this field
+        e.param = prompt_param
+        raise
     bias = {}
     for k, v in (req.logit_bias or {}).items():
         tid = int(k)

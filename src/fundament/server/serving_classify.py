@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..adapt.classify import Classifier, PoolVectorCache
+from ..adapt.classify import Classifier, PoolVectorCache, PromptOptions
 from ..registry import ModelRegistry
 from .protocol import Classification, ClassificationRequest, ClassificationResponse, Usage, new_id, now
 
@@ -22,10 +22,8 @@ class ClassificationHandler:
         inputs = [req.input] if isinstance(req.input, str) else req.input
         labels = [l if isinstance(l, str) else l.model_dump() for l in req.labels]
         examples = [e.model_dump() for e in req.examples or []]
-        results = await Classifier(lm, embedder, adapter, self.pools).classify(
-            inputs, labels, req.instruction, examples, req.k, req.selection, req.calibrate, req.seed, req.answer_prefix,
-            example_format=req.example_format, input_prefix=req.input_prefix,
-        )
+        options = PromptOptions(req.instruction, examples, req.k, req.selection, req.seed, req.answer_prefix, req.example_format, req.input_prefix)
+        results = await Classifier(lm, embedder, adapter, self.pools).classify(inputs, labels, options, req.calibrate)
         used = sum(r.prompt_tokens for r in results)
         return ClassificationResponse(
             id=new_id("clf"), created=now(), model=req.model,
