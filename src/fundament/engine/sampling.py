@@ -1,7 +1,7 @@
 """Sampling parameters and the sampler: per-row logits processing, then greedy or nucleus sampling.
 
 Logits processors are plain callables `(output_ids, logits (V,)) -> logits`, applied per row, so
-penalties, `logit_bias` and token masks (later: grammar masks) share one hook.
+penalties, `logit_bias` and grammar masks (engine/constraints.py) share one hook.
 """
 
 from __future__ import annotations
