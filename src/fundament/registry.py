@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -84,6 +83,8 @@ class FineTunedSource(Protocol):
     def fine_tuned_model(self, model_id: str) -> dict | None: ...
 
     def delete_fine_tuned_model(self, model_id: str) -> dict | None: ...
+
+    def discard_fine_tuned_files(self, model: dict) -> None: ...
 
 
 class ModelRegistry:
@@ -205,6 +206,5 @@ class ModelRegistry:
             for a in gone:
                 self.remove_adapter(a)
                 self._fine_tuned_loaded.discard(a)
-        # the model's directory (for a job's model: the job's whole output, checkpoints included)
-        shutil.rmtree(m["out_dir"] if m["kind"] == "model" else m["path"], ignore_errors=True)
+        self.fine_tuned.discard_fine_tuned_files(m)  # unloaded first: nothing reads them any more
         return name

@@ -9,6 +9,7 @@ or where file bytes live.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import sqlite3
@@ -383,6 +384,12 @@ class JobStore:
                 c.execute("UPDATE checkpoints SET deleted = 1 WHERE model_id = ?", (model_id,))
             self.insert_event(c, m["job_id"], f"Model deleted: {model_id}")
         return m
+
+    @staticmethod
+    def discard_fine_tuned_files(model: dict) -> None:
+        """Remove a deleted model's files (once nothing serves it): a job's model takes the job's
+        whole output, checkpoints included; a checkpoint its own directory."""
+        shutil.rmtree(model["out_dir"] if model["kind"] == "model" else model["path"], ignore_errors=True)
 
 
 def worker_identity() -> tuple[str, int]:
