@@ -80,7 +80,7 @@ def server_prompt(tok: ChatTokenizer, messages: list[dict], tools: list[dict] | 
     stand-in with room for any prompt: only the rendering and the tokenizer are real)."""
     engine = SimpleNamespace(max_context=8192, waiting=[], config=SimpleNamespace(max_queue=64, kv_cache_tokens=8192), check_fits=lambda *a: None)
     lm = SimpleNamespace(tokenizer=tok, engine=engine, defaults=SimpleNamespace(max_completion_tokens=16, temperature=1.0, top_p=1.0))
-    registry = SimpleNamespace(generator=lambda model: (lm, None))
+    registry = SimpleNamespace(resolve_generator=lambda model: (lm, None))
     req = ChatCompletionRequest(model="gpt-4o-mini", messages=messages, **({"tools": tools} if tools else {}))
     return ChatHandler(registry).prepare(req)[2]
 

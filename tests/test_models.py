@@ -42,7 +42,7 @@ def test_gguf_is_dequantized_once_and_reused(server, smollm_dir, monkeypatch, tm
 def test_registry_resolves_aliases_and_refuses_unknown_names():
     reg = ModelRegistry(ServeConfig(models=[]))
     with pytest.raises(ModelNotFoundError):
-        reg.generator("gpt-4o-mini")  # aliases only point at loaded models
+        reg.resolve_generator("gpt-4o-mini")  # aliases only point at loaded models
 
 
 def test_spec_from_path_names_models_by_file(tmp_path):

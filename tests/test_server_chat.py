@@ -192,7 +192,7 @@ def test_concurrent_streams_do_not_cross_talk(client):
 def test_client_disconnect_frees_the_sequence(server):
     import httpx
 
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write a very long essay."}], "stream": True, "max_completion_tokens": 4000, "extra": 1}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write a very long essay."}], "stream": True, "max_completion_tokens": 4000}
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "ignore_eos": True}, headers={"authorization": "Bearer x"}, timeout=60) as resp:
         it = resp.iter_lines()
         for _ in range(5):

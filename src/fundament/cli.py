@@ -169,7 +169,7 @@ def _classify(args) -> None:
     registry.load_all()
     registry.start()
     try:
-        lm, _ = registry.generator(args.model)
+        lm, _ = registry.resolve_generator(args.model)
         embedder = next(iter(registry.embedders.values())).embedder if registry.embedders else None
         options = PromptOptions(args.instruction, examples or None, args.k, args.selection, args.seed, args.answer_prefix)
         results = asyncio.run(Classifier(lm, embedder).classify(texts, args.labels.split(","), options, args.calibrate))

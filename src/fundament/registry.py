@@ -1,7 +1,7 @@
 """The registry of served models: names, aliases, and the loaded generators and embedders behind them.
 
 It loads what each entry names (GGUF, Hugging Face or sentence-transformers directory) and hands
-the serving layer a `GenerationModel` (tokenizer + engine) or an `EmbeddingModel` by name or alias.
+the serving layer a `ServedGenerator` (tokenizer + engine) or a `ServedEmbedder` by name or alias.
 Fine-tuned models come from an optional source (the JobStore): their adapters load into the base
 model's engine the first time a request names them.
 """
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerationModel:
+class ServedGenerator:
+    """A generation model as served: its tokenizer and the engine running its weights."""
+
     name: str
     spec: ModelSpec
     tokenizer: ChatTokenizer
@@ -43,14 +45,16 @@ class GenerationModel:
 
 
 @dataclass
-class EmbeddingModel:
+class ServedEmbedder:
+    """An embedding model as served: the sentence encoder behind a name."""
+
     name: str
     spec: ModelSpec
     embedder: Embedder
     created: int
 
 
-def load_generation_model(spec: ModelSpec, engine_config: EngineConfig) -> GenerationModel:
+def load_generator(spec: ModelSpec, engine_config: EngineConfig) -> ServedGenerator:
     path = hf_dir_for(spec)
     tokenizer = ChatTokenizer(path)
     device = resolve_device(engine_config.device)
@@ -58,11 +62,11 @@ def load_generation_model(spec: ModelSpec, engine_config: EngineConfig) -> Gener
                                native_decode=engine_config.native_decode, batch_invariant=engine_config.batch_invariant)
     engine = Engine(model, engine_config, tokenizer.eos_token_ids)
     fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
-    return GenerationModel(spec.name, spec, tokenizer, engine, int(time.time()), fp)
+    return ServedGenerator(spec.name, spec, tokenizer, engine, int(time.time()), fp)
 
 
-def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
-    return EmbeddingModel(spec.name, spec, Embedder(resolve_path(spec)), int(time.time()))
+def load_embedder(spec: ModelSpec) -> ServedEmbedder:
+    return ServedEmbedder(spec.name, spec, Embedder(resolve_path(spec)), int(time.time()))
 
 
 def spec_from_path(path: str, task: str | None = None) -> ModelSpec:
@@ -90,8 +94,8 @@ class FineTunedSource(Protocol):
 class ModelRegistry:
     def __init__(self, config: ServeConfig, fine_tuned: FineTunedSource | None = None):
         self.config = config
-        self.generators: dict[str, GenerationModel] = {}
-        self.embedders: dict[str, EmbeddingModel] = {}
+        self.generators: dict[str, ServedGenerator] = {}
+        self.embedders: dict[str, ServedEmbedder] = {}
         self.aliases = dict(config.aliases)
         self.adapters: dict[str, tuple[str, int]] = {}  # adapter model id -> (base name, created)
         self.fine_tuned = fine_tuned
@@ -102,9 +106,9 @@ class ModelRegistry:
         for spec in self.config.models:
             t = time.perf_counter()
             if spec.task == "generate":
-                self.generators[spec.name] = load_generation_model(spec, self.config.engine)
+                self.generators[spec.name] = load_generator(spec, self.config.engine)
             else:
-                self.embedders[spec.name] = load_embedding_model(spec)
+                self.embedders[spec.name] = load_embedder(spec)
             log.info("loaded %s in %.1fs", spec.name, time.perf_counter() - t)
         for a in self.config.adapters:
             self.add_adapter(a.name, a.path, a.base)
@@ -136,8 +140,8 @@ class ModelRegistry:
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
 
-    def generator(self, name: str) -> tuple[GenerationModel, str | None]:
-        """The generation model behind a model id, and the LoRA adapter to apply (None: base)."""
+    def resolve_generator(self, name: str) -> tuple[ServedGenerator, str | None]:
+        """The served generator behind a model id, and the LoRA adapter to apply (None: the base)."""
         key = self.canonical(name)
         if key in self.generators:
             return self.generators[key], None
@@ -149,7 +153,7 @@ class ModelRegistry:
             raise InvalidRequestError(f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model")
         raise ModelNotFoundError(name)
 
-    def embedder(self, name: str) -> EmbeddingModel:
+    def resolve_embedder(self, name: str) -> ServedEmbedder:
         key = self.canonical(name)
         if key in self.embedders:
             return self.embedders[key]

@@ -152,7 +152,7 @@ class Classifier:
     MAX_IN_FLIGHT = 32  # scorings submitted at once: enough to fill a batch, never the whole queue
 
     def __init__(self, lm, embedder=None, adapter: str | None = None, pool_cache: PoolVectorCache | None = None):
-        """lm: a GenerationModel (tokenizer + engine); embedder: an Embedder for nearest-example
+        """lm: a ServedGenerator (tokenizer + engine); embedder: an Embedder for nearest-example
         selection; adapter: a LoRA adapter loaded in lm's engine (an ft: model), or the base model;
         pool_cache: example pools' vectors shared between Classifiers (the server keeps one)."""
         self.lm, self.embedder, self.adapter, self.pool_cache = lm, embedder, adapter, pool_cache

@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from ..config import SamplingDefaults
+from ..engine.sampling import SamplingParams
+from ..errors import InvalidRequestError
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -46,7 +50,7 @@ def lone_surrogate(value, where: str = "") -> tuple[str, str] | None:
     return None
 
 
-class Part(BaseModel):
+class RequestPart(BaseModel):
     """A nested object of a request. Unknown keys are dropped: clients send back the messages
     they were given, with fields such as `refusal` or `annotations`."""
 
@@ -61,7 +65,7 @@ class Part(BaseModel):
         return v
 
 
-class Request(Part):
+class RequestBody(RequestPart):
     """A request body: a field that is neither OpenAI's nor one of our documented extensions is
     an error, as at OpenAI, not silently dropped."""
 
@@ -106,7 +110,7 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(Part):
+class ChatMessage(RequestPart):
     role: Literal["developer", "system", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
@@ -121,12 +125,12 @@ class ChatMessage(Part):
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
-class StreamOptions(Part):
+class StreamOptions(RequestPart):
     include_usage: Optional[bool] = None
     include_obfuscation: Optional[bool] = None
 
 
-class SamplingFields(Request):
+class SamplingFields(RequestBody):
     """The sampling fields chat and completions share."""
 
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
@@ -144,6 +148,28 @@ class SamplingFields(Request):
     # --- fundament extensions (vLLM's names; sent by the official client through extra_body) ---
     top_k: Optional[int] = Field(None, ge=0)
     ignore_eos: Optional[bool] = None
+
+    def to_sampling_params(self, defaults: SamplingDefaults, max_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
+        """The engine's SamplingParams for this request: what it leaves out from the model's
+        defaults; `max_tokens` already resolved against the context window."""
+        bias = {}
+        for k, v in (self.logit_bias or {}).items():
+            tid = int(k)
+            if not 0 <= tid < vocab_size:
+                raise InvalidRequestError(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+            bias[tid] = v
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=bias,
+            ignore_eos=bool(self.ignore_eos),
+            logprobs=logprobs,
+        )
 
     @field_validator("stop")
     @classmethod
@@ -319,7 +345,7 @@ class Completion(BaseModel):
 MAX_INPUTS = 2048  # inputs per embeddings or classifications request (OpenAI's limit for embeddings)
 
 
-class EmbeddingRequest(Request):
+class EmbeddingRequest(RequestBody):
     input: Union[str, Annotated[list[str], Field(max_length=MAX_INPUTS)], list[int], Annotated[list[list[int]], Field(max_length=MAX_INPUTS)]]
     model: str
     dimensions: Optional[int] = Field(None, ge=1)
@@ -363,17 +389,17 @@ class ModelList(BaseModel):
 # ---- classifications (a fundament extension; see docs/classification.md) ------------------------
 
 
-class ClassificationLabel(Part):
+class ClassificationLabel(RequestPart):
     name: str
     description: Optional[str] = None
 
 
-class ClassificationExample(Part):
+class ClassificationExample(RequestPart):
     input: str
     label: str
 
 
-class ClassificationRequest(Request):
+class ClassificationRequest(RequestBody):
     model: str
     input: Union[str, Annotated[list[str], Field(max_length=MAX_INPUTS)]]
     labels: list[Union[str, ClassificationLabel]]

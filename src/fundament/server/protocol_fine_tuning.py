@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from ..adapt.hyperparameters import RANGES
-from .protocol import Request
+from .protocol import RequestBody
 
 # ---- files ------------------------------------------------------------------------------------
 
@@ -71,18 +71,18 @@ def _in_range(name: str):
     return Field(None, ge=lo, le=hi, allow_inf_nan=False)
 
 
-class SupervisedMethod(Request):
+class SupervisedMethod(RequestBody):
     hyperparameters: Optional[Hyperparameters] = None
 
 
-class Method(Request):
+class Method(RequestBody):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Optional[SupervisedMethod] = None
     dpo: Optional[Any] = None
     reinforcement: Optional[Any] = None
 
 
-class CreateFineTuningJobRequest(Request):
+class CreateFineTuningJobRequest(RequestBody):
     model: str
     training_file: str
     hyperparameters: Optional[Hyperparameters] = None  # deprecated by OpenAI in favour of `method`

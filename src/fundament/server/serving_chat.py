@@ -11,7 +11,7 @@ from ..adapt import tools
 from ..adapt.chat import render_chat
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..registry import GenerationModel, ModelRegistry
+from ..registry import ServedGenerator, ModelRegistry
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,7 +29,8 @@ from .protocol import (
     now,
 )
 from .structured import response_format_grammar, schema_refusal
-from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+from .generation import Delta, merge, run_sequence, stop_list
+from .limits import check_capacity, check_prompt_length, completion_budget
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -63,7 +64,7 @@ def _tool_calls(text: str, finish: str | None, rules: OutputRules) -> tuple[str 
     return text, [], finish
 
 
-def _token_logprobs(lm: GenerationModel, delta: Delta) -> list[TokenLogprob]:
+def _token_logprobs(lm: ServedGenerator, delta: Delta) -> list[TokenLogprob]:
     tok = lm.tokenizer
     items = []
     for o in delta.outputs:
@@ -80,7 +81,7 @@ class ChatHandler:
         self.registry = registry
 
     def prepare(self, req: ChatCompletionRequest):
-        lm, adapter = self.registry.generator(req.model)
+        lm, adapter = self.registry.resolve_generator(req.model)
         _refuse_unsupported(req)
         chat = render_chat([m.model_dump(exclude_none=True) for m in req.messages], req.tools, req.tool_choice)
         funcs, choice = chat.functions, chat.tool_choice
@@ -93,12 +94,8 @@ class ChatHandler:
             raise InvalidRequestError("top_logprobs needs logprobs: true.", "top_logprobs")
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        try:
-            params = sampling_params(lm, req, len(prompt_ids), requested, (req.top_logprobs or 0) if req.logprobs else None, "messages")
-        except InvalidRequestError as e:
-            if requested is not None and e.param == "messages" and e.code == "context_length_exceeded":
-                e.param = param if len(prompt_ids) < lm.engine.max_context else "messages"
-            raise
+        max_tokens = completion_budget(lm, len(prompt_ids), requested, "messages", param)
+        params = req.to_sampling_params(lm.defaults, max_tokens, lm.tokenizer.vocab_size, (req.top_logprobs or 0) if req.logprobs else None)
         check_capacity(lm, req.n or 1)
         grammar, check_schema = response_format_grammar(req.response_format)
         mode = None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")

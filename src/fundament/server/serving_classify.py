@@ -13,12 +13,12 @@ class ClassificationHandler:
         self.pools = PoolVectorCache()  # clients often send the same labelled pool with every request
 
     async def create(self, req: ClassificationRequest) -> ClassificationResponse:
-        lm, adapter = self.registry.generator(req.model)  # an ft: model or --lora adapter scores through its base engine
+        lm, adapter = self.registry.resolve_generator(req.model)  # an ft: model or --lora adapter scores through its base engine
         embedder = None
         most = req.k if isinstance(req.k, int) else max(req.k) if req.k else None
         if req.examples and req.selection == "nearest" and (most is None or most < len(req.examples)):
             name = req.embedding_model or next(iter(self.registry.embedders), None)
-            embedder = self.registry.embedder(name).embedder if name else None
+            embedder = self.registry.resolve_embedder(name).embedder if name else None
         inputs = [req.input] if isinstance(req.input, str) else req.input
         labels = [l if isinstance(l, str) else l.model_dump() for l in req.labels]
         examples = [e.model_dump() for e in req.examples or []]

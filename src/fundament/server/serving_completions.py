@@ -8,13 +8,14 @@ from typing import AsyncIterator
 
 from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_grammar, regex_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..registry import GenerationModel, ModelRegistry
+from ..registry import ServedGenerator, ModelRegistry
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
 from .structured import response_format_grammar
-from .sequences import Delta, check_capacity, check_prompt_length, merge, run_sequence, sampling_params, stop_list
+from .generation import Delta, merge, run_sequence, stop_list
+from .limits import check_capacity, check_prompt_length, completion_budget
 
 
-def _prompts(lm: GenerationModel, prompt) -> list[list[int]]:
+def _prompts(lm: ServedGenerator, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         return [lm.tokenizer.encode(prompt)]
     if all(isinstance(p, int) for p in prompt):
@@ -49,7 +50,7 @@ def _grammar(req: CompletionRequest) -> str | None:
 class _Logprobs:
     """Accumulates OpenAI's legacy logprobs object for one choice."""
 
-    def __init__(self, lm: GenerationModel, offset: int):
+    def __init__(self, lm: ServedGenerator, offset: int):
         self.lm, self.offset = lm, offset
         self.lp = CompletionLogprobs()
 
@@ -71,7 +72,7 @@ class CompletionHandler:
         self.registry = registry
 
     def prepare(self, req: CompletionRequest):
-        lm, adapter = self.registry.generator(req.model)
+        lm, adapter = self.registry.resolve_generator(req.model)
         if req.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this model.", "suffix")
         prompts = _prompts(lm, req.prompt)
@@ -79,7 +80,8 @@ class CompletionHandler:
         jobs = []
         for p_i, ids in enumerate(prompts):
             check_prompt_length(lm, len(ids), "prompt")
-            params = sampling_params(lm, req, len(ids), req.max_tokens, req.logprobs, "prompt")
+            max_tokens = completion_budget(lm, len(ids), req.max_tokens, "prompt", "prompt")
+            params = req.to_sampling_params(lm.defaults, max_tokens, lm.tokenizer.vocab_size, req.logprobs)
             if req.echo and req.logprobs is not None:
                 params = replace(params, prompt_logprobs=True)
             for j in range(req.n or 1):

@@ -20,7 +20,7 @@ class EmbeddingHandler:
         self._lock = asyncio.Lock()  # one batch at a time on the CPU; others queue here
 
     async def create(self, req: EmbeddingRequest) -> CreateEmbeddingResponse:
-        em = self.registry.embedder(req.model)
+        em = self.registry.resolve_embedder(req.model)
         if req.dimensions is not None and req.dimensions != em.embedder.dimensions:
             raise InvalidRequestError(
                 f"{em.name} produces {em.embedder.dimensions}-dimensional vectors and was not trained to be "
