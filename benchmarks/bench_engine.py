@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 import time
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
 
     weight_bytes = decode_bytes(model.lm_head) + sum(decode_bytes(layer[k]) for layer in model.layers for k in ("qkv", "o", "gate_up", "down"))
     res["weight_bytes_per_step"] = weight_bytes
-    del engine, model, peer
+    engine = model = peer = None  # free them before the servers start (the closures above are done)
     return res
 
 

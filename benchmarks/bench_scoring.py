@@ -66,7 +66,7 @@ def main():
             prompts.append(tok.apply_chat_template(fmt.messages(pairs, shots, e.text)) + tok.encode(task.answer_prefix))
         labels = [tok.encode(" " + c) + tok.eos_token_ids[:1] for c in task.classes]
 
-        async def timed(fn):
+        async def timed(fn, prompts=prompts, labels=labels):
             slots = asyncio.Semaphore(32)
             t = time.perf_counter()
             out = await asyncio.gather(*(fn(engine, p, labels, slots) for p in prompts))

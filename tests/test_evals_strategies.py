@@ -54,7 +54,7 @@ def test_every_strategy_runs_on_the_same_slice(run):
     records = _records(root)
     gold = records[("zero-shot", 0)]["gold"]
     assert len(gold) == task["n_test"] == 24
-    for (name, size), r in records.items():
+    for (name, _size), r in records.items():
         assert r["gold"] == gold, name  # every strategy is scored on the same test examples
         out = r["outcome"]
         assert len(out["labels"]) == 24 and set(out["labels"]) <= {"negative", "positive", ""}

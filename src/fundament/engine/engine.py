@@ -275,11 +275,11 @@ class Engine:
         except Exception:  # the caller's callback failed too: nothing more to tell it
             log.exception("could not deliver an error to request %s", req.request_id)
 
-    def _isolated(self, req: EngineRequest, work: Callable[[], None]) -> None:
+    def _isolated(self, req: EngineRequest, work: Callable[..., None], *args) -> None:
         """Run one sequence's own work (admission, sampling, its logits processors, delivery):
         an exception there fails that request alone."""
         try:
-            work()
+            work(*args)
         except Exception as e:
             log.exception("request %s failed in the engine", req.request_id)
             self._fail(req, e)
@@ -300,7 +300,7 @@ class Engine:
                 self.waiting.popleft()
                 req.reserved_tokens = need
                 self._reserved += need
-                self._isolated(req, lambda: self._admit(req))
+                self._isolated(req, self._admit, req)
                 if not req.finished:
                     self.running.append(req)
         if aborts:
@@ -371,8 +371,8 @@ class Engine:
             read.append((at, len(rows) - at))
         logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long))
         self.steps += 1
-        for (req, first, n), (at, count) in zip(plan, read):
-            self._isolated(req, lambda: self._advance(req, logits[at : at + count], n))
+        for (req, _, n), (at, count) in zip(plan, read):
+            self._isolated(req, self._advance, req, logits[at : at + count], n)
         self.running = [r for r in self.running if not r.finished]
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:

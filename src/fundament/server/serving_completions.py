@@ -78,7 +78,7 @@ class CompletionHandler:
         prompts = _prompts(lm, req.prompt)
         grammar = _grammar(req)
         jobs = []
-        for p_i, ids in enumerate(prompts):
+        for ids in prompts:
             check_prompt_length(lm, len(ids), "prompt")
             max_tokens = completion_budget(lm, len(ids), req.max_tokens, "prompt", "prompt")
             params = req.to_sampling_params(lm.defaults, max_tokens, lm.tokenizer.vocab_size, req.logprobs)
