@@ -7,6 +7,8 @@ PORT ?= 8000
 
 .PHONY: install serve test
 
+# torch exact and first (pyproject.toml asks only torch>=2.6): pip takes this CPU build from the
+# machine's disk and keeps it when it installs the project; left to resolve alone, it pulls CUDA's.
 $(VENV)/.installed: pyproject.toml requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
