@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import field
+from dataclasses import field, fields
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import yaml
 from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -129,7 +130,7 @@ class ServeConfig:
         return [value] if isinstance(value, str) else value  # `api_keys: sk-1` is one key
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+    def from_yaml(cls, path: str | Path) -> ServeConfig:
         """Read a config file; keys mirror the dataclass fields (see docs/configuration.md)."""
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
@@ -146,7 +147,12 @@ class ServeConfig:
 
 
 # The section a key path ends in, by the name of the key that holds it (`models[0].sampling.top_p`).
-_SECTIONS = {"models": ModelSpec, "adapters": AdapterSpec, "engine": EngineConfig, "sampling": SamplingDefaults}
+_SECTIONS: dict[str, Any] = {
+    "models": ModelSpec,
+    "adapters": AdapterSpec,
+    "engine": EngineConfig,
+    "sampling": SamplingDefaults,
+}
 
 
 def _key_path(loc: tuple) -> str:
@@ -164,22 +170,31 @@ def _shown(value) -> str:
     return repr(value)
 
 
-def _problem(err: dict) -> str:
+def _problem(err: ErrorDetails) -> str:
     """What is wrong with one key, in the words of the config file rather than of pydantic."""
     loc, kind, got = err["loc"], err["type"], _shown(err.get("input"))
     section = next((_SECTIONS[p] for p in reversed(loc[:-1]) if p in _SECTIONS), ServeConfig)
-    known = list(section.__pydantic_fields__)
+    known = [f.name for f in fields(section)]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         near = difflib.get_close_matches(str(loc[-1]), known, n=1)
         return f"unknown key (did you mean {near[0]!r}?)" if near else f"unknown key; known: {', '.join(known)}"
     if kind == "missing":
         return "required, but missing"
-    info = section.__pydantic_fields__.get(loc[-1]) if loc else None
-    or_null = " or null" if info is not None and type(None) in get_args(info.annotation) else ""
-    wanted = {"int": "an integer", "bool": "true or false", "float": "a number", "string": "a string",
-              "list": "a list", "dict": "a mapping", "dataclass": "a mapping of settings"}.get(kind.split("_")[0])
+    hint = get_type_hints(section).get(str(loc[-1])) if loc else None
+    or_null = " or null" if type(None) in get_args(hint) else ""
+    wanted = {
+        "int": "an integer",
+        "bool": "true or false",
+        "float": "a number",
+        "string": "a string",
+        "list": "a list",
+        "dict": "a mapping",
+        "dataclass": "a mapping of settings",
+    }.get(kind.split("_")[0])
     if wanted and kind.endswith(("_type", "_parsing", "_from_float")):
         return f"must be {wanted}{or_null}, got {got}"
     if kind == "literal_error":
-        return f"must be {err['ctx']['expected']}, got {got}"
-    return f"{err['msg'].replace('Input should be', 'must be')}, got {got}"  # e.g. "must be less than or equal to 65535"
+        return f"must be {err.get('ctx', {}).get('expected')}, got {got}"
+    return (
+        f"{err['msg'].replace('Input should be', 'must be')}, got {got}"  # e.g. "must be less than or equal to 65535"
+    )
