@@ -22,9 +22,20 @@ def make_model(path: Path, dtype: torch.dtype) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
-                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
     return path
 
@@ -34,7 +45,10 @@ def engine_decode(model, prompts: list[list[int]], tokens: int) -> float:
     from fundament.engine import Engine, EngineRequest, SamplingParams
 
     engine = Engine(model, EngineConfig(), eos_token_ids=[2])
-    reqs = [EngineRequest(p, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), lambda o: None) for p in prompts]
+    reqs = [
+        EngineRequest(p, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), lambda o: None)
+        for p in prompts
+    ]
     for r in reqs:
         engine.submit(r)
     while not all(r.num_computed >= len(r.prompt_ids) for r in reqs):  # prefill first: decode alone is timed
@@ -82,7 +96,9 @@ def main() -> None:
             prompts = [[t + i for t in prompt] for i in range(streams)]
             e = max(engine_decode(ours, prompts, args.tokens) for _ in range(2))
             h = max(hf_decode(hf, prompts, args.tokens) for _ in range(2))
-            print(f"{streams:>2} streams, {args.dtype}: fundament {e:8.1f} tok/s, transformers generate {h:8.1f} tok/s, ratio {e / h:.2f}x")
+            print(
+                f"{streams:>2} streams, {args.dtype}: fundament {e:8.1f} tok/s, transformers generate {h:8.1f} tok/s, ratio {e / h:.2f}x"
+            )
 
 
 if __name__ == "__main__":

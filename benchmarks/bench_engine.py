@@ -103,7 +103,9 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
         sys.path.insert(0, llama_py)
         from llama_cpp import Llama
 
-        peer = Llama(model_path=gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=2048, n_batch=512, verbose=False)
+        peer = Llama(
+            model_path=gguf, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=2048, n_batch=512, verbose=False
+        )
 
     def peer_decode():
         peer.reset()
@@ -131,6 +133,7 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
         if peer:
             res["decode"]["llama.cpp"].append(peer_decode())
             res["prefill"]["llama.cpp"].append(peer_prefill())
+
     def decode_bytes(lin) -> int:  # what one decode step reads of this projection
         if lin.q4 is not None:
             return sum(t.numel() * t.element_size() for t in lin.q4)
@@ -138,7 +141,9 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
             return lin.q8.numel() + lin.scale.numel() * lin.scale.element_size()
         return lin.weight.numel() * lin.weight.element_size()
 
-    weight_bytes = decode_bytes(model.lm_head) + sum(decode_bytes(layer[k]) for layer in model.layers for k in ("qkv", "o", "gate_up", "down"))
+    weight_bytes = decode_bytes(model.lm_head) + sum(
+        decode_bytes(layer[k]) for layer in model.layers for k in ("qkv", "o", "gate_up", "down")
+    )
     res["weight_bytes_per_step"] = weight_bytes
     engine = model = peer = None  # free them before the servers start (the closures above are done)
     return res
@@ -166,8 +171,14 @@ async def load(base: str, model: str, n: int, max_tokens: int, prompts: list[str
 
         async def one(i):
             nonlocal done
-            body = {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "max_tokens": max_tokens,
-                    "temperature": 0, "stream": True, "ignore_eos": True}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
             t = time.perf_counter()
             first = None
             async with client.stream("POST", f"{base}/chat/completions", json=body) as r:
@@ -199,16 +210,40 @@ def start_ours(home: str, config: str | None = None) -> tuple[subprocess.Popen, 
     port = free_port()
     env = dict(os.environ, FUNDAMENT_HOME=home)
     extra = ["--config", config] if config else []
-    proc = subprocess.Popen([sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning", *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_ready(f"http://127.0.0.1:{port}/health", proc)
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
 def start_llama_server(binary: str, gguf: str, parallel: int, ctx_per_slot: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", gguf, "-t", str(THREADS), "-tb", str(THREADS), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
-                             "--port", str(port), "--host", "127.0.0.1", "--jinja"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "-m",
+            gguf,
+            "-t",
+            str(THREADS),
+            "-tb",
+            str(THREADS),
+            "-np",
+            str(parallel),
+            "-c",
+            str(parallel * ctx_per_slot),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--jinja",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_ready(f"http://127.0.0.1:{port}/health", proc)
     return proc, f"http://127.0.0.1:{port}/v1"
 
@@ -227,8 +262,11 @@ def main():
     ap.add_argument("--levels", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--batch-variant", action="store_true",
-                    help="also serve with engine.batch_invariant: false (one matmul for all prompt rows of a step) and give its speed beside the default's")
+    ap.add_argument(
+        "--batch-variant",
+        action="store_true",
+        help="also serve with engine.batch_invariant: false (one matmul for all prompt rows of a step) and give its speed beside the default's",
+    )
     ap.add_argument("--skip-in-process", action="store_true", help="only the HTTP load levels")
     args = ap.parse_args()
     if args.llama_lib:
@@ -242,7 +280,10 @@ def main():
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
     flags = set(open("/proc/cpuinfo").read().split())
-    print("cpu     : " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile")))
+    print(
+        "cpu     : "
+        + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
+    )
     if not args.skip_in_process:
         e = engine_figures(gguf, args.llama_py, args.reps)
         for what in ("decode", "prefill"):
@@ -251,8 +292,10 @@ def main():
             print(f"{what:8s} tokens/s: fundament {a:8.1f}  llama.cpp {b:8.1f}  ratio {a / b:5.2f}x")
         bw = bandwidth_gbs()
         bound = bw * 1e9 / e["weight_bytes_per_step"]
-        print(f"bound   : memory bandwidth {bw:.1f} GB/s / {e['weight_bytes_per_step'] / 1e6:.0f} MB of weights per decode step = {bound:.0f} tokens/s; "
-              f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it")
+        print(
+            f"bound   : memory bandwidth {bw:.1f} GB/s / {e['weight_bytes_per_step'] / 1e6:.0f} MB of weights per decode step = {bound:.0f} tokens/s; "
+            f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it"
+        )
 
     prompts = [f"Write a short story about a robot number {i}." for i in range(64)]
     variant = None
@@ -269,15 +312,19 @@ def main():
             line = f"C={c:<3d} fundament {a['tokens_per_s']:7.1f} tok/s ttft p50 {a['ttft_p50']:.2f}s p95 {a['ttft_p95']:.2f}s"
             if variant is not None:
                 v = asyncio.run(load(variant_url, "gpt-4o-mini", c, args.max_tokens, prompts))
-                line += (f" | batch_invariant false {v['tokens_per_s']:7.1f} tok/s ttft p50 {v['ttft_p50']:.2f}s p95 {v['ttft_p95']:.2f}s"
-                         f" (default/variant {a['tokens_per_s'] / v['tokens_per_s']:.2f}x)")
+                line += (
+                    f" | batch_invariant false {v['tokens_per_s']:7.1f} tok/s ttft p50 {v['ttft_p50']:.2f}s p95 {v['ttft_p95']:.2f}s"
+                    f" (default/variant {a['tokens_per_s'] / v['tokens_per_s']:.2f}x)"
+                )
             if args.llama_server:
                 srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
                 try:
                     warm_up(url, "smollm2", prompts)
                     b = asyncio.run(load(url, "smollm2", c, args.max_tokens, prompts))
-                    line += (f" | llama-server {b['tokens_per_s']:7.1f} tok/s ttft p50 {b['ttft_p50']:.2f}s p95 {b['ttft_p95']:.2f}s"
-                             f" | ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS llama-server {peak_rss_mb(srv.pid):.0f} MB")
+                    line += (
+                        f" | llama-server {b['tokens_per_s']:7.1f} tok/s ttft p50 {b['ttft_p50']:.2f}s p95 {b['ttft_p95']:.2f}s"
+                        f" | ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS llama-server {peak_rss_mb(srv.pid):.0f} MB"
+                    )
                 finally:
                     stop(srv)
             print(line + f", fundament peak RSS so far {peak_rss_mb(ours.pid):.0f} MB", flush=True)
@@ -286,7 +333,9 @@ def main():
             ours, ours_url = start_ours(home)  # a fresh process: its peak is this load's alone
             warm_up(ours_url, "gpt-4o-mini", prompts)
             a = asyncio.run(load(ours_url, "gpt-4o-mini", 16, 1000, prompts))
-            print(f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {peak_rss_mb(ours.pid):.0f} MB ({a['tokens_per_s']:.0f} tok/s)")
+            print(
+                f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {peak_rss_mb(ours.pid):.0f} MB ({a['tokens_per_s']:.0f} tok/s)"
+            )
     finally:
         stop(ours)
         if variant is not None:

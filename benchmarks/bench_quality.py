@@ -62,15 +62,22 @@ def main():
     seqs = [[1] + tok.encode(s) for s in sentences(args.sentences)]  # <|im_start|>-style BOS id 1
     n_tokens = sum(len(s) - 1 for s in seqs)
     print(f"SST-2 dev, first {len(seqs)} sentences, {n_tokens} predicted tokens")
-    for name, kw in (("float32 (= transformers)", dict(dtype=torch.float32)), ("bfloat16 + int4/int8 decode (default)", dict(dtype=torch.bfloat16, int8_decode=True))):
+    for name, kw in (
+        ("float32 (= transformers)", dict(dtype=torch.float32)),
+        ("bfloat16 + int4/int8 decode (default)", dict(dtype=torch.bfloat16, int8_decode=True)),
+    ):
         t = time.perf_counter()
-        print(f"  {name:40s} perplexity {perplexity(LlamaModel.from_dir(d, **kw), seqs):.3f}  ({time.perf_counter() - t:.0f}s)")
+        print(
+            f"  {name:40s} perplexity {perplexity(LlamaModel.from_dir(d, **kw), seqs):.3f}  ({time.perf_counter() - t:.0f}s)"
+        )
     if args.llama_py:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib or ""
         sys.path.insert(0, args.llama_py)
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(resolve_path(DEFAULT_MODELS[0])), n_threads=2, n_ctx=512, logits_all=True, verbose=False)
+        llm = Llama(
+            model_path=str(resolve_path(DEFAULT_MODELS[0])), n_threads=2, n_ctx=512, logits_all=True, verbose=False
+        )
         nll, count = 0.0, 0
         for ids in seqs:
             llm.reset()

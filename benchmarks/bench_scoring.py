@@ -20,7 +20,9 @@ async def per_label(engine, prompt: list[int], labels: list[list[int]], slots: a
 
     async def one(ids):
         async with slots:
-            async for out in engine.generate(prompt + ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)):
+            async for out in engine.generate(
+                prompt + ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True)
+            ):
                 return sum(out.prompt_logprobs[len(prompt) :])
 
     return list(await asyncio.gather(*(one(ids) for ids in labels)))
@@ -53,7 +55,9 @@ def main():
     lm = next(iter(registry.generators.values()))
     tok, engine = lm.tokenizer, lm.engine
     print(f"{args.inputs} inputs, k={args.k} random examples as chat turns (the old default), 32 requests in flight")
-    print("| task | labels | prompt tokens (mean) | one request per label | one scoring request | speed-up | max abs diff |")
+    print(
+        "| task | labels | prompt tokens (mean) | one request per label | one scoring request | speed-up | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in ("sst2", "trec"):
         task = load_task(name)
@@ -76,7 +80,10 @@ def main():
         b, after = asyncio.run(timed(shared))
         diff = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
         mean_len = sum(map(len, prompts)) / len(prompts)
-        print(f"| {name} | {len(labels)} | {mean_len:.0f} | {before:.2f} inputs/s | {after:.2f} inputs/s | {after / before:.2f}x | {diff:.3f} |", flush=True)
+        print(
+            f"| {name} | {len(labels)} | {mean_len:.0f} | {before:.2f} inputs/s | {after:.2f} inputs/s | {after / before:.2f}x | {diff:.3f} |",
+            flush=True,
+        )
     registry.stop()
 
 

@@ -26,7 +26,12 @@ def start_time(home: Path) -> float:
         port = s.getsockname()[1]
     env = dict(os.environ, FUNDAMENT_HOME=str(home), HF_HUB_OFFLINE="1")
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fundament.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -66,10 +71,14 @@ def main():
     tok = ChatTokenizer(d)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}])
     cfg = EngineConfig()  # the server's defaults (dtype auto: bfloat16 + int8 decode weights here)
-    ours = Engine(LlamaModel.from_dir(d, dtype=resolve_dtype(cfg.dtype), int8_decode=cfg.int8_decode), cfg, tok.eos_token_ids)
+    ours = Engine(
+        LlamaModel.from_dir(d, dtype=resolve_dtype(cfg.dtype), int8_decode=cfg.int8_decode), cfg, tok.eos_token_ids
+    )
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     n = args.tokens
-    print(f"fundament dtype {ours.model.dtype}, threads: {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new tokens, greedy")
+    print(
+        f"fundament dtype {ours.model.dtype}, threads: {torch.get_num_threads()}, prompt {len(prompt)} tokens, {n} new tokens, greedy"
+    )
 
     def run_ours():
         outs = []

@@ -32,8 +32,15 @@ PROMPT = "Determine the sentiment of this review: '{}'"
 def records(n: int) -> list[dict]:
     with open(DATA) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[:n]
-    return [{"messages": [{"role": "user", "content": PROMPT.format(r["sentence"].strip())},
-                          {"role": "assistant", "content": "positive" if r["label"] == "1" else "negative"}]} for r in rows]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": PROMPT.format(r["sentence"].strip())},
+                {"role": "assistant", "content": "positive" if r["label"] == "1" else "negative"},
+            ]
+        }
+        for r in rows
+    ]
 
 
 def base_dir() -> Path:
@@ -56,7 +63,9 @@ def run_one(which: str, n: int, batch: int, threads: int, seed: int) -> dict:
     tok = ChatTokenizer(d)
     exs = [encode_example(tok, r, 2048) for r in records(n)]
     ext = {"compile": False} if which == "fundament-eager" else {}
-    cfg = resolve_hyperparameters({"n_epochs": 1, "batch_size": batch, "learning_rate_multiplier": 1.0}, n, ext, seed=seed)
+    cfg = resolve_hyperparameters(
+        {"n_epochs": 1, "batch_size": batch, "learning_rate_multiplier": 1.0}, n, ext, seed=seed
+    )
     tokens = sum(e.n_tokens for e in exs)
     compiled = None
     if which.startswith("fundament"):
@@ -75,19 +84,49 @@ def run_one(which: str, n: int, batch: int, threads: int, seed: int) -> dict:
         rows = [{"input_ids": e.input_ids, "labels": [IGNORE] + e.labels[:-1]} for e in exs]
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.target_modules, task_type="CAUSAL_LM"))
-        args = TrainingArguments(
-            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=cfg.learning_rate,
-            lr_scheduler_type="linear", warmup_steps=max(1, int(-(-n // batch) * cfg.warmup_ratio)), weight_decay=0.0, max_grad_norm=1.0, seed=seed,
-            use_cpu=True, bf16=which == "hf-bf16", save_strategy="no", report_to=[], logging_steps=10**9,
-            dataloader_num_workers=0, disable_tqdm=True,
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=cfg.target_modules,
+                task_type="CAUSAL_LM",
+            ),
         )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tok.hf, padding=True))
+        args = TrainingArguments(
+            output_dir=tempfile.mkdtemp(),
+            per_device_train_batch_size=batch,
+            num_train_epochs=1,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=max(1, int(-(-n // batch) * cfg.warmup_ratio)),
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=seed,
+            use_cpu=True,
+            bf16=which == "hf-bf16",
+            save_strategy="no",
+            report_to=[],
+            logging_steps=10**9,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=rows, data_collator=DataCollatorForSeq2Seq(tok.hf, padding=True)
+        )
         out = trainer.train()
         wall = time.perf_counter() - t
         loss = out.training_loss
-    return {"trainer": which, "compiled": compiled, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "train_loss": loss,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "trainer": which,
+        "compiled": compiled,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "train_loss": loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -97,8 +136,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--trainers", default="fundament,hf-bf16,hf-fp32",
-                    help="comma-separated, in the order run: fundament (compile auto), fundament-eager (compile off), hf-bf16, hf-fp32")
+    ap.add_argument(
+        "--trainers",
+        default="fundament,hf-bf16,hf-fp32",
+        help="comma-separated, in the order run: fundament (compile auto), fundament-eager (compile off), hf-bf16, hf-fp32",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -107,21 +149,40 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for _ in range(a.repeats):
         for which in a.trainers.split(","):  # every trainer as many times: best of N against best of N
-            cmd = [sys.executable, __file__, "--child", which, "--examples", str(a.examples), "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--seed", str(a.seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                which,
+                "--examples",
+                str(a.examples),
+                "--batch-size",
+                str(a.batch_size),
+                "--threads",
+                str(a.threads),
+                "--seed",
+                str(a.seed),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{which} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results.setdefault(which, []).append(r)
             how = " (compiled)" if r["compiled"] else ""
-            print(f"{which + how:26s} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.1f} s  loss {r['train_loss']:.4f}  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{which + how:26s} {r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:6.1f} s  loss {r['train_loss']:.4f}  peak RSS {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
     peers = {k: v["tokens_per_s"] for k, v in best.items() if k.startswith("hf-")}
     print(f"\n{a.examples} SST-2 examples, batch {a.batch_size}, {a.threads} threads, LoRA r=16 on all linear layers")
     for k, v in best.items():
         if k.startswith("fundament") and peers:
-            print(f"{k} {v['tokens_per_s']:.1f} tok/s vs HF Trainer+PEFT " + " / ".join(f"{p} {t:.1f}" for p, t in peers.items())
-                  + f": {v['tokens_per_s'] / max(peers.values()):.2f}x the faster")
+            print(
+                f"{k} {v['tokens_per_s']:.1f} tok/s vs HF Trainer+PEFT "
+                + " / ".join(f"{p} {t:.1f}" for p, t in peers.items())
+                + f": {v['tokens_per_s'] / max(peers.values()):.2f}x the faster"
+            )
     print("peak RSS MB: " + ", ".join(f"{k} {v['peak_rss_mb']:.0f}" for k, v in best.items()))
 
 

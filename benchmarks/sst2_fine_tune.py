@@ -42,7 +42,12 @@ def parse(reply: str) -> str | None:
 
 def accuracy(client: OpenAI, model: str, dev: list[tuple[str, str]], workers: int) -> tuple[float, float, float]:
     def ask(item):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT.format(item[0])}], max_completion_tokens=16, temperature=0)
+        r = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": PROMPT.format(item[0])}],
+            max_completion_tokens=16,
+            temperature=0,
+        )
         return parse(r.choices[0].message.content)
 
     t = time.perf_counter()
@@ -62,11 +67,18 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=16, help="concurrent requests while evaluating")
     ap.add_argument("--dev", type=int, default=0, help="evaluate on the first N dev sentences (0: all 872)")
     a = ap.parse_args()
-    client = OpenAI(base_url=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"), api_key=os.environ.get("OPENAI_API_KEY", "none"), timeout=600)
+    client = OpenAI(
+        base_url=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+        api_key=os.environ.get("OPENAI_API_KEY", "none"),
+        timeout=600,
+    )
 
     train = random.Random(a.seed).sample(read("train"), a.examples)
     dev = read("dev")[: a.dev or None]
-    lines = [json.dumps({"messages": [{"role": "user", "content": PROMPT.format(s)}, {"role": "assistant", "content": y}]}) for s, y in train]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": PROMPT.format(s)}, {"role": "assistant", "content": y}]})
+        for s, y in train
+    ]
     f = client.files.create(file=("sst2-train.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="fine-tune")
 
     t0 = time.perf_counter()
@@ -88,7 +100,9 @@ def main() -> None:
 
     for name in (a.model, job.fine_tuned_model):
         acc, unparsed, rate = accuracy(client, name, dev, a.workers)
-        print(f"{name}: SST-2 dev accuracy {acc:.1%} ({len(dev)} sentences, {unparsed:.1%} replies name no label, {rate:.1f} answers/s)")
+        print(
+            f"{name}: SST-2 dev accuracy {acc:.1%} ({len(dev)} sentences, {unparsed:.1%} replies name no label, {rate:.1f} answers/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ class ServerProcess:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fundament.cli", "serve", "--port", str(self.port), "--log-level", "warning", *args],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=e,
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            env=e,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -125,9 +127,17 @@ def make_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, layers: in
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, initializer_range=init_std,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
@@ -139,7 +149,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def make_lora(base_dir: Path, out: Path, seed: int = 0, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"), r: int = 4, std: float = 0.05) -> Path:
+def make_lora(
+    base_dir: Path,
+    out: Path,
+    seed: int = 0,
+    targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
+    r: int = 4,
+    std: float = 0.05,
+) -> Path:
     """A PEFT LoRA adapter for base_dir with random (non-zero) A and B, saved as PEFT saves it."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -147,7 +164,9 @@ def make_lora(base_dir: Path, out: Path, seed: int = 0, targets=("q_proj", "v_pr
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

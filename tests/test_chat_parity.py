@@ -15,47 +15,74 @@ from fundament.models.tokenizer import ChatTokenizer
 from fundament.server.protocol import ChatCompletionRequest
 from fundament.server.serving_chat import ChatHandler
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 def call(i: int, city: str) -> dict:
-    return {"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    return {
+        "id": f"call_{i}",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
 
 
 CONVERSATIONS = {
-    "system": {"messages": [
-        {"role": "system", "content": "Answer in one word."},
-        {"role": "user", "content": "Is the sky blue?"},
-        {"role": "assistant", "content": "Yes."}]},
-    "developer, multi-turn": {"messages": [
-        {"role": "developer", "content": "You are terse."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": [{"type": "text", "text": "And of "}, {"type": "text", "text": "Italy?"}]},
-        {"role": "assistant", "content": "Rome."}]},
-    "no system, a turn of weight 0": {"messages": [
-        {"role": "user", "content": "Say hi."},
-        {"role": "assistant", "content": " hi\n\nthere", "weight": 0},
-        {"role": "user", "content": "Again, with a list:"},
-        {"role": "assistant", "content": "- hi\n- there"},
-        {"role": "user", "content": "Thanks!"},
-        {"role": "assistant", "content": "\nYou are welcome."}]},
-    "tools, calls and results": {"tools": [WEATHER], "messages": [
-        {"role": "system", "content": "You help with the weather."},
-        {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": None, "tool_calls": [call(1, "Paris"), call(2, "Rome")]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
-        {"role": "tool", "tool_call_id": "call_2", "content": "24 C, clear"},
-        {"role": "assistant", "content": "Paris: 18 C and sunny. Rome: 24 C and clear."}]},
-    "tools without a system message, developer later": {"tools": [WEATHER], "messages": [
-        {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "content": "Let me look.", "tool_calls": [call(1, "Oslo")]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"},
-        {"role": "assistant", "content": "It is -3 C and snowing in Oslo."},
-        {"role": "developer", "content": "Now answer in French."},
-        {"role": "user", "content": "Et demain ?"},
-        {"role": "assistant", "content": "", "tool_calls": [call(2, "Oslo")]}]},
+    "system": {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Is the sky blue?"},
+            {"role": "assistant", "content": "Yes."},
+        ]
+    },
+    "developer, multi-turn": {
+        "messages": [
+            {"role": "developer", "content": "You are terse."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": [{"type": "text", "text": "And of "}, {"type": "text", "text": "Italy?"}]},
+            {"role": "assistant", "content": "Rome."},
+        ]
+    },
+    "no system, a turn of weight 0": {
+        "messages": [
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": " hi\n\nthere", "weight": 0},
+            {"role": "user", "content": "Again, with a list:"},
+            {"role": "assistant", "content": "- hi\n- there"},
+            {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": "\nYou are welcome."},
+        ]
+    },
+    "tools, calls and results": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "system", "content": "You help with the weather."},
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": [call(1, "Paris"), call(2, "Rome")]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "24 C, clear"},
+            {"role": "assistant", "content": "Paris: 18 C and sunny. Rome: 24 C and clear."},
+        ],
+    },
+    "tools without a system message, developer later": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "Let me look.", "tool_calls": [call(1, "Oslo")]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "-3 C, snow"},
+            {"role": "assistant", "content": "It is -3 C and snowing in Oslo."},
+            {"role": "developer", "content": "Now answer in French."},
+            {"role": "user", "content": "Et demain ?"},
+            {"role": "assistant", "content": "", "tool_calls": [call(2, "Oslo")]},
+        ],
+    },
 }
 
 
@@ -78,8 +105,15 @@ def tok(tmp_path_factory) -> ChatTokenizer:
 def server_prompt(tok: ChatTokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
     """The prompt ids ChatHandler.prepare sends the engine for these wire messages (the engine is a
     stand-in with room for any prompt: only the rendering and the tokenizer are real)."""
-    engine = SimpleNamespace(max_context=8192, waiting=[], config=SimpleNamespace(max_queue=64, kv_cache_tokens=8192), check_fits=lambda *a: None)
-    lm = SimpleNamespace(tokenizer=tok, engine=engine, defaults=SimpleNamespace(max_completion_tokens=16, temperature=1.0, top_p=1.0))
+    engine = SimpleNamespace(
+        max_context=8192,
+        waiting=[],
+        config=SimpleNamespace(max_queue=64, kv_cache_tokens=8192),
+        check_fits=lambda *a: None,
+    )
+    lm = SimpleNamespace(
+        tokenizer=tok, engine=engine, defaults=SimpleNamespace(max_completion_tokens=16, temperature=1.0, top_p=1.0)
+    )
     registry = SimpleNamespace(resolve_generator=lambda model: (lm, None))
     req = ChatCompletionRequest(model="gpt-4o-mini", messages=messages, **({"tools": tools} if tools else {}))
     return ChatHandler(registry).prepare(req)[2]
@@ -102,7 +136,9 @@ def mismatches(tok: ChatTokenizer, record: dict) -> list[str]:
         served = server_prompt(tok, msgs[:k], record.get("tools"))
         if trained != served:
             at = next((i for i, (a, b) in enumerate(zip(trained, served)) if a != b), min(len(trained), len(served)))
-            out.append(f"before messages[{k}], from token {at}: trained {tok.hf.decode(trained[at:])!r}, served {tok.hf.decode(served[at:])!r}")
+            out.append(
+                f"before messages[{k}], from token {at}: trained {tok.hf.decode(trained[at:])!r}, served {tok.hf.decode(served[at:])!r}"
+            )
     return out
 
 
@@ -111,11 +147,20 @@ def test_the_trainer_learns_each_turn_after_the_prompt_the_server_sends(tok, nam
     assert mismatches(tok, CONVERSATIONS[name]) == []
 
 
-@pytest.mark.xfail(strict=True, reason="the trainer encodes an assistant turn's header and text apart, the server the whole "
-                   "prompt at once: BPE merges the header's newline with text that begins with whitespace")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the trainer encodes an assistant turn's header and text apart, the server the whole "
+    "prompt at once: BPE merges the header's newline with text that begins with whitespace",
+)
 def test_an_earlier_answer_that_begins_with_whitespace(tok):
-    record = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "\n\nx"},
-                           {"role": "user", "content": "v"}, {"role": "assistant", "content": "w"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "\n\nx"},
+            {"role": "user", "content": "v"},
+            {"role": "assistant", "content": "w"},
+        ]
+    }
     assert mismatches(tok, record) == []
 
 
@@ -143,7 +188,7 @@ def test_the_check_sees_a_trainer_that_renders_otherwise(tok, monkeypatch):
     def keeps_developer(messages, tools=None, tool_choice=None):
         chat = render(messages, tools, tool_choice)
         roles = [m["role"] for m in messages]
-        for j, m in enumerate(chat.messages[len(chat.messages) - len(roles):]):
+        for j, m in enumerate(chat.messages[len(chat.messages) - len(roles) :]):
             m["role"] = roles[j] if roles[j] == "developer" else m["role"]
         return chat
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import post
 
 pytestmark = pytest.mark.slow
@@ -22,7 +21,12 @@ def classify(server, **body):
 
 
 def test_probabilities_sum_to_one_and_clear_cases_are_right(server):
-    r = classify(server, input=[t for t, _ in CLEAR], instruction="Classify the sentiment of the movie review.", answer_prefix="The review is")
+    r = classify(
+        server,
+        input=[t for t, _ in CLEAR],
+        instruction="Classify the sentiment of the movie review.",
+        answer_prefix="The review is",
+    )
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert [d["index"] for d in data] == list(range(len(CLEAR)))
@@ -50,11 +54,24 @@ def test_nearest_examples_are_chosen_by_similarity(server):
 
 
 def test_batch_calibrated_ensemble_in_either_example_format(server):
-    pool = [{"input": "a warm , funny film", "label": "positive"}, {"input": "tedious and flat", "label": "negative"},
-            {"input": "a triumph", "label": "positive"}, {"input": "a waste of time", "label": "negative"}]
+    pool = [
+        {"input": "a warm , funny film", "label": "positive"},
+        {"input": "tedious and flat", "label": "negative"},
+        {"input": "a triumph", "label": "positive"},
+        {"input": "a waste of time", "label": "negative"},
+    ]
     for fmt in ("list", "turns"):
-        r = classify(server, input=[t for t, _ in CLEAR], instruction="Classify the sentiment of the movie review.", answer_prefix="The review is",
-                     input_prefix="Review:", examples=pool, k=[0, 2], calibrate="batch", example_format=fmt)
+        r = classify(
+            server,
+            input=[t for t, _ in CLEAR],
+            instruction="Classify the sentiment of the movie review.",
+            answer_prefix="The review is",
+            input_prefix="Review:",
+            examples=pool,
+            k=[0, 2],
+            calibrate="batch",
+            example_format=fmt,
+        )
         assert r.status_code == 200, r.text
         for d, (_, gold) in zip(r.json()["data"], CLEAR):
             assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
@@ -62,7 +79,12 @@ def test_batch_calibrated_ensemble_in_either_example_format(server):
 
 
 def test_multi_token_labels_are_scored_whole(server):
-    r = classify(server, input="Who wrote Hamlet?", labels=["a person", "a location", "a number"], instruction="What kind of answer does the question ask for?")
+    r = classify(
+        server,
+        input="Who wrote Hamlet?",
+        labels=["a person", "a location", "a number"],
+        instruction="What kind of answer does the question ask for?",
+    )
     probs = r.json()["data"][0]["probabilities"]
     assert set(probs) == {"a person", "a location", "a number"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
 
@@ -98,8 +120,20 @@ def test_cli_classify_prints_json_lines_and_refuses_bad_labels(smollm_dir):
     import sys
 
     env = dict(os.environ, FUNDAMENT_HOME=str(smollm_dir.parents[2]))
-    cmd = [sys.executable, "-m", "fundament.cli", "classify", "--labels", "positive,negative", "--answer-prefix", "The review is",
-           "--instruction", "Classify the sentiment of the movie review.", "a gorgeous , moving film", "a dull and lifeless mess"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fundament.cli",
+        "classify",
+        "--labels",
+        "positive,negative",
+        "--answer-prefix",
+        "The review is",
+        "--instruction",
+        "Classify the sentiment of the movie review.",
+        "a gorgeous , moving film",
+        "a dull and lifeless mess",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]

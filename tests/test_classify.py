@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fundament.adapt.classify import Classifier, LabelScores, PoolVectorCache, PromptOptions, batch_calibrate, calibration_mode
+from fundament.adapt.classify import (
+    Classifier,
+    LabelScores,
+    PoolVectorCache,
+    PromptOptions,
+    batch_calibrate,
+    calibration_mode,
+)
 from fundament.adapt.prompt import PromptFormat
 from fundament.errors import InvalidRequestError
 
@@ -34,7 +41,13 @@ def test_label_scores_calibrate_each_member_then_average_log_probabilities():
 
 
 def test_calibration_modes():
-    assert [calibration_mode(x) for x in (False, True, None, "batch", "none")] == ["none", "content_free", "none", "batch", "none"]
+    assert [calibration_mode(x) for x in (False, True, None, "batch", "none")] == [
+        "none",
+        "content_free",
+        "none",
+        "batch",
+        "none",
+    ]
     with pytest.raises(InvalidRequestError) as e:
         calibration_mode("platt")
     assert e.value.param == "calibrate"
@@ -60,7 +73,13 @@ def test_turns_format_shows_examples_as_earlier_turns():
     msgs = PromptFormat(None, "Answer:", "", "turns").messages(LABELS, SHOTS, "fine acting")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert "Examples" not in msgs[0]["content"] and msgs[0]["content"].startswith("Classify the input.")
-    assert [m["content"] for m in msgs[1:]] == ["a dull film", "Answer: negative", "a gem", "Answer: positive", "fine acting"]
+    assert [m["content"] for m in msgs[1:]] == [
+        "a dull film",
+        "Answer: negative",
+        "a gem",
+        "Answer: positive",
+        "fine acting",
+    ]
 
 
 class CountingEmbedder:
@@ -133,11 +152,19 @@ def test_only_the_examples_shown_are_tokenized_and_a_shown_one_past_the_context_
 
     lm = WordLM()
     pool = [{"input": f"example number {i}", "label": "positive" if i % 2 else "negative"} for i in range(500)]
-    out = asyncio.run(Classifier(lm).classify(["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")))
+    out = asyncio.run(
+        Classifier(lm).classify(
+            ["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")
+        )
+    )
     assert len(out[0].examples) == 2
     assert sum(t.startswith("example number") for t in lm.tokenizer.encoded) == 2  # not the 500 of the pool
 
     pool[out[0].examples[0]]["input"] = "word " * 100  # an example that is shown, longer than the context
     with pytest.raises(ContextLengthExceededError) as e:
-        asyncio.run(Classifier(WordLM()).classify(["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")))
+        asyncio.run(
+            Classifier(WordLM()).classify(
+                ["a fine film"], ["positive", "negative"], PromptOptions(examples=pool, k=2, selection="random")
+            )
+        )
     assert e.value.param == "examples" and f"examples[{out[0].examples[0]}]" in str(e.value)

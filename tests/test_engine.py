@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.errors import ContextLengthExceededError, QueueFullError
-from conftest import DEVICE
 from fundament.models.llama import KVCache, LlamaModel
 
 
@@ -28,7 +28,9 @@ def run_all(engine: Engine, reqs: list[EngineRequest], max_steps: int = 10_000) 
 
 def greedy(prompt, n, **kw):
     outs = []
-    return EngineRequest(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw), outs.append), outs
+    return EngineRequest(
+        list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw), outs.append
+    ), outs
 
 
 def tokens(outs):
@@ -45,7 +47,9 @@ def test_greedy_equals_transformers_generate(tiny_llama, model):
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).to(DEVICE).eval()
     prompt = [5, 17, 99, 3, 250, 41, 7]
-    ref = hf.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=64, min_new_tokens=64, do_sample=False)[
+        0, len(prompt) :
+    ].tolist()
     engine = Engine(model, EngineConfig(), eos_token_ids=[2])
     req, outs = greedy(prompt, 64)
     run_all(engine, [req])
@@ -121,7 +125,9 @@ def test_abort_leaves_the_batch_at_once(model):
 def test_same_seed_same_sample_different_seed_differs(model):
     def sample(seed):
         outs = []
-        req = EngineRequest([5, 9, 11], SamplingParams(max_tokens=20, temperature=1.5, seed=seed, ignore_eos=True), outs.append)
+        req = EngineRequest(
+            [5, 9, 11], SamplingParams(max_tokens=20, temperature=1.5, seed=seed, ignore_eos=True), outs.append
+        )
         run_all(Engine(model, EngineConfig(), [2]), [req])
         return tokens(outs)
 
@@ -214,16 +220,20 @@ def score_request(prompt, continuations):
     from fundament.engine.tree import TokenTree
 
     outs = []
-    req = EngineRequest(list(prompt), SamplingParams(max_tokens=0), outs.append, tree=TokenTree(list(prompt), continuations))
+    req = EngineRequest(
+        list(prompt), SamplingParams(max_tokens=0), outs.append, tree=TokenTree(list(prompt), continuations)
+    )
     return req, outs
 
 
 def separate_logprobs(model, prompt, cont, **config):
     """The reference: prompt + continuation as one full request with prompt_logprobs."""
     outs = []
-    req = EngineRequest(list(prompt) + cont, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True), outs.append)
+    req = EngineRequest(
+        list(prompt) + cont, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True), outs.append
+    )
     run_all(Engine(model, EngineConfig(**config), [2]), [req])
-    return outs[0].prompt_logprobs[len(prompt):]
+    return outs[0].prompt_logprobs[len(prompt) :]
 
 
 CONTINUATIONS = [[40, 41, 2], [40, 99, 2], [7, 2], [40, 41, 2, 9], [300], [40, 41, 2]]  # shared prefixes, a duplicate
@@ -250,7 +260,9 @@ def test_scored_continuations_equal_separate_full_requests(model, chunk):
 def fast_model(tiny_llama, native_decode):
     """The fast configuration (bfloat16 with int8 decode copies), where a row's result must not
     depend on its batch bit for bit."""
-    return LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, device=DEVICE, int8_decode=True, native_decode=native_decode)
+    return LlamaModel.from_dir(
+        tiny_llama, dtype=torch.bfloat16, device=DEVICE, int8_decode=True, native_decode=native_decode
+    )
 
 
 def test_score_result_does_not_depend_on_the_batch(fast_model):

@@ -5,11 +5,11 @@ the next requests."""
 from __future__ import annotations
 
 import pytest
+from conftest import DEVICE
 
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.models.llama import LlamaModel
-from conftest import DEVICE
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,9 @@ def model(tiny_llama):
 
 def request(prompt, n=12, **kw):
     outs = []
-    return EngineRequest(list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw), outs.append), outs
+    return EngineRequest(
+        list(prompt), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw), outs.append
+    ), outs
 
 
 def drive(engine, reqs, max_steps=2000):
@@ -107,7 +109,10 @@ def test_a_failing_forward_pass_fails_its_batch_and_the_engine_thread_goes_on(mo
     engine.start()
 
     async def run(prompt):
-        return [o.token_id async for o in engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))]
+        return [
+            o.token_id
+            async for o in engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        ]
 
     async def main():
         first = await asyncio.gather(*(run(p) for p in PROMPTS), return_exceptions=True)

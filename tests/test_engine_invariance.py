@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
-from fundament.models.llama import linear
-from fundament.models.llama import LlamaModel
+from fundament.models.llama import LlamaModel, linear
 
 
 def shape_dependent_linear(x, weight, bias=None):
@@ -31,7 +30,10 @@ def uneven_gemm(monkeypatch):
 
 def generate(model, prompts, together: bool, n=16):
     outs = [[] for _ in prompts]
-    reqs = [EngineRequest(list(p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), outs[i].append) for i, p in enumerate(prompts)]
+    reqs = [
+        EngineRequest(list(p), SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), outs[i].append)
+        for i, p in enumerate(prompts)
+    ]
     groups = [reqs] if together else [[r] for r in reqs]
     for group in groups:
         engine = Engine(model, EngineConfig(max_num_batched_tokens=256), [2])
@@ -42,11 +44,15 @@ def generate(model, prompts, together: bool, n=16):
     return [[o.token_id for o in out] for out in outs]
 
 
-PROMPTS = [[random.Random(i).randrange(3, 500) for _ in range(random.Random(100 + i).randrange(2, 40))] for i in range(12)]
+PROMPTS = [
+    [random.Random(i).randrange(3, 500) for _ in range(random.Random(100 + i).randrange(2, 40))] for i in range(12)
+]
 
 
 @pytest.mark.parametrize("native_decode", [True, False])
-def test_prompts_prefilled_together_equal_each_alone_with_a_shape_dependent_gemm(tiny_llama, uneven_gemm, native_decode):
+def test_prompts_prefilled_together_equal_each_alone_with_a_shape_dependent_gemm(
+    tiny_llama, uneven_gemm, native_decode
+):
     """The default CPU setting: bf16 with low-bit decode weights, whose kernels compute each decode
     row alone; prompt rows through the (here shape-dependent) GEMM, a matmul per prompt."""
     model = LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, int8_decode=True, native_decode=native_decode)

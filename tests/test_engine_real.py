@@ -26,14 +26,18 @@ def greedy_tokens(model, prompt, n, config=None):
 
 @pytest.fixture(scope="module")
 def prompt(smollm_dir):
-    return ChatTokenizer(smollm_dir).apply_chat_template([{"role": "user", "content": "Explain what a foundation model is."}])
+    return ChatTokenizer(smollm_dir).apply_chat_template(
+        [{"role": "user", "content": "Explain what a foundation model is."}]
+    )
 
 
 def test_float32_greedy_equals_transformers_generate_for_64_tokens(smollm_dir, prompt):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, len(prompt):].tolist()
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)[
+        0, len(prompt) :
+    ].tolist()
     assert greedy_tokens(LlamaModel.from_dir(smollm_dir), prompt, 64) == ref
 
 
@@ -67,12 +71,20 @@ def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
     tok = ChatTokenizer(smollm_dir)
     rng = random.Random(0)
     words = "the a model river city light small code green runs fast over under music data".split()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 120)))}]) for _ in range(16)]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randrange(2, 120)))}]
+        )
+        for _ in range(16)
+    ]
     config = EngineConfig(max_num_batched_tokens=96)  # long prompts prefill in several chunks
     alone = [greedy_tokens(fast, p, 24, config) for p in prompts]
     engine = Engine(fast, config, [2])
     outs = [[] for _ in prompts]
-    reqs = [EngineRequest(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), o.append) for p, o in zip(prompts, outs)]
+    reqs = [
+        EngineRequest(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), o.append)
+        for p, o in zip(prompts, outs)
+    ]
     for r in reqs:
         engine.submit(r)
     while not all(r.finished for r in reqs):

@@ -4,8 +4,8 @@ and malformed task files refused with the file, line and fix named."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import DATA
+
 from fundament.errors import InvalidRequestError
 from fundament.evals.metrics import accuracy, expected_calibration_error, macro_f1, per_class_f1
 from fundament.evals.tasks import load_task

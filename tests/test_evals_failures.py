@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from conftest import free_port
-from fundament.cli import main
 from test_evals_report import assert_report_matches
+
+from fundament.cli import main
 
 WORDS = {"good": ["great", "lovely", "superb", "fine", "wonderful"], "bad": ["awful", "dull", "poor", "boring", "ugly"]}
 
@@ -38,8 +39,20 @@ class ChatServer:
                 text = body["messages"][-1]["content"]
                 label = "good" if any(w in text for w in WORDS["good"]) else "bad"
                 outer.requests += 1
-                reply = {"id": f"chatcmpl-{outer.requests}", "object": "chat.completion", "created": 0, "model": body["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop", "logprobs": None}]}
+                reply = {
+                    "id": f"chatcmpl-{outer.requests}",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": label},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                }
                 data = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
@@ -67,21 +80,52 @@ def test_a_remote_server_that_is_down_fails_its_cell_and_the_command_and_a_rerun
     task, out, cache = write_task(tmp_path), tmp_path / "report", tmp_path / "cache"
     port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}/v1"
-    args = ["eval", "--task", str(task), "--strategies", "remote-zero-shot,tfidf", "--sizes", "0,16", "--limit", "6", "--latency-sample", "2",
-            "--remote-base-url", url, "--remote-model", "some-chat-model", "--out", str(out), "--cache-dir", str(cache)]
+    args = [
+        "eval",
+        "--task",
+        str(task),
+        "--strategies",
+        "remote-zero-shot,tfidf",
+        "--sizes",
+        "0,16",
+        "--limit",
+        "6",
+        "--latency-sample",
+        "2",
+        "--remote-base-url",
+        url,
+        "--remote-model",
+        "some-chat-model",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert f"fundament: 1 of 2 cells failed (listed in {out / 'report.md'}); running the same command again retries them" in err
+    assert (
+        f"fundament: 1 of 2 cells failed (listed in {out / 'report.md'}); running the same command again retries them"
+        in err
+    )
 
     results = assert_report_matches(out)  # the cell that could run is in the tables as usual
     [failure] = results["errors"]
     assert {k: failure[k] for k in ("task", "strategy", "size", "seed", "type")} == {
-        "task": "films", "strategy": "remote-zero-shot", "size": 0, "seed": 0, "type": "APIConnectionError"}
-    assert failure["error"] == f"cannot reach {url}/chat/completions: Connection error. ([Errno 111] Connection refused)"
+        "task": "films",
+        "strategy": "remote-zero-shot",
+        "size": 0,
+        "seed": 0,
+        "type": "APIConnectionError",
+    }
+    assert (
+        failure["error"] == f"cannot reach {url}/chat/completions: Connection error. ([Errno 111] Connection refused)"
+    )
     assert (results["cells"], results["cells_failed"]) == (1, 1)
     assert [(r["strategy"], r["size"]) for r in results["tasks"]["films"]["rows"]] == [("tfidf", 16)]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    assert "## Failed cells\n\n1 of 2 cells failed: they are missing from the tables and plots, and were not cached" in md
+    assert (
+        "## Failed cells\n\n1 of 2 cells failed: they are missing from the tables and plots, and were not cached" in md
+    )
     assert f"| films | remote-zero-shot | 0 | 0 | {failure['error']} |" in md
     assert "<h2>Failed cells</h2>" in page
     assert f"<tr><td>films</td><td>remote-zero-shot</td><td>0</td><td>0</td><td>{failure['error']}</td></tr>" in page
@@ -113,13 +157,36 @@ def test_a_local_strategy_that_raises_is_reported_and_the_other_cells_still_run(
 
     monkeypatch.setattr(linear, "fit", fit_failing_at_4)
     task, out, cache = write_task(tmp_path), tmp_path / "report", tmp_path / "cache"
-    args = ["eval", "--task", str(task), "--strategies", "tfidf", "--sizes", "4,16", "--limit", "6", "--out", str(out), "--cache-dir", str(cache)]
+    args = [
+        "eval",
+        "--task",
+        str(task),
+        "--strategies",
+        "tfidf",
+        "--sizes",
+        "4,16",
+        "--limit",
+        "6",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "fit_failing_at_4" in err  # not an expected failure: where it came from is shown
     assert "fundament: 1 of 2 cells failed" in err
     results = json.loads((out / "results.json").read_text())
-    assert results["errors"] == [{"task": "films", "strategy": "tfidf", "size": 4, "seed": 0, "error": "ValueError: the solver did not converge", "type": "ValueError"}]
+    assert results["errors"] == [
+        {
+            "task": "films",
+            "strategy": "tfidf",
+            "size": 4,
+            "seed": 0,
+            "error": "ValueError: the solver did not converge",
+            "type": "ValueError",
+        }
+    ]
     assert [r["size"] for r in results["tasks"]["films"]["rows"]] == [16]
     assert "| films | tfidf | 4 | 0 | ValueError: the solver did not converge |" in (out / "report.md").read_text()
     assert [n.split("-")[0] for n in _cached(cache, "tfidf")] == ["n16"]
@@ -135,8 +202,27 @@ def test_an_error_message_stays_one_row_of_the_markdown_table():
     from fundament.evals.report import failed, markdown
 
     message = "a | b\nsecond line"
-    results = {"config": {"tasks": ["t"], "strategies": ["tfidf"], "sizes": [8], "seeds": [0], "limit": None, "out": "o", "model": "m",
-                          "embedding_model": "e", "k": 8}, "finished": "now", "cells_wall_s": 0.0, "wall_s": 0.0, "cells": 0, "cells_computed": 0,
-               "cells_failed": 1, "strategies": {}, "tasks": {}, "errors": [{"task": "t", "strategy": "tfidf", "size": 8, "seed": 0, "error": message}]}
+    results = {
+        "config": {
+            "tasks": ["t"],
+            "strategies": ["tfidf"],
+            "sizes": [8],
+            "seeds": [0],
+            "limit": None,
+            "out": "o",
+            "model": "m",
+            "embedding_model": "e",
+            "k": 8,
+        },
+        "finished": "now",
+        "cells_wall_s": 0.0,
+        "wall_s": 0.0,
+        "cells": 0,
+        "cells_computed": 0,
+        "cells_failed": 1,
+        "strategies": {},
+        "tasks": {},
+        "errors": [{"task": "t", "strategy": "tfidf", "size": 8, "seed": 0, "error": message}],
+    }
     assert failed(results)[1] == [["t", "tfidf", "8", "0", message]]
     assert "| t | tfidf | 8 | 0 | a \\| b second line |" in markdown(results, {})

@@ -8,13 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA
+
 from fundament.evals import server as eval_server
 from fundament.evals.config import EvalConfig
 from fundament.evals.runner import evaluate
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.exists(), reason="the shared data directory is not beside this checkout")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not DATA.exists(), reason="the shared data directory is not beside this checkout"),
+]
 
 
 def _gone(pid: int) -> bool:
@@ -37,8 +40,17 @@ def test_lora_fine_tunes_through_the_jobs_api_and_changes_the_probabilities(tmp_
         real_stop(self)
 
     monkeypatch.setattr(eval_server.LocalServer, "stop", stop)
-    cfg = EvalConfig(tasks=["sms_spam"], strategies=["lora"], sizes=[0, 8, 10], seeds=[0], limit=16, latency_sample=2, lora_epochs=1,
-                     out=tmp_path / "report", cache_dir=tmp_path / "cache")
+    cfg = EvalConfig(
+        tasks=["sms_spam"],
+        strategies=["lora"],
+        sizes=[0, 8, 10],
+        seeds=[0],
+        limit=16,
+        latency_sample=2,
+        lora_epochs=1,
+        out=tmp_path / "report",
+        cache_dir=tmp_path / "cache",
+    )
     results = evaluate(cfg)
 
     assert results["errors"] == []
@@ -52,7 +64,9 @@ def test_lora_fine_tunes_through_the_jobs_api_and_changes_the_probabilities(tmp_
     assert 1 < lora["size_mb"] < 100  # the adapter directory, r=16 on every linear layer: ~20 MB
     assert lora["peak_memory_mb"] > 100  # the worker loaded and trained the model
 
-    records = {r["strategy"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "cache" / "results").rglob("*.json"))}
+    records = {
+        r["strategy"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "cache" / "results").rglob("*.json"))
+    }
     info = records["lora"]["outcome"]["info"]
     assert info["fine_tuned_model"].startswith("ft:smollm2-135m-instruct:") and info["job"].startswith("ftjob-")
     assert info["hyperparameters"]["n_epochs"] == 1
@@ -62,5 +76,5 @@ def test_lora_fine_tunes_through_the_jobs_api_and_changes_the_probabilities(tmp_
     assert max(abs(a["spam"] - b["spam"]) for a, b in zip(base, tuned)) > 0.01
     assert not (home / "fine_tuning" / info["job"]).exists()  # the ft: model deleted once scored
 
-    (pid, worker), = stopped
+    ((pid, worker),) = stopped
     assert worker is not None and _gone(pid) and _gone(worker)

@@ -57,7 +57,12 @@ def assert_report_matches(out: Path) -> dict:
                 if row[key] is None:
                     assert mean is None, (name, row["strategy"], key)
                     continue
-                assert mean == pytest.approx(row[key], abs=0.51 * 10**-digits), (name, row["strategy"], row["size"], key)
+                assert mean == pytest.approx(row[key], abs=0.51 * 10**-digits), (
+                    name,
+                    row["strategy"],
+                    row["size"],
+                    key,
+                )
                 if len(row["seeds"]) > 1:
                     assert std == pytest.approx(row[key + "_std"], abs=0.51 * 10**-digits)
                 assert cell in html
@@ -69,9 +74,24 @@ def assert_report_matches(out: Path) -> dict:
 
 
 def record(strategy, size, seed, gold, labels, probs, **outcome):
-    base = {"latencies_s": [0.01, 0.02, 0.03], "predict_s": 0.5, "train_s": 1.5, "peak_memory_mb": 12.0, "size_bytes": 2_000_000, "info": {}}
-    return {"task": "toy", "strategy": strategy, "size": size, "seed": seed, "key": "k", "wall_s": 1.0, "gold": gold,
-            "outcome": {**base, "labels": labels, "probabilities": probs, **outcome}}
+    base = {
+        "latencies_s": [0.01, 0.02, 0.03],
+        "predict_s": 0.5,
+        "train_s": 1.5,
+        "peak_memory_mb": 12.0,
+        "size_bytes": 2_000_000,
+        "info": {},
+    }
+    return {
+        "task": "toy",
+        "strategy": strategy,
+        "size": size,
+        "seed": seed,
+        "key": "k",
+        "wall_s": 1.0,
+        "gold": gold,
+        "outcome": {**base, "labels": labels, "probabilities": probs, **outcome},
+    }
 
 
 def test_cell_metrics_from_predictions():
@@ -81,13 +101,27 @@ def test_cell_metrics_from_predictions():
     assert m["accuracy"] == 0.75 and m["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 0.8})
     # confidences 0.9 (right), 0.6 (wrong), 0.8, 0.7 (right): bins of width 0.1, one each
     assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.3) / 4)
-    assert m["latency_p50_ms"] == pytest.approx(20) and m["throughput_per_s"] == pytest.approx(8) and m["size_mb"] == 2.0
+    assert (
+        m["latency_p50_ms"] == pytest.approx(20) and m["throughput_per_s"] == pytest.approx(8) and m["size_mb"] == 2.0
+    )
     assert cell_metrics(record("x", 8, 0, gold, pred, None), ["a", "b"])["ece"] is None
 
 
 def test_report_tables_and_plots_match_results_json(tmp_path):
     gold = ["a", "b", "a", "b"]
-    cells = [record("zero-shot", 0, 0, gold, ["a", "a", "a", "b"], [{"a": 0.7, "b": 0.3}] * 4, train_s=None, size_bytes=None, peak_memory_mb=None)]
+    cells = [
+        record(
+            "zero-shot",
+            0,
+            0,
+            gold,
+            ["a", "a", "a", "b"],
+            [{"a": 0.7, "b": 0.3}] * 4,
+            train_s=None,
+            size_bytes=None,
+            peak_memory_mb=None,
+        )
+    ]
     for seed, labels in ((0, ["a", "b", "a", "a"]), (1, ["a", "b", "b", "b"])):
         cells.append(record("few-shot-random", 8, seed, gold, labels, [{"a": 0.6, "b": 0.4}] * 4, train_s=None))
         cells.append(record("tfidf", 8, seed, gold, labels, None, latencies_s=[0.001 * (seed + 1)]))
@@ -95,25 +129,63 @@ def test_report_tables_and_plots_match_results_json(tmp_path):
         c["metrics"] = cell_metrics(c, ["a", "b"])
     rows = summarize(cells, ["a", "b"])
     strategies = [make(n) for n in ("zero-shot", "few-shot-random", "tfidf")]
-    task = {"classes": ["a", "b"], "train_size": 100, "test_split": "test", "test_size": 10, "n_test": 4, "limit": 4,
-            "majority": {"label": "a", "accuracy": 0.5, "macro_f1": 1 / 3}, "skipped": {"lora": [8]}, "rows": rows,
-            "curves": curves(rows, strategies), "cells": []}
-    cfg = {"tasks": ["toy.yaml"], "strategies": ["zero-shot", "few-shot-random", "tfidf"], "sizes": [0, 8], "seeds": [0, 1], "limit": 4,
-           "k": 8, "model": "smollm2-135m-instruct", "embedding_model": "all-minilm-l6-v2", "remote_base_url": None, "remote_model": None,
-           "lora_epochs": "auto", "lora_r": None, "latency_sample": 20, "out": str(tmp_path)}
-    results = {"config": cfg, "wall_s": 60.0, "cells_wall_s": 120.0, "finished": "2026-01-01 00:00:00", "errors": [],
-               "strategies": {"zero-shot": "z", "few-shot-random": "f", "tfidf": "t"}, "tasks": {"toy": task}}
+    task = {
+        "classes": ["a", "b"],
+        "train_size": 100,
+        "test_split": "test",
+        "test_size": 10,
+        "n_test": 4,
+        "limit": 4,
+        "majority": {"label": "a", "accuracy": 0.5, "macro_f1": 1 / 3},
+        "skipped": {"lora": [8]},
+        "rows": rows,
+        "curves": curves(rows, strategies),
+        "cells": [],
+    }
+    cfg = {
+        "tasks": ["toy.yaml"],
+        "strategies": ["zero-shot", "few-shot-random", "tfidf"],
+        "sizes": [0, 8],
+        "seeds": [0, 1],
+        "limit": 4,
+        "k": 8,
+        "model": "smollm2-135m-instruct",
+        "embedding_model": "all-minilm-l6-v2",
+        "remote_base_url": None,
+        "remote_model": None,
+        "lora_epochs": "auto",
+        "lora_r": None,
+        "latency_sample": 20,
+        "out": str(tmp_path),
+    }
+    results = {
+        "config": cfg,
+        "wall_s": 60.0,
+        "cells_wall_s": 120.0,
+        "finished": "2026-01-01 00:00:00",
+        "errors": [],
+        "strategies": {"zero-shot": "z", "few-shot-random": "f", "tfidf": "t"},
+        "tasks": {"toy": task},
+    }
     write_report(results, tmp_path)
     back = assert_report_matches(tmp_path)
     assert [p["size"] for p in back["tasks"]["toy"]["curves"]["few-shot-random"]] == [0, 8]  # starts from zero-shot
-    assert back["tasks"]["toy"]["curves"]["few-shot-random"][1]["accuracy"] == pytest.approx(0.75)  # mean of 0.75 and 0.75
+    assert back["tasks"]["toy"]["curves"]["few-shot-random"][1]["accuracy"] == pytest.approx(
+        0.75
+    )  # mean of 0.75 and 0.75
     md = (tmp_path / "report.md").read_text()
-    assert "fundament eval --task toy.yaml --strategies zero-shot,few-shot-random,tfidf --sizes 0,8 --seeds 0,1 --limit 4" in md
+    assert (
+        "fundament eval --task toy.yaml --strategies zero-shot,few-shot-random,tfidf --sizes 0,8 --seeds 0,1 --limit 4"
+        in md
+    )
     assert "a seeded sample of 4 of the 10 test examples" in md
     assert "lora did not run at 8 examples: the fine-tuning jobs API needs at least 10" in md
     assert re.search(r"\| tfidf \| 8 \| 2 \| 0\.750 ± 0\.000 \|", md)
     assert "the cells' compute time 2.0 min; this run's wall time 1.0 min" in md  # no cell counts: every cell computed
-    for computed, says in ((0, "all 5 cells read back from the cache"), (2, "this run computed 2 of 5 cells in 1.0 min, the rest read back")):
+    for computed, says in (
+        (0, "all 5 cells read back from the cache"),
+        (2, "this run computed 2 of 5 cells in 1.0 min, the rest read back"),
+    ):
         write_report({**results, "cells": 5, "cells_computed": computed}, tmp_path)
         assert says in (tmp_path / "report.md").read_text()
 
@@ -126,7 +198,9 @@ def test_sizes_each_strategy_runs_at():
 
 
 def tok(token, logprob, top=()):
-    return SimpleNamespace(token=token, logprob=logprob, top_logprobs=[SimpleNamespace(token=t, logprob=lp) for t, lp in top])
+    return SimpleNamespace(
+        token=token, logprob=logprob, top_logprobs=[SimpleNamespace(token=t, logprob=lp) for t, lp in top]
+    )
 
 
 def test_remote_label_parsing_and_probabilities_from_top_logprobs():
@@ -136,8 +210,12 @@ def test_remote_label_parsing_and_probabilities_from_top_logprobs():
     assert parse_label("I think it's clearly Negative overall", classes, "") == ("negative", 21)
     assert parse_label("no idea", classes, "Answer:") == ("", -1)
     # "The review is" then " positive": the alternatives at the label's token give the probabilities
-    tokens = [tok("The", -0.1), tok(" review", -0.1), tok(" is", -0.1),
-              tok(" positive", -0.4, [(" positive", -0.4), (" negative", -1.2), (" neutral", -3.0), (" pos", -4.0)])]
+    tokens = [
+        tok("The", -0.1),
+        tok(" review", -0.1),
+        tok(" is", -0.1),
+        tok(" positive", -0.4, [(" positive", -0.4), (" negative", -1.2), (" neutral", -3.0), (" pos", -4.0)]),
+    ]
     import math
 
     p = label_probabilities(tokens, 14, classes)
@@ -149,13 +227,29 @@ def test_remote_label_parsing_and_probabilities_from_top_logprobs():
 def test_fundament_eval_command_on_a_task_file(tmp_path, capsys):
     from fundament.cli import main
 
-    words = {"good": ["great", "lovely", "superb", "fine", "wonderful"], "bad": ["awful", "dull", "poor", "boring", "ugly"]}
+    words = {
+        "good": ["great", "lovely", "superb", "fine", "wonderful"],
+        "bad": ["awful", "dull", "poor", "boring", "ugly"],
+    }
     rows = [{"text": f"a {w} film, {v} acting", "label": label} for label, ws in words.items() for w in ws for v in ws]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "task.yaml").write_text("name: films\nlabels: [good, bad]\nfile: data.jsonl\ntest_fraction: 0.3\n")
     out = tmp_path / "report"
-    args = ["eval", "--task", str(tmp_path / "task.yaml"), "--strategies", "tfidf", "--sizes", "0,4,16", "--seeds", "0,1",
-            "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "eval",
+        "--task",
+        str(tmp_path / "task.yaml"),
+        "--strategies",
+        "tfidf",
+        "--sizes",
+        "0,4,16",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == str(out / "report.md")
     results = assert_report_matches(out)
@@ -163,7 +257,11 @@ def test_fundament_eval_command_on_a_task_file(tmp_path, capsys):
     assert set(rows) == {("tfidf", 4), ("tfidf", 16)} and rows[("tfidf", 16)]["seeds"] == [0, 1]
     assert rows[("tfidf", 16)]["accuracy"] > 0.8  # the words give the label away
     best = results["tasks"]["films"]["verdict"]["best"]
-    assert best["strategy"] == "tfidf" and f"- Best: tfidf, {best['size']} examples: accuracy {best['accuracy']:.3f}" in (out / "report.md").read_text()
+    assert (
+        best["strategy"] == "tfidf"
+        and f"- Best: tfidf, {best['size']} examples: accuracy {best['accuracy']:.3f}"
+        in (out / "report.md").read_text()
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": "good"}\n{"text": "y", "label": "meh"}\n')
     (tmp_path / "bad.yaml").write_text("labels: [good, bad]\nfile: bad.jsonl\n")
     assert main(["eval", "--task", str(tmp_path / "bad.yaml"), "--strategies", "tfidf", "--out", str(out)]) == 2
@@ -175,21 +273,40 @@ def _row(strategy, size, acc, p50, train=None):
 
 
 def test_verdict_names_the_winner_where_fine_tuning_overtakes_and_whether_a_small_model_suffices():
-    rows = [_row("zero-shot", 0, 0.715, 81), _row("few-shot-nearest", 8, 0.705, 189), _row("few-shot-nearest", 512, 0.72, 305),
-            _row("lora", 32, 0.70, 149, 142), _row("lora", 128, 0.88, 138, 450), _row("lora", 512, 0.92, 144, 466),
-            _row("probe-embedding", 512, 0.905, 16, 2), _row("tfidf", 512, 0.595, 0.4, 0.1)]
+    rows = [
+        _row("zero-shot", 0, 0.715, 81),
+        _row("few-shot-nearest", 8, 0.705, 189),
+        _row("few-shot-nearest", 512, 0.72, 305),
+        _row("lora", 32, 0.70, 149, 142),
+        _row("lora", 128, 0.88, 138, 450),
+        _row("lora", 512, 0.92, 144, 466),
+        _row("probe-embedding", 512, 0.905, 16, 2),
+        _row("tfidf", 512, 0.595, 0.4, 0.1),
+    ]
     v = verdict(rows)
     assert (v["best"]["strategy"], v["best"]["size"]) == ("lora", 512)
     # lora at 32 loses to zero-shot; at 128 it beats every prompt with 128 examples or fewer
     assert (v["fine_tuning_overtakes"]["size"], v["fine_tuning_overtakes"]["best_prompt_accuracy"]) == (128, 0.715)
     assert v["fastest_close_to_best"]["strategy"] == "probe-embedding"  # 0.905 is within 0.02 of 0.92, at 16 ms
-    assert {f: r["strategy"] for f, r in v["families"].items()} == {"prompting": "few-shot-nearest", "fine-tuning": "lora", "probe": "probe-embedding", "from scratch": "tfidf"}
+    assert {f: r["strategy"] for f, r in v["families"].items()} == {
+        "prompting": "few-shot-nearest",
+        "fine-tuning": "lora",
+        "probe": "probe-embedding",
+        "from scratch": "tfidf",
+    }
     words = " ".join(verdict_lines(v))
     assert "Best: lora, 512 examples: accuracy 0.920, p50 144 ms per example, 466 s of training." in words
     assert "Fine-tuning beats every prompt from 128 labelled examples on" in words
     assert "0.325 below the best: here the foundation model is worth it" in words
 
-    easy = verdict([_row("zero-shot", 0, 0.80, 80), _row("lora", 32, 0.79, 140, 100), _row("tfidf", 512, 0.985, 0.4), _row("lora", 512, 0.99, 140, 400)])
+    easy = verdict(
+        [
+            _row("zero-shot", 0, 0.80, 80),
+            _row("lora", 32, 0.79, 140, 100),
+            _row("tfidf", 512, 0.985, 0.4),
+            _row("lora", 512, 0.99, 140, 400),
+        ]
+    )
     words = " ".join(verdict_lines(easy))
     assert "comes within 0.02 of the best (tfidf 0.985): for this task it suffices" in words
     assert easy["fastest_close_to_best"]["strategy"] == "tfidf"
@@ -202,9 +319,20 @@ def test_prompts_introduce_the_input_as_the_task_does_and_that_enters_only_their
     from fundament.evals.tasks import Example, Task
 
     train = [Example("a fine film", "good"), Example("dull", "bad")]
-    task = Task("films", ["good", "bad"], "Is the review good or bad?", "The review is", train, train, "test", input_prefix="Review:")
+    task = Task(
+        "films",
+        ["good", "bad"],
+        "Is the review good or bad?",
+        "The review is",
+        train,
+        train,
+        "test",
+        input_prefix="Review:",
+    )
     assert request_body(task, "m", [], 0, None, 0)["input_prefix"] == "Review:"
-    assert "input_prefix" not in request_body(task, "m", [], 0, None, 0, input_prefix=False)  # LoRA: as its training data
+    assert "input_prefix" not in request_body(
+        task, "m", [], 0, None, 0, input_prefix=False
+    )  # LoRA: as its training data
     # The zero-shot SMS prompt without "Message:" scored 0.46 on 100 test messages, with it 0.78.
 
     keys = {}
@@ -214,7 +342,9 @@ def test_prompts_introduce_the_input_as_the_task_does_and_that_enters_only_their
             keys[(cell[1], task.input_prefix)] = cell[4]
             return {"cached": True}
 
-    ctx = SimpleNamespace(config=SimpleNamespace(latency_sample=1, model="m", k=8, embedding_model="e", example_format="list"))
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(latency_sample=1, model="m", k=8, embedding_model="e", example_format="list")
+    )
     for prefix in ("Review:", "Text:"):
         task.input_prefix = prefix
         for name in ("zero-shot", "few-shot-nearest", "tfidf"):

@@ -8,20 +8,43 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA
-from fundament.evals.config import EvalConfig
-from fundament.evals.runner import evaluate
 from test_evals_report import assert_report_matches
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.exists(), reason="the shared data directory is not beside this checkout")]
+from fundament.evals.config import EvalConfig
+from fundament.evals.runner import evaluate
 
-STRATEGIES = ["zero-shot", "few-shot-random", "few-shot-nearest", "probe-embedding", "probe-hidden", "tfidf", "remote-zero-shot", "remote-few-shot-random"]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not DATA.exists(), reason="the shared data directory is not beside this checkout"),
+]
+
+STRATEGIES = [
+    "zero-shot",
+    "few-shot-random",
+    "few-shot-nearest",
+    "probe-embedding",
+    "probe-hidden",
+    "tfidf",
+    "remote-zero-shot",
+    "remote-few-shot-random",
+]
 
 
 def _config(server, root: Path, **over) -> EvalConfig:
-    settings = dict(tasks=["sst2"], strategies=STRATEGIES, sizes=[0, 8], seeds=[0], limit=24, latency_sample=2, base_url=server.base_url,
-                    remote_base_url=server.base_url, remote_model="smollm2-135m-instruct", out=root / "report", cache_dir=root / "cache")
+    settings = dict(
+        tasks=["sst2"],
+        strategies=STRATEGIES,
+        sizes=[0, 8],
+        seeds=[0],
+        limit=24,
+        latency_sample=2,
+        base_url=server.base_url,
+        remote_base_url=server.base_url,
+        remote_model="smollm2-135m-instruct",
+        out=root / "report",
+        cache_dir=root / "cache",
+    )
     return EvalConfig(**{**settings, **over})
 
 
@@ -50,7 +73,9 @@ def test_every_strategy_runs_on_the_same_slice(run):
     assert results["errors"] == []
     task = results["tasks"]["sst2"]
     rows = {(r["strategy"], r["size"]): r for r in task["rows"]}
-    assert set(rows) == {("zero-shot", 0), ("remote-zero-shot", 0)} | {(s, 8) for s in STRATEGIES if "zero-shot" not in s}
+    assert set(rows) == {("zero-shot", 0), ("remote-zero-shot", 0)} | {
+        (s, 8) for s in STRATEGIES if "zero-shot" not in s
+    }
     records = _records(root)
     gold = records[("zero-shot", 0)]["gold"]
     assert len(gold) == task["n_test"] == 24

@@ -10,12 +10,12 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import ServerProcess
+from tuning_data import tiny_chat_llama
+
 from fundament.errors import PayloadTooLargeError
 from fundament.jobs.files import FileStore
 from fundament.jobs.store import JobStore
-from tuning_data import tiny_chat_llama
 
 LIMIT = 64 * 1024
 
@@ -58,7 +58,9 @@ def test_sweep_removes_leftovers_of_killed_processes_only(tmp_path):
 def tiny_server(tmp_path_factory):
     tiny = tiny_chat_llama(tmp_path_factory.getbasetemp())
     home = tmp_path_factory.mktemp("files-home")
-    srv = ServerProcess(["--no-default-models", "--model", str(tiny), "--max-file-bytes", str(LIMIT), "--no-worker"], home)
+    srv = ServerProcess(
+        ["--no-default-models", "--model", str(tiny), "--max-file-bytes", str(LIMIT), "--no-worker"], home
+    )
     srv.home = home
     yield srv
     srv.stop()
@@ -95,7 +97,10 @@ def test_upload_retrieve_content_delete(fc, tiny_server):
 
 
 def test_list_pages_with_has_more_and_auto_pagination(fc):
-    ids = [fc.files.create(file=(f"p{i}.txt", b"x" * (i + 1)), purpose="user_data" if i < 5 else "batch").id for i in range(7)]
+    ids = [
+        fc.files.create(file=(f"p{i}.txt", b"x" * (i + 1)), purpose="user_data" if i < 5 else "batch").id
+        for i in range(7)
+    ]
     page = fc.files.list(limit=2, purpose="user_data")
     assert [f.id for f in page.data] == ids[4:2:-1] and page.has_more
     raw = httpx.get(f"{fc.base_url}files", params={"limit": 2, "purpose": "user_data"}).json()
@@ -117,8 +122,11 @@ def test_list_pages_with_has_more_and_auto_pagination(fc):
     ],
 )
 def test_bad_uploads_are_400_with_param(tiny_server, files, data, param):
-    r = httpx.post(f"{tiny_server.base_url}/files", files=files, data=data) if files else httpx.post(
-        f"{tiny_server.base_url}/files", data=data, files={"other": ("x", b"y")})
+    r = (
+        httpx.post(f"{tiny_server.base_url}/files", files=files, data=data)
+        if files
+        else httpx.post(f"{tiny_server.base_url}/files", data=data, files={"other": ("x", b"y")})
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     r = httpx.post(f"{tiny_server.base_url}/files", json={"purpose": "fine-tune"})
@@ -134,14 +142,21 @@ def test_malformed_multipart_is_400_and_stores_nothing(fc, tiny_server):
         f"--xyz\r\n{part.format('purpose', '')}fine-tune\r\n--xyz\r\n{part.format('file', '; filename=a')}hello".encode(),
     ]
     for body in bodies:
-        r = httpx.post(f"{tiny_server.base_url}/files", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"})
+        r = httpx.post(
+            f"{tiny_server.base_url}/files", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"}
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
     assert {f.id for f in fc.files.list()} == before
     assert {p.name for p in (tiny_server.home / "files").iterdir()} == before
 
 
 def test_bad_list_parameters_are_400(tiny_server):
-    for params, param in [({"limit": 0}, "limit"), ({"limit": "many"}, "limit"), ({"order": "up"}, "order"), ({"after": "file-nope"}, "after")]:
+    for params, param in [
+        ({"limit": 0}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"order": "up"}, "order"),
+        ({"after": "file-nope"}, "after"),
+    ]:
         r = httpx.get(f"{tiny_server.base_url}/files", params=params)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
@@ -152,7 +167,11 @@ def test_size_limit_is_413_and_stores_nothing(fc, tiny_server):
         fc.files.create(file=("big.jsonl", b"x" * (LIMIT + 1)), purpose="fine-tune")
     assert e.value.status_code == 413 and e.value.response.json()["error"]["param"] == "file"
     # far over: refused from Content-Length before the body is read
-    r = httpx.post(f"{tiny_server.base_url}/files", files={"file": ("big", b"x" * (LIMIT + 200_000))}, data={"purpose": "fine-tune"})
+    r = httpx.post(
+        f"{tiny_server.base_url}/files",
+        files={"file": ("big", b"x" * (LIMIT + 200_000))},
+        data={"purpose": "fine-tune"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert {f.id for f in fc.files.list()} == before
     assert not [p for p in (tiny_server.home / "files").iterdir() if p.name.startswith(".tmp-")]
@@ -164,13 +183,21 @@ def test_upload_cut_off_half_way_leaves_nothing(fc, tiny_server):
     before = {f.id for f in fc.files.list()}
     files_dir = tiny_server.home / "files"
     boundary = "----cutoff"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.jsonl\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cut.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     total = len(head) + 40_000 + len(f"\r\n--{boundary}--\r\n")
     s = socket.create_connection(("127.0.0.1", tiny_server.port))
-    s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-               f"Content-Length: {total}\r\n\r\n").encode() + head + b'{"prompt": "a", "completion": "b"}\n' * 500)
+    s.sendall(
+        (
+            f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {total}\r\n\r\n"
+        ).encode()
+        + head
+        + b'{"prompt": "a", "completion": "b"}\n' * 500
+    )
     deadline = time.time() + 10
     while not [p for p in files_dir.iterdir() if p.name.startswith(".tmp-")]:  # the bytes stream to a temp file
         assert time.time() < deadline, "the upload never reached the files directory"
@@ -203,14 +230,17 @@ def test_files_survive_a_restart(tmp_path_factory):
 # ---- Content-Disposition (RFC 6266) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, fallback, encoded", [
-    ("../../../../outside.txt", "outside.txt", "..%2F..%2F..%2F..%2Foutside.txt"),
-    ('say "hi".jsonl', "say _hi_.jsonl", "say%20%22hi%22.jsonl"),
-    ("données é.jsonl", "donn_es _.jsonl", "donn%C3%A9es%20%C3%A9.jsonl"),
-    ("a\r\nSet-Cookie: x=1", "a__Set-Cookie_ x_1", "a%0D%0ASet-Cookie%3A%20x%3D1"),
-    ("C:\\Users\\me\\..", "file", "C%3A%5CUsers%5Cme%5C.."),
-    ("train.jsonl", "train.jsonl", "train.jsonl"),
-])
+@pytest.mark.parametrize(
+    "name, fallback, encoded",
+    [
+        ("../../../../outside.txt", "outside.txt", "..%2F..%2F..%2F..%2Foutside.txt"),
+        ('say "hi".jsonl', "say _hi_.jsonl", "say%20%22hi%22.jsonl"),
+        ("données é.jsonl", "donn_es _.jsonl", "donn%C3%A9es%20%C3%A9.jsonl"),
+        ("a\r\nSet-Cookie: x=1", "a__Set-Cookie_ x_1", "a%0D%0ASet-Cookie%3A%20x%3D1"),
+        ("C:\\Users\\me\\..", "file", "C%3A%5CUsers%5Cme%5C.."),
+        ("train.jsonl", "train.jsonl", "train.jsonl"),
+    ],
+)
 def test_content_disposition_has_a_safe_fallback_and_the_real_name_encoded(name, fallback, encoded):
     from urllib.parse import unquote
 
@@ -226,10 +256,16 @@ def upload_named(tiny_server, filename: str) -> str:
     """Upload with this exact filename in the multipart header (clients escape some characters)."""
     boundary = "b0undary"
     quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{quoted}\"\r\n\r\n"
-            f"hello\r\n--{boundary}--\r\n").encode()
-    r = httpx.post(f"{tiny_server.base_url}/files", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n\r\n'
+        f"hello\r\n--{boundary}--\r\n"
+    ).encode()
+    r = httpx.post(
+        f"{tiny_server.base_url}/files",
+        content=body,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["filename"] == filename  # stored as given
     return r.json()["id"]
@@ -237,9 +273,12 @@ def upload_named(tiny_server, filename: str) -> str:
 
 def test_file_content_header_is_safe_for_path_quote_and_non_ascii_names(tiny_server):
     cases = [
-        ("../../../../outside.txt", 'attachment; filename="outside.txt"; filename*=UTF-8\'\'..%2F..%2F..%2F..%2Foutside.txt'),
-        ('a"b".jsonl', 'attachment; filename="a_b_.jsonl"; filename*=UTF-8\'\'a%22b%22.jsonl'),
-        ("données.jsonl", 'attachment; filename="donn_es.jsonl"; filename*=UTF-8\'\'donn%C3%A9es.jsonl'),
+        (
+            "../../../../outside.txt",
+            "attachment; filename=\"outside.txt\"; filename*=UTF-8''..%2F..%2F..%2F..%2Foutside.txt",
+        ),
+        ('a"b".jsonl', "attachment; filename=\"a_b_.jsonl\"; filename*=UTF-8''a%22b%22.jsonl"),
+        ("données.jsonl", "attachment; filename=\"donn_es.jsonl\"; filename*=UTF-8''donn%C3%A9es.jsonl"),
     ]
     for name, expected in cases:
         r = httpx.get(f"{tiny_server.base_url}/files/{upload_named(tiny_server, name)}/content")
@@ -256,7 +295,9 @@ def test_keep_links_the_bytes_so_deleting_the_file_leaves_the_copy(tmp_path):
     fid = files.add_bytes(b'{"prompt": "a", "completion": "b"}\n', "t.jsonl", "fine-tune")["id"]
     dest = files.keep(fid, tmp_path / "job" / "data" / "training_file.jsonl")
     assert dest.read_bytes() == files.read(fid)
-    assert dest.stat().st_ino == files.path(fid).stat().st_ino and dest.stat().st_nlink == 2  # a link: no second copy on disk
+    assert (
+        dest.stat().st_ino == files.path(fid).stat().st_ino and dest.stat().st_nlink == 2
+    )  # a link: no second copy on disk
     assert files.delete(fid) and not files.path(fid).exists()
     assert dest.read_bytes() == b'{"prompt": "a", "completion": "b"}\n' and dest.stat().st_nlink == 1
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temporary file left

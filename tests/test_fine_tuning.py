@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from conftest import REPO, ServerProcess
 from tuning_data import sst2_chat, write_jsonl
 
@@ -74,12 +73,18 @@ def wait_event(c, job_id, pred, timeout=300):
 
 
 def metrics_steps(c, job_id) -> list[int]:
-    return [e.data["step"] for e in reversed(list(c.fine_tuning.jobs.list_events(job_id, limit=100))) if e.type == "metrics"]
+    return [
+        e.data["step"] for e in reversed(list(c.fine_tuning.jobs.list_events(job_id, limit=100))) if e.type == "metrics"
+    ]
 
 
 def reply(c, model, text) -> str:
     msgs = [{"role": "user", "content": f"Determine the sentiment of this review: '{text}'"}]
-    return c.chat.completions.create(model=model, messages=msgs, max_completion_tokens=16, temperature=0).choices[0].message.content
+    return (
+        c.chat.completions.create(model=model, messages=msgs, max_completion_tokens=16, temperature=0)
+        .choices[0]
+        .message.content
+    )
 
 
 def upload(c, records, name="train.jsonl", purpose="fine-tune") -> str:
@@ -91,7 +96,12 @@ def trained(c):
     """One job trained to success: 12 SST-2 examples, 4 for validation, one epoch."""
     train, valid = upload(c, sst2_chat(12)), upload(c, sst2_chat(4, start=100), "valid.jsonl")
     job = c.fine_tuning.jobs.create(
-        model=BASE, training_file=train, validation_file=valid, suffix="sst2", seed=42, metadata={"test": "e2e"},
+        model=BASE,
+        training_file=train,
+        validation_file=valid,
+        suffix="sst2",
+        seed=42,
+        metadata={"test": "e2e"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
     )
     statuses = [job.status]
@@ -110,7 +120,13 @@ def test_fine_tune_job_to_success(c, trained):
     assert statuses[0] == "validating_files" and statuses[-1] == "succeeded" and "running" in statuses
     assert job.object == "fine_tuning.job" and job.id.startswith("ftjob-")
     assert job.fine_tuned_model == f"ft:{BASE}:fundament:sst2:{job.id.removeprefix('ftjob-')}"
-    assert (job.model, job.training_file, job.validation_file, job.seed, job.metadata) == (BASE, train, valid, 42, {"test": "e2e"})
+    assert (job.model, job.training_file, job.validation_file, job.seed, job.metadata) == (
+        BASE,
+        train,
+        valid,
+        42,
+        {"test": "e2e"},
+    )
     # auto hyperparameters resolved as documented: batch 0.2% of 12 -> 1, multiplier 1
     hp = job.hyperparameters
     assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (1, 1, 1.0)
@@ -128,7 +144,10 @@ def test_events_metrics_result_file_and_checkpoints(c, trained):
     assert len({e.id for e in events}) == len(events)
     metrics = [e for e in reversed(events) if e.type == "metrics"]
     assert [m.data["step"] for m in metrics] == list(range(1, 13))
-    assert all(m.data["total_steps"] == 12 and m.data["train_loss"] > 0 and 0 <= m.data["train_mean_token_accuracy"] <= 1 for m in metrics)
+    assert all(
+        m.data["total_steps"] == 12 and m.data["train_loss"] > 0 and 0 <= m.data["train_mean_token_accuracy"] <= 1
+        for m in metrics
+    )
     assert metrics[-1].data["valid_loss"] > 0 and metrics[-1].data["valid_mean_token_accuracy"] is not None
     assert metrics[0].message.startswith("Step 1/12: training loss=")
     assert metrics[-1].data["train_loss"] < metrics[0].data["train_loss"]  # it learned something
@@ -165,7 +184,11 @@ def test_fine_tuned_model_is_served_at_once_and_answers_unlike_its_base(c, train
     prompts = [f"Determine the sentiment of this review: '{t}'" for t in reviews]
     probs = {}
     for m in (BASE, job.fine_tuned_model):
-        r = httpx.post(f"{c.base_url}classifications", json={"model": m, "input": prompts, "labels": ["positive", "negative"], "answer_prefix": ""}, timeout=120)
+        r = httpx.post(
+            f"{c.base_url}classifications",
+            json={"model": m, "input": prompts, "labels": ["positive", "negative"], "answer_prefix": ""},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         probs[m] = [d["probabilities"]["positive"] for d in r.json()["data"]]
     assert max(abs(a - b) for a, b in zip(probs[BASE], probs[job.fine_tuned_model])) > 0.01
@@ -178,7 +201,11 @@ def test_a_compiled_job_trains_the_default_model_and_says_so(c, ft_server):
 
     train = upload(c, sst2_chat(10, start=40), "compiled.jsonl")
     job = c.fine_tuning.jobs.create(
-        model=BASE, training_file=train, suffix="compiled", seed=3, extra_body={"compile": True},
+        model=BASE,
+        training_file=train,
+        suffix="compiled",
+        seed=3,
+        extra_body={"compile": True},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
     )
     job = wait(c, job.id)
@@ -193,7 +220,10 @@ def test_a_compiled_job_trains_the_default_model_and_says_so(c, ft_server):
 
 def test_jobs_list_pages_and_filters_by_metadata(c, trained):
     few = upload(c, sst2_chat(3), "few.jsonl")  # fails validation at once: nothing trains
-    made = [c.fine_tuning.jobs.create(model=BASE, training_file=few, metadata={"batch": "page", "i": str(i)}).id for i in range(3)]
+    made = [
+        c.fine_tuning.jobs.create(model=BASE, training_file=few, metadata={"batch": "page", "i": str(i)}).id
+        for i in range(3)
+    ]
     page = c.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in page.data] == made[:0:-1] and page.has_more
     assert [j.id for j in c.fine_tuning.jobs.list(limit=2, metadata={"batch": "page"})] == made[::-1]
@@ -217,17 +247,31 @@ def test_bad_training_data_fails_with_every_line_in_error_and_events(c):
     assert (job.error.code, job.error.param) == ("invalid_training_file", "training_file")
     msg = job.error.message
     assert msg.startswith("The training file has 4 problems: line 2: not valid JSON")
-    for needle in ('line 4: messages[0] has unknown role "narrator"', "line 5: no assistant message", "line 8: the example is", "context window of 8192"):
+    for needle in (
+        'line 4: messages[0] has unknown role "narrator"',
+        "line 5: no assistant message",
+        "line 8: the example is",
+        "context window of 8192",
+    ):
         assert needle in msg, msg
     errors = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100) if e.level == "error"]
-    assert sorted(m.split(":")[1].strip() for m in errors if m.startswith("training_file:")) == ["line 2", "line 4", "line 5", "line 8"]
+    assert sorted(m.split(":")[1].strip() for m in errors if m.startswith("training_file:")) == [
+        "line 2",
+        "line 4",
+        "line 5",
+        "line 8",
+    ]
 
 
 def test_bad_validation_file_fails_with_its_param(c):
-    job = c.fine_tuning.jobs.create(model=BASE, training_file=upload(c, sst2_chat(12)), validation_file=upload(c, ["not json"], "v.jsonl"))
+    job = c.fine_tuning.jobs.create(
+        model=BASE, training_file=upload(c, sst2_chat(12)), validation_file=upload(c, ["not json"], "v.jsonl")
+    )
     job = wait(c, job.id)
     assert (job.status, job.error.code, job.error.param) == ("failed", "invalid_validation_file", "validation_file")
-    assert job.error.message == "The validation file has 1 problem: line 1: not valid JSON (Expecting value at column 1)."
+    assert (
+        job.error.message == "The validation file has 1 problem: line 1: not valid JSON (Expecting value at column 1)."
+    )
 
 
 def bad_create(c, param, status=400, **kw):
@@ -254,8 +298,15 @@ def test_bad_create_requests_are_4xx_with_param(c):
     bad_create(c, "method.supervised.hyperparameters.n_epochs", training_file=good, method=hp(n_epochs=2.5))
     bad_create(c, "method.supervised.hyperparameters.batch_size", training_file=good, method=hp(batch_size="big"))
     bad_create(c, "method.supervised.hyperparameters.batch_size", training_file=good, method=hp(batch_size=True))
-    bad_create(c, "method.supervised.hyperparameters.epochs", training_file=good, method=hp(epochs=3))  # a typo is not "auto"
-    bad_create(c, "method.supervised.hyperparameters.learning_rate_multiplier", training_file=good, method=hp(learning_rate_multiplier=-1))
+    bad_create(
+        c, "method.supervised.hyperparameters.epochs", training_file=good, method=hp(epochs=3)
+    )  # a typo is not "auto"
+    bad_create(
+        c,
+        "method.supervised.hyperparameters.learning_rate_multiplier",
+        training_file=good,
+        method=hp(learning_rate_multiplier=-1),
+    )
     bad_create(c, "hyperparameters.n_epochs", training_file=good, hyperparameters={"n_epochs": 0})
     bad_create(c, "hyperparameters", training_file=good, hyperparameters={"n_epochs": 1}, method=hp(n_epochs=1))
     bad_create(c, "method.type", training_file=good, method={"type": "dpo", "dpo": {}})
@@ -264,17 +315,29 @@ def test_bad_create_requests_are_4xx_with_param(c):
     bad_create(c, "integrations", training_file=good, integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
     r = httpx.post(f"{c.base_url}fine_tuning/jobs", json={"model": BASE})
     assert r.status_code == 400 and r.json()["error"]["param"] == "training_file"
-    for ext, param in [({"lora_r": 0}, "lora_r"), ({"target_modules": ["wte"]}, "target_modules"), ({"training_type": "full"}, "training_type")]:
+    for ext, param in [
+        ({"lora_r": 0}, "lora_r"),
+        ({"target_modules": ["wte"]}, "target_modules"),
+        ({"training_type": "full"}, "training_type"),
+    ]:
         bad_create(c, param, training_file=good, extra_body=ext)
 
 
 def test_bad_job_requests_are_4xx(c, trained):
     job = trained[0]
-    for call in (lambda: c.fine_tuning.jobs.retrieve("ftjob-nope"), lambda: c.fine_tuning.jobs.cancel("ftjob-nope"),
-                 lambda: c.fine_tuning.jobs.list_events("ftjob-nope"), lambda: c.fine_tuning.jobs.checkpoints.list("ftjob-nope")):
+    for call in (
+        lambda: c.fine_tuning.jobs.retrieve("ftjob-nope"),
+        lambda: c.fine_tuning.jobs.cancel("ftjob-nope"),
+        lambda: c.fine_tuning.jobs.list_events("ftjob-nope"),
+        lambda: c.fine_tuning.jobs.checkpoints.list("ftjob-nope"),
+    ):
         with pytest.raises(openai.NotFoundError):
             call()
-    for call, verb in ((c.fine_tuning.jobs.cancel, "cancel"), (c.fine_tuning.jobs.pause, "pause"), (c.fine_tuning.jobs.resume, "resume")):
+    for call, verb in (
+        (c.fine_tuning.jobs.cancel, "cancel"),
+        (c.fine_tuning.jobs.pause, "pause"),
+        (c.fine_tuning.jobs.resume, "resume"),
+    ):
         with pytest.raises(openai.BadRequestError) as e:
             call(job.id)
         assert f"Cannot {verb} the job {job.id}: it is succeeded" in e.value.message
@@ -287,7 +350,11 @@ def test_bad_job_requests_are_4xx(c, trained):
 
 
 def test_cancel_stops_a_running_job_within_10_seconds(c):
-    job = c.fine_tuning.jobs.create(model=BASE, training_file=upload(c, sst2_chat(12)), method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}})
+    job = c.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=upload(c, sst2_chat(12)),
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}},
+    )
     wait_event(c, job.id, lambda e: e.type == "metrics")
     t0 = time.time()
     cancelled = c.fine_tuning.jobs.cancel(job.id)
@@ -301,8 +368,13 @@ def test_cancel_stops_a_running_job_within_10_seconds(c):
 
 
 def test_pause_and_resume_continue_from_the_saved_step(c):
-    job = c.fine_tuning.jobs.create(model=BASE, training_file=upload(c, sst2_chat(12)), suffix="paused", seed=5,
-                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}})
+    job = c.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=upload(c, sst2_chat(12)),
+        suffix="paused",
+        seed=5,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
     wait_event(c, job.id, lambda e: e.type == "metrics" and e.data["step"] >= 3)
     # the server answers other requests while the job trains
     assert reply(c, BASE, "A fine film.")
@@ -316,7 +388,10 @@ def test_pause_and_resume_continue_from_the_saved_step(c):
     job = wait(c, job.id)
     assert job.status == "succeeded", job.error
     assert metrics_steps(c, job.id) == list(range(1, 25))  # nothing redone, nothing skipped
-    assert any(e.message == f"Resumed from the state saved at step {at}." for e in c.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert any(
+        e.message == f"Resumed from the state saved at step {at}."
+        for e in c.fine_tuning.jobs.list_events(job.id, limit=100)
+    )
     assert [ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id)] == [24, 12]
     assert reply(c, job.fine_tuned_model, "A fine film.") in ("positive", "negative")
 
@@ -351,15 +426,42 @@ def test_tune_and_jobs_commands(c, ft_server, tmp_path):
     data = write_jsonl(tmp_path / "sst2.jsonl", sst2_chat(12, start=200))
     env = {**os.environ, "OPENAI_BASE_URL": ft_server.base_url, "OPENAI_API_KEY": "sk-test", "COLUMNS": "120"}
     png = tmp_path / "loss.png"
-    r = subprocess.run([sys.executable, "-m", "fundament.cli", "tune", str(data), "--model", BASE, "--n-epochs", "1", "--suffix", "cli", "--plot", str(png)],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fundament.cli",
+            "tune",
+            str(data),
+            "--model",
+            BASE,
+            "--n-epochs",
+            "1",
+            "--suffix",
+            "cli",
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     model = r.stdout.strip().splitlines()[-1]
     assert model.startswith(f"ft:{BASE}:fundament:cli:") and model in {m.id for m in c.models.list()}
     assert "Step 12/12" in r.stdout or "12/12" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     job_id = "ftjob-" + model.rsplit(":", 1)[1]
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "fundament.cli", "jobs", *a], capture_output=True, text=True, env=env, timeout=60, cwd=REPO)  # noqa: E731
+    cli = lambda *a: subprocess.run(
+        [sys.executable, "-m", "fundament.cli", "jobs", *a],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=REPO,
+    )  # noqa: E731
     assert job_id in cli("list").stdout
     assert '"status": "succeeded"' in cli("show", job_id).stdout
     assert "The job has successfully completed" in cli("events", job_id, "--limit", "100").stdout

@@ -10,11 +10,11 @@ import time
 
 import openai
 import pytest
-
 from conftest import ServerProcess
-from fundament.jobs.store import JobStore
 from test_fine_tuning import BASE, home_sharing_cache, jsonl, metrics_steps, reply, wait
 from tuning_data import sst2_chat
+
+from fundament.jobs.store import JobStore
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,19 @@ def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path
     try:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
         train = c.files.create(file=("train.jsonl", jsonl(sst2_chat(12))), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(model=BASE, training_file=train.id, seed=1, suffix="crash",
-                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}})
+        job = c.fine_tuning.jobs.create(
+            model=BASE,
+            training_file=train.id,
+            seed=1,
+            suffix="crash",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5}}},
+        )
         state = home / "fine_tuning" / job.id / "resume" / "state.pt"
         deadline = time.time() + 300
         while not state.exists():  # the trainer saves its state every 10 s of training
-            assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status != "succeeded", "no saved state"
+            assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status != "succeeded", (
+                "no saved state"
+            )
             time.sleep(0.1)
         store = JobStore(home / "fundament.sqlite3")
         worker_pid = store.get_job(job.id)["worker_pid"]
@@ -49,7 +56,9 @@ def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path
         job = wait(c, job.id)
         assert job.status == "succeeded", job.error
         events = [e.message for e in reversed(list(c.fine_tuning.jobs.list_events(job.id, limit=100)))]
-        lost = events.index("The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.")
+        lost = events.index(
+            "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint."
+        )
         resumed = next(m for m in events[lost:] if m.startswith("Resumed from the state saved at step "))
         at = int(resumed.removeprefix("Resumed from the state saved at step ").rstrip("."))
         assert 1 <= at <= max(before)
@@ -76,12 +85,19 @@ def test_training_file_deleted_mid_job_then_worker_sigkill_resumes_and_succeeds(
     try:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
         train = c.files.create(file=("train.jsonl", jsonl(sst2_chat(12, start=300))), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(model=BASE, training_file=train.id, seed=2, suffix="deleted",
-                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}})
+        job = c.fine_tuning.jobs.create(
+            model=BASE,
+            training_file=train.id,
+            seed=2,
+            suffix="deleted",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}},
+        )
         state = home / "fine_tuning" / job.id / "resume" / "state.pt"
         deadline = time.time() + 300
         while not state.exists():
-            assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status != "succeeded", "no saved state"
+            assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status != "succeeded", (
+                "no saved state"
+            )
             time.sleep(0.1)
         deleted = c.files.delete(train.id)
         assert (deleted.id, deleted.deleted) == (train.id, True)
@@ -95,12 +111,16 @@ def test_training_file_deleted_mid_job_then_worker_sigkill_resumes_and_succeeds(
         job = wait(c, job.id)
         assert job.status == "succeeded", job.error
         events = [e.message for e in reversed(list(c.fine_tuning.jobs.list_events(job.id, limit=200)))]
-        lost = events.index("The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.")
+        lost = events.index(
+            "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint."
+        )
         resumed = next(m for m in events[lost:] if m.startswith("Resumed from the state saved at step "))
         at = int(resumed.removeprefix("Resumed from the state saved at step ").rstrip("."))
         assert 1 <= at <= before < 48
         steps = metrics_steps(c, job.id)
-        assert steps == list(range(1, before + 1)) + list(range(at + 1, 49))  # steps after the saved state redone, none skipped
+        assert steps == list(range(1, before + 1)) + list(
+            range(at + 1, 49)
+        )  # steps after the saved state redone, none skipped
         assert [ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id)] == [48, 36, 24, 12]
         assert job.fine_tuned_model in {m.id for m in c.models.list()}
         assert reply(c, job.fine_tuned_model, "An utterly charming film.") in ("positive", "negative")

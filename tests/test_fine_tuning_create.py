@@ -10,7 +10,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from conftest import ServerProcess
 from tuning_data import sst2_chat, tiny_chat_llama
 
@@ -32,7 +31,9 @@ def c(tiny_server):
 
 
 def upload(c, records) -> str:
-    return c.files.create(file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()), purpose="fine-tune").id
+    return c.files.create(
+        file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode()), purpose="fine-tune"
+    ).id
 
 
 def post_raw(srv, body: str) -> httpx.Response:
@@ -46,7 +47,10 @@ def jobs(c) -> list[str]:
 
 # (where the field goes, its name) -> the param a 400 names
 FIELDS = [
-    ('"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": %s}}}', "method.supervised.hyperparameters.learning_rate_multiplier"),
+    (
+        '"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": %s}}}',
+        "method.supervised.hyperparameters.learning_rate_multiplier",
+    ),
     ('"hyperparameters": {"learning_rate_multiplier": %s}', "hyperparameters.learning_rate_multiplier"),
     ('"hyperparameters": {"n_epochs": %s}', "hyperparameters.n_epochs"),
     ('"hyperparameters": {"batch_size": %s}', "hyperparameters.batch_size"),
@@ -86,11 +90,21 @@ def test_the_range_messages_say_what_to_send(c, tiny_server):
         assert e.value.body["message"].startswith(message), e.value.body
     r = post_raw(tiny_server, f'{{"model": "{tiny_server.model}", "training_file": "{train}", "lora_alpha": Infinity}}')
     assert r.json()["error"]["message"].startswith("Invalid value for 'lora_alpha': Input should be a finite number")
-    r = post_raw(tiny_server, f'{{"model": "{tiny_server.model}", "training_file": "{train}", "hyperparameters": {{"learning_rate_multiplier": NaN}}}}')
-    assert r.json()["error"]["message"] == "hyperparameters.learning_rate_multiplier must be a finite number between 0.001 and 50, got nan."
+    r = post_raw(
+        tiny_server,
+        f'{{"model": "{tiny_server.model}", "training_file": "{train}", "hyperparameters": {{"learning_rate_multiplier": NaN}}}}',
+    )
+    assert (
+        r.json()["error"]["message"]
+        == "hyperparameters.learning_rate_multiplier must be a finite number between 0.001 and 50, got nan."
+    )
     # the extremes of each range are accepted
-    job = c.fine_tuning.jobs.create(model=tiny_server.model, training_file=train, hyperparameters={"learning_rate_multiplier": 50, "n_epochs": 50},
-                                    extra_body={"lora_alpha": 1024, "weight_decay": 1, "lora_dropout": 0.99, "warmup_ratio": 0, "lora_r": 256})
+    job = c.fine_tuning.jobs.create(
+        model=tiny_server.model,
+        training_file=train,
+        hyperparameters={"learning_rate_multiplier": 50, "n_epochs": 50},
+        extra_body={"lora_alpha": 1024, "weight_decay": 1, "lora_dropout": 0.99, "warmup_ratio": 0, "lora_r": 256},
+    )
     assert job.status == "validating_files" and job.hyperparameters.learning_rate_multiplier == 50
 
 

@@ -9,12 +9,11 @@ import zlib
 
 import pytest
 import schemathesis
+from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
-
-from conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +27,19 @@ def fuzz_server(tmp_path_factory):
     srv = ServerProcess(["--no-worker"], tmp_path_factory.mktemp("fuzz-home"))
     yield srv
     statuses = sorted(SENT)
-    print(f"\nfuzzed requests: {len(statuses)}, 5xx: {sum(s >= 500 for s in statuses)}, "
-          f"2xx: {sum(200 <= s < 300 for s in statuses)}, 4xx: {sum(400 <= s < 500 for s in statuses)}")
+    print(
+        f"\nfuzzed requests: {len(statuses)}, 5xx: {sum(s >= 500 for s in statuses)}, "
+        f"2xx: {sum(200 <= s < 300 for s in statuses)}, 4xx: {sum(400 <= s < 500 for s in statuses)}"
+    )
     srv.stop()
 
 
-MODELS = {"/v1/chat/completions": "gpt-4o-mini", "/v1/completions": "gpt-4o-mini", "/v1/classifications": "gpt-4o-mini",
-          "/v1/embeddings": "text-embedding-3-small"}
+MODELS = {
+    "/v1/chat/completions": "gpt-4o-mini",
+    "/v1/completions": "gpt-4o-mini",
+    "/v1/classifications": "gpt-4o-mini",
+    "/v1/embeddings": "text-embedding-3-small",
+}
 
 
 def cheap(case) -> None:
@@ -69,7 +74,13 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(fuzz_server, mode):
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
         @given(case=operation.as_strategy(generation_mode=mode))
         def run(case):
             cheap(case)

@@ -10,6 +10,7 @@ import asyncio
 import httpx
 import openai
 import pytest
+from tuning_data import tiny_chat_llama
 
 from fundament.config import EngineConfig, ModelSpec, ServeConfig
 from fundament.engine import EngineOutput
@@ -17,7 +18,6 @@ from fundament.engine.engine import Engine
 from fundament.models.tokenizer import ChatTokenizer
 from fundament.registry import ModelRegistry, ServedGenerator
 from fundament.server.app import create_app
-from tuning_data import tiny_chat_llama
 
 REPLY = "The answer is 42. It always was."
 
@@ -62,7 +62,9 @@ def client_for(tok, engine) -> openai.AsyncOpenAI:
     registry.generators["scripted"] = ServedGenerator("scripted", spec, tokenizer, engine, 0, "fp_test")
     app = create_app(cfg, registry)
     # as a server would, answer with the app's 500 rather than re-raise what Starlette re-raises for logging
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://handlers.test")
+    http = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://handlers.test"
+    )
     return openai.AsyncOpenAI(base_url="http://handlers.test/v1", api_key="k", http_client=http, max_retries=0)
 
 
@@ -72,7 +74,9 @@ def run(coro):
 
 def test_a_chat_answer_is_the_engine_text_with_usage(tok):
     engine = ScriptedEngine(tok[0])
-    r = run(client_for(tok, engine).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}]))
+    r = run(
+        client_for(tok, engine).chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}])
+    )
     assert r.choices[0].message.content == REPLY and r.choices[0].finish_reason == "stop"
     assert r.usage.prompt_tokens == len(engine.prompts[0]) and r.usage.completion_tokens == len(engine.tokens)
     assert r.system_fingerprint == "fp_test"
@@ -80,8 +84,11 @@ def test_a_chat_answer_is_the_engine_text_with_usage(tok):
 
 
 def test_a_stop_string_ends_the_text_before_it(tok):
-    r = run(client_for(tok, ScriptedEngine(tok[0])).chat.completions.create(
-        model="scripted", messages=[{"role": "user", "content": "Q?"}], stop=[" 42"]))
+    r = run(
+        client_for(tok, ScriptedEngine(tok[0])).chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "Q?"}], stop=[" 42"]
+        )
+    )
     assert r.choices[0].message.content == "The answer is" and r.choices[0].finish_reason == "stop"
 
 
@@ -94,8 +101,13 @@ def test_max_tokens_cuts_with_finish_reason_length(tok):
 def test_a_stream_with_n_2_reassembles_each_choice_and_reports_usage(tok):
     async def go():
         c = client_for(tok, ScriptedEngine(tok[0]))
-        stream = await c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}], n=2, stream=True,
-                                                 stream_options={"include_usage": True})
+        stream = await c.chat.completions.create(
+            model="scripted",
+            messages=[{"role": "user", "content": "Q?"}],
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         texts, finish, usage = ["", ""], [None, None], None
         async for chunk in stream:
             for ch in chunk.choices:
@@ -126,5 +138,9 @@ def test_an_engine_fault_is_a_500_envelope_and_in_band_when_streaming(tok):
 def test_requested_tokens_over_the_window_name_the_field(tok):
     c = client_for(tok, ScriptedEngine(tok[0]))
     with pytest.raises(openai.BadRequestError) as e:
-        run(c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Q?"}], max_completion_tokens=5000))
+        run(
+            c.chat.completions.create(
+                model="scripted", messages=[{"role": "user", "content": "Q?"}], max_completion_tokens=5000
+            )
+        )
     assert e.value.body["param"] == "max_completion_tokens" and e.value.body["code"] == "context_length_exceeded"

@@ -29,8 +29,18 @@ def store(tmp_path):
 
 
 def make_job(store, tmp_path):
-    return store.create_job(model="m", base_model="m", training_file="file-1", validation_file=None, suffix=None, seed=3,
-                            metadata=None, hyperparameters={"n_epochs": "auto"}, extensions={}, out_root=tmp_path / "ft")
+    return store.create_job(
+        model="m",
+        base_model="m",
+        training_file="file-1",
+        validation_file=None,
+        suffix=None,
+        seed=3,
+        metadata=None,
+        hyperparameters={"n_epochs": "auto"},
+        extensions={},
+        out_root=tmp_path / "ft",
+    )
 
 
 def put(store, job_id, **cols):
@@ -62,7 +72,9 @@ def test_the_table_of_transitions():
         S.QUEUED: {S.RUNNING, S.PAUSED, S.CANCELLED},
         S.RUNNING: {S.QUEUED, S.PAUSED, S.SUCCEEDED, S.FAILED, S.CANCELLED},
         S.PAUSED: {S.QUEUED, S.CANCELLED},
-        S.SUCCEEDED: set(), S.FAILED: set(), S.CANCELLED: set(),
+        S.SUCCEEDED: set(),
+        S.FAILED: set(),
+        S.CANCELLED: set(),
     }
     assert set(ACTIVE) | set(FINISHED) == set(Status) and not set(ACTIVE) & set(FINISHED)
     assert set(CALLS) == set(TRANSITIONS)
@@ -106,12 +118,21 @@ def test_each_transition_sets_its_fields_and_events(store, tmp_path):
     assert lifecycle.claim(store, "host:3:ef", 3, stale_s=30)
     assert lifecycle.succeed(store, jid, "ft:m:fundament::x", "/adapter", 42, ["file-r"])
     row = store.get_job(jid)
-    assert (row["fine_tuned_model"], row["adapter_dir"], row["trained_tokens"], row["result_files"]) == ("ft:m:fundament::x", "/adapter", 42, ["file-r"])
+    assert (row["fine_tuned_model"], row["adapter_dir"], row["trained_tokens"], row["result_files"]) == (
+        "ft:m:fundament::x",
+        "/adapter",
+        42,
+        ["file-r"],
+    )
     assert row["finished_at"] >= int(time.time()) - 5 and row["estimated_finish"] is None
     assert events(store, jid)[:7] == [
-        "The job has successfully completed", "New fine-tuned model created: ft:m:fundament::x",
-        "The worker shut down at step 3", "Fine-tuning job resumed; queued to continue from its saved state",
-        "Fine-tuning job paused", "Files validated (3 examples)", f"Created fine-tuning job: {jid}",
+        "The job has successfully completed",
+        "New fine-tuned model created: ft:m:fundament::x",
+        "The worker shut down at step 3",
+        "Fine-tuning job resumed; queued to continue from its saved state",
+        "Fine-tuning job paused",
+        "Files validated (3 examples)",
+        f"Created fine-tuning job: {jid}",
     ]
     other = make_job(store, tmp_path)["id"]
     assert lifecycle.fail(store, other, "invalid_training_file", "line 3: no messages", "training_file")
@@ -136,7 +157,11 @@ def test_the_server_refuses_a_transition_outside_the_table_with_a_400_naming_the
     handler = FineTuningHandler(None, FileStore(store, tmp_path / "files"), tmp_path / "ft")
     jid = make_job(store, tmp_path)["id"]
     put(store, jid, status=S.SUCCEEDED)
-    for verb, sources in [("cancel", "validating_files or queued or running or paused"), ("pause", "running or queued"), ("resume", "paused")]:
+    for verb, sources in [
+        ("cancel", "validating_files or queued or running or paused"),
+        ("pause", "running or queued"),
+        ("resume", "paused"),
+    ]:
         with pytest.raises(InvalidRequestError) as e:
             getattr(handler, verb)(jid)
         assert e.value.message == f"Cannot {verb} the job {jid}: it is succeeded; only a job that is {sources} can be."

@@ -22,8 +22,18 @@ def store(tmp_path):
 
 
 def make_job(store, tmp_path, **kw):
-    args = dict(model="m", base_model="m", training_file="file-1", validation_file=None, suffix=None, seed=3,
-                metadata=None, hyperparameters={"n_epochs": "auto"}, extensions={}, out_root=tmp_path / "ft")
+    args = dict(
+        model="m",
+        base_model="m",
+        training_file="file-1",
+        validation_file=None,
+        suffix=None,
+        seed=3,
+        metadata=None,
+        hyperparameters={"n_epochs": "auto"},
+        extensions={},
+        out_root=tmp_path / "ft",
+    )
     return store.create_job(**{**args, **kw})
 
 
@@ -32,11 +42,18 @@ def test_wal_mode_and_schema(store):
 
     c = sqlite3.connect(store.path)
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {"files", "jobs", "events", "checkpoints"}
+    assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {
+        "files",
+        "jobs",
+        "events",
+        "checkpoints",
+    }
 
 
 def test_file_pages_in_both_orders_with_has_more(store):
-    ids = [store.add_file(f"file-{i}", f"f{i}.jsonl", "fine-tune" if i % 2 else "batch", 10 + i)["id"] for i in range(5)]
+    ids = [
+        store.add_file(f"file-{i}", f"f{i}.jsonl", "fine-tune" if i % 2 else "batch", 10 + i)["id"] for i in range(5)
+    ]
     page, more = store.list_files(limit=2)
     assert [r["id"] for r in page] == ids[::-1][:2] and more
     page, more = store.list_files(after=page[-1]["id"], limit=2)
@@ -76,13 +93,13 @@ def test_field_updates_are_conditional_and_never_change_the_status(store, tmp_pa
 
 
 def test_jobs_newest_first_paged_and_filtered_by_metadata(store, tmp_path):
-    ids = [make_job(store, tmp_path, metadata={"run": str(i % 2), "k\"q": "v"} if i else None)["id"] for i in range(5)]
+    ids = [make_job(store, tmp_path, metadata={"run": str(i % 2), 'k"q': "v"} if i else None)["id"] for i in range(5)]
     page, more = store.list_jobs(limit=3)
     assert [j["id"] for j in page] == ids[::-1][:3] and more
     page, more = store.list_jobs(after=page[-1]["id"], limit=3)
     assert [j["id"] for j in page] == [ids[1], ids[0]] and not more
     assert [j["id"] for j in store.list_jobs(metadata={"run": "1"})[0]] == [ids[3], ids[1]]
-    assert [j["id"] for j in store.list_jobs(metadata={"run": "0", "k\"q": "v"})[0]] == [ids[4], ids[2]]
+    assert [j["id"] for j in store.list_jobs(metadata={"run": "0", 'k"q': "v"})[0]] == [ids[4], ids[2]]
     assert [j["id"] for j in store.list_jobs(null_metadata=True)[0]] == [ids[0]]
 
 
@@ -94,23 +111,41 @@ def test_events_newest_first_and_metrics_one_per_step(store, tmp_path):
     assert [e["message"] for e in page] == ["Step 3", "Step 2"] and more
     assert page[0]["data"] == {"step": 3, "train_loss": 1.25} and page[0]["type"] == "metrics"
     rest, more = store.list_events(jid, after=page[-1]["id"], limit=10)
-    assert [e["message"] for e in rest] == ["Step 3", "Step 2", "Step 1", f"Created fine-tuning job: {jid}"] and not more
+    assert [e["message"] for e in rest] == [
+        "Step 3",
+        "Step 2",
+        "Step 1",
+        f"Created fine-tuning job: {jid}",
+    ] and not more
     assert [(m["step"], m["train_loss"]) for m in store.metrics(jid)] == [(1, 3.0), (2, 2.5), (3, 1.25)]
 
 
 def test_fine_tuned_models_and_their_deletion(store, tmp_path):
     job = make_job(store, tmp_path)
     adapter = tmp_path / "ft" / job["id"] / "adapter"
-    store.add_checkpoint(job["id"], 5, {"step": 5, "train_loss": 1.0}, "ft:m:fundament::x:ckpt-step-5", adapter.parent / "checkpoints" / "step-5")
-    assert [m["id"] for m in store.fine_tuned_models()] == ["ft:m:fundament::x:ckpt-step-5"]  # the job has not succeeded
+    store.add_checkpoint(
+        job["id"],
+        5,
+        {"step": 5, "train_loss": 1.0},
+        "ft:m:fundament::x:ckpt-step-5",
+        adapter.parent / "checkpoints" / "step-5",
+    )
+    assert [m["id"] for m in store.fine_tuned_models()] == [
+        "ft:m:fundament::x:ckpt-step-5"
+    ]  # the job has not succeeded
     assert lifecycle.queue(store, job["id"], {"n_epochs": 1}, "valid") and lifecycle.claim(store, "w", 1, stale_s=30)
     assert lifecycle.succeed(store, job["id"], "ft:m:fundament::x", str(adapter), 100, [])
     assert store.update_job(job["id"], None, finished_at=123)
     models = store.fine_tuned_models()
-    assert [(m["id"], m["kind"], m["base_model"]) for m in models] == [("ft:m:fundament::x", "model", "m"), ("ft:m:fundament::x:ckpt-step-5", "checkpoint", "m")]
+    assert [(m["id"], m["kind"], m["base_model"]) for m in models] == [
+        ("ft:m:fundament::x", "model", "m"),
+        ("ft:m:fundament::x:ckpt-step-5", "checkpoint", "m"),
+    ]
     assert store.fine_tuned_model("ft:m:fundament::x")["created"] == 123
     ckpts, more = store.list_checkpoints(job["id"])
-    assert [(c["step_number"], c["metrics"]["train_loss"], c["id"][:7]) for c in ckpts] == [(5, 1.0, "ftckpt_")] and not more
+    assert [(c["step_number"], c["metrics"]["train_loss"], c["id"][:7]) for c in ckpts] == [
+        (5, 1.0, "ftckpt_")
+    ] and not more
     assert store.delete_fine_tuned_model("ft:m:fundament::x")["kind"] == "model"
     assert store.fine_tuned_models() == [] and store.list_checkpoints(job["id"])[0] == []
     assert store.delete_fine_tuned_model("ft:m:fundament::x") is None
@@ -191,12 +226,18 @@ def make_v0_database(path, tmp_path):
     c = sqlite3.connect(path, isolation_level=None)
     c.execute("PRAGMA journal_mode=WAL")
     c.executescript(SCHEMA_V0)
-    c.execute("INSERT INTO files (id, created_at, bytes, filename, purpose, status) VALUES ('file-old', 1, 10, 'old.jsonl', 'fine-tune', 'processed')")
+    c.execute(
+        "INSERT INTO files (id, created_at, bytes, filename, purpose, status) VALUES ('file-old', 1, 10, 'old.jsonl', 'fine-tune', 'processed')"
+    )
     c.execute(
         "INSERT INTO jobs (id, created_at, model, base_model, training_file, validation_file, suffix, seed, metadata,"
         " hyperparameters, extensions, status, out_dir) VALUES ('ftjob-old', 1, 'm', 'm', 'file-old', NULL, NULL, 3, NULL,"
-        " '{\"n_epochs\": 1}', '{}', 'queued', ?)", (str(tmp_path / "ft" / "ftjob-old"),))
-    c.execute("INSERT INTO events (id, job_id, created_at, level, message, type) VALUES ('ftevent-old', 'ftjob-old', 1, 'info', 'Created', 'message')")
+        " '{\"n_epochs\": 1}', '{}', 'queued', ?)",
+        (str(tmp_path / "ft" / "ftjob-old"),),
+    )
+    c.execute(
+        "INSERT INTO events (id, job_id, created_at, level, message, type) VALUES ('ftevent-old', 'ftjob-old', 1, 'info', 'Created', 'message')"
+    )
     assert c.execute("PRAGMA user_version").fetchone()[0] == 0
     c.close()
 

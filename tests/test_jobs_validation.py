@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
 
 from fundament.adapt.examples import encode_example
 from fundament.jobs.validation import MIN_TRAINING_EXAMPLES, validate_file
 from fundament.models.tokenizer import ChatTokenizer
-from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,10 @@ def check(tok, path, max_len=512, min_examples=MIN_TRAINING_EXAMPLES, param="tra
 def test_good_chat_file_passes_with_token_counts(tok, tmp_path):
     records = sst2_chat(12)
     records[0]["messages"].insert(0, {"role": "system", "content": "Answer in one word."})
-    records[1]["messages"] += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes", "weight": 0}]
+    records[1]["messages"] += [
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "yes", "weight": 0},
+    ]
     ds = check(tok, write_jsonl(tmp_path / "t.jsonl", records + [""]))  # a trailing blank line is fine
     assert ds.ok, ds.problems
     assert ds.format == "chat" and len(ds.examples) == 12
@@ -33,7 +36,13 @@ def test_good_chat_file_passes_with_token_counts(tok, tmp_path):
 
 
 def test_good_prompt_completion_file_passes(tok, tmp_path):
-    records = [{"prompt": f"Review: {m['messages'][0]['content']}\nSentiment:", "completion": " " + m["messages"][1]["content"]} for m in sst2_chat(10)]
+    records = [
+        {
+            "prompt": f"Review: {m['messages'][0]['content']}\nSentiment:",
+            "completion": " " + m["messages"][1]["content"],
+        }
+        for m in sst2_chat(10)
+    ]
     ds = check(tok, write_jsonl(tmp_path / "t.jsonl", records))
     assert ds.ok and ds.format == "prompt_completion" and len(ds.examples) == 10
 
@@ -41,18 +50,22 @@ def test_good_prompt_completion_file_passes(tok, tmp_path):
 def test_every_problem_is_reported_with_its_line(tok, tmp_path):
     good = sst2_chat(12)
     lines = [
-        good[0],                                                                       # 1 ok
-        '{"messages": [{"role": "user", "content": "hi"}',                             # 2 bad JSON
+        good[0],  # 1 ok
+        '{"messages": [{"role": "user", "content": "hi"}',  # 2 bad JSON
         {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]},  # 3 unknown role
-        {"messages": [{"role": "user", "content": "hi"}]},                             # 4 no assistant message
+        {"messages": [{"role": "user", "content": "hi"}]},  # 4 no assistant message
         {"messages": [{"role": "user", "content": "long " * 600}, {"role": "assistant", "content": "x"}]},  # 5 too long
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]},  # 6 bad weight
-        "[1, 2]",                                                                      # 7 not an object
-        {"text": "hello"},                                                             # 8 no known format
-        {"prompt": "p", "completion": "c"},                                            # 9 second format in one file
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]},  # 10 nothing to learn
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]
+        },  # 6 bad weight
+        "[1, 2]",  # 7 not an object
+        {"text": "hello"},  # 8 no known format
+        {"prompt": "p", "completion": "c"},  # 9 second format in one file
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]
+        },  # 10 nothing to learn
         {"messages": [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "x"}]},  # 11 tool without id
-        *good[1:4],                                                                    # 12-14 ok
+        *good[1:4],  # 12-14 ok
     ]
     ds = check(tok, write_jsonl(tmp_path / "bad.jsonl", lines))
     found = {p.line: p.message for p in ds.problems}
@@ -87,13 +100,23 @@ def test_too_few_examples_and_empty_files(tok, tmp_path):
 def test_not_utf8_and_tools(tok, tmp_path):
     tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
-    with_tools = {"messages": [{"role": "user", "content": "find it"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-                               {"role": "tool", "tool_call_id": "call_1", "content": "found"}, {"role": "assistant", "content": "done"}],
-                  "tools": [tool]}
+    with_tools = {
+        "messages": [
+            {"role": "user", "content": "find it"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "found"},
+            {"role": "assistant", "content": "done"},
+        ],
+        "tools": [tool],
+    }
     bad_tools = {**with_tools, "tools": "lookup"}
     p = tmp_path / "t.jsonl"
-    p.write_bytes(b"\n".join([json.dumps(with_tools).encode(), b'{"prompt": "\xff\xfe"}', json.dumps(bad_tools).encode()]
-                             + [json.dumps(r).encode() for r in sst2_chat(10)]))
+    p.write_bytes(
+        b"\n".join(
+            [json.dumps(with_tools).encode(), b'{"prompt": "\xff\xfe"}', json.dumps(bad_tools).encode()]
+            + [json.dumps(r).encode() for r in sst2_chat(10)]
+        )
+    )
     ds = check(tok, p)
     assert [(x.line, x.message) for x in ds.problems] == [(2, "not UTF-8 text"), (3, "'tools' must be a list")]
     assert len(ds.examples) == 11

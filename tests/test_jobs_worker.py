@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
 
 from fundament.adapt.tune import latest_checkpoint
 from fundament.config import ModelSpec, ServeConfig
@@ -21,7 +22,6 @@ from fundament.jobs.job_data import keep_job_files
 from fundament.jobs.naming import fine_tuned_model_id
 from fundament.jobs.store import JobStore
 from fundament.jobs.worker import Worker
-from tuning_data import sst2_chat, tiny_chat_llama, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,18 @@ def upload(files, records, name="train.jsonl"):
 def create(store, train, valid=None, hp=None, suffix="t", **ext):
     from fundament.config import fundament_home
 
-    return store.create_job(model="tiny", base_model="tiny", training_file=train, validation_file=valid, suffix=suffix, seed=7,
-                            metadata=None, hyperparameters=hp or {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"},
-                            extensions=ext, out_root=fundament_home() / "fine_tuning")
+    return store.create_job(
+        model="tiny",
+        base_model="tiny",
+        training_file=train,
+        validation_file=valid,
+        suffix=suffix,
+        seed=7,
+        metadata=None,
+        hyperparameters=hp or {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": "auto"},
+        extensions=ext,
+        out_root=fundament_home() / "fine_tuning",
+    )
 
 
 def messages(store, job_id):
@@ -72,8 +81,13 @@ def wait_for(cond, timeout=60.0):
 
 def test_job_succeeds_with_model_result_file_checkpoints_and_events(env):
     store, files, cfg = env
-    job = create(store, upload(files, sst2_chat(12)), upload(files, sst2_chat(4, start=100), "valid.jsonl"),
-                 hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"}, lora_r=4)
+    job = create(
+        store,
+        upload(files, sst2_chat(12)),
+        upload(files, sst2_chat(4, start=100), "valid.jsonl"),
+        hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": "auto"},
+        lora_r=4,
+    )
     assert Worker(cfg, store, files).run_once()
     row = store.get_job(job["id"])
     assert row["status"] == "succeeded", row["error"]
@@ -91,17 +105,32 @@ def test_job_succeeds_with_model_result_file_checkpoints_and_events(env):
     assert all(float(r["train_loss"]) > 0 for r in table) and table[-1]["valid_loss"] != ""
     # one checkpoint per epoch, each a servable PEFT directory with its own model id
     ckpts = store.list_checkpoints(job["id"])[0]
-    assert [(c["step_number"], c["model_id"]) for c in ckpts] == [(6, row["fine_tuned_model"] + ":ckpt-step-6"), (3, row["fine_tuned_model"] + ":ckpt-step-3")]
-    assert all((Path(c["path"]) / "adapter_model.safetensors").exists() and c["metrics"]["train_loss"] > 0 for c in ckpts)
+    assert [(c["step_number"], c["model_id"]) for c in ckpts] == [
+        (6, row["fine_tuned_model"] + ":ckpt-step-6"),
+        (3, row["fine_tuned_model"] + ":ckpt-step-3"),
+    ]
+    assert all(
+        (Path(c["path"]) / "adapter_model.safetensors").exists() and c["metrics"]["train_loss"] > 0 for c in ckpts
+    )
     assert ckpts[0]["metrics"]["full_valid_loss"] > 0 and "full_valid_loss" not in ckpts[1]["metrics"]
     msgs = messages(store, job["id"])
     assert msgs[0] == f"Created fine-tuning job: {job['id']}"
     assert msgs[2].startswith("Files validated (12 training examples")
     assert msgs[3] == "Fine-tuning job started"
     assert msgs[4].startswith("Step 1/6: training loss=")
-    assert msgs[-2:] == [f"New fine-tuned model created: {row['fine_tuned_model']}", "The job has successfully completed"]
+    assert msgs[-2:] == [
+        f"New fine-tuned model created: {row['fine_tuned_model']}",
+        "The job has successfully completed",
+    ]
     metrics = store.metrics(job["id"])
-    assert set(metrics[0]) >= {"step", "total_steps", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"}
+    assert set(metrics[0]) >= {
+        "step",
+        "total_steps",
+        "train_loss",
+        "train_mean_token_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    }
     assert metrics[-1]["total_steps"] == 6 and metrics[-1]["valid_loss"] is not None
 
 
@@ -122,7 +151,9 @@ def test_bad_data_fails_the_job_with_lines_in_error_and_events(env):
     assert not Path(row["out_dir"]).exists()  # nothing trained on bad data
 
     # a bad validation file fails with param validation_file
-    job = create(store, upload(files, sst2_chat(12)), upload(files, ['{"prompt": 1, "completion": "x"}'], "valid.jsonl"))
+    job = create(
+        store, upload(files, sst2_chat(12)), upload(files, ['{"prompt": 1, "completion": "x"}'], "valid.jsonl")
+    )
     Worker(cfg, store, files).run_once()
     err = store.get_job(job["id"])["error"]
     assert (err["code"], err["param"]) == ("invalid_validation_file", "validation_file")
@@ -136,7 +167,9 @@ def run_in_thread(worker):
 
 
 def long_job(store, files):
-    return create(store, upload(files, sst2_chat(12)), hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"})
+    return create(
+        store, upload(files, sst2_chat(12)), hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"}
+    )
 
 
 def test_cancel_stops_training_within_seconds(env):
@@ -211,7 +244,9 @@ def test_deleted_training_file_fails_the_job(env):
 def create_with_copies(store, files, train, valid=None, **kw):
     """As the server creates a job: with its own copy of its files (the server makes it first)."""
     job = create(store, train, valid, **kw)
-    assert set(keep_job_files(files, job["out_dir"], job)) == {"training_file"} | ({"validation_file"} if valid else set())
+    assert set(keep_job_files(files, job["out_dir"], job)) == {"training_file"} | (
+        {"validation_file"} if valid else set()
+    )
     return job
 
 
@@ -226,13 +261,17 @@ def test_deleting_the_files_after_create_leaves_the_job_whole(env):
     row = store.get_job(job["id"])
     assert row["status"] == "succeeded", row["error"]
     assert store.metrics(job["id"])[-1]["valid_loss"] is not None  # the validation file was read too
-    assert not data.exists() and (Path(row["out_dir"]) / "adapter" / "adapter_model.safetensors").exists()  # the copy went with the job's end
+    assert (
+        not data.exists() and (Path(row["out_dir"]) / "adapter" / "adapter_model.safetensors").exists()
+    )  # the copy went with the job's end
 
 
 def test_a_job_resumed_after_its_file_was_deleted_finishes_every_step(env):
     store, files, cfg = env
     train = upload(files, sst2_chat(12))
-    job = create_with_copies(store, files, train, hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"})
+    job = create_with_copies(
+        store, files, train, hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"}
+    )
     first = Worker(cfg, store, files)
     t = run_in_thread(first)
     wait_for(lambda: len(store.metrics(job["id"])) >= 5)
@@ -250,7 +289,12 @@ def test_a_job_resumed_after_its_file_was_deleted_finishes_every_step(env):
 
 def test_a_cancelled_or_failed_job_drops_its_copy_and_a_paused_one_keeps_it(env):
     store, files, cfg = env
-    job = create_with_copies(store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"})
+    job = create_with_copies(
+        store,
+        files,
+        upload(files, sst2_chat(12)),
+        hp={"n_epochs": 25, "batch_size": 1, "learning_rate_multiplier": "auto"},
+    )
     data = Path(job["out_dir"]) / "data"
     t = run_in_thread(Worker(cfg, store, files))
     wait_for(lambda: len(store.metrics(job["id"])) >= 3)
@@ -295,16 +339,25 @@ def test_a_job_that_diverges_fails_at_its_step_and_serves_no_model(env, monkeypa
         return (loss * float("inf") if len(calls) >= 5 else loss), n, right
 
     monkeypatch.setattr(Trainer, "row_loss", diverging)
-    job = create_with_copies(store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2})
+    job = create_with_copies(
+        store, files, upload(files, sst2_chat(12)), hp={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2}
+    )
     Worker(cfg, store, files).run_once()
     row = store.get_job(job["id"])
     assert row["status"] == "failed" and row["fine_tuned_model"] is None and row["result_files"] == []
-    assert row["error"] == {"code": "training_diverged", "param": None, "message": (
-        "Training diverged at step 5: the training loss became non-finite (inf). Lower learning_rate_multiplier "
-        "(it is 2, a learning rate of 0.0004) or lora_alpha (it is 32) and create the job again.")}
+    assert row["error"] == {
+        "code": "training_diverged",
+        "param": None,
+        "message": (
+            "Training diverged at step 5: the training loss became non-finite (inf). Lower learning_rate_multiplier "
+            "(it is 2, a learning rate of 0.0004) or lora_alpha (it is 32) and create the job again."
+        ),
+    }
     assert [m["step"] for m in store.metrics(job["id"])] == [1, 2, 3, 4]  # no step with a non-finite loss recorded
     assert all(m["train_loss"] > 0 for m in store.metrics(job["id"]))
     # the checkpoint of the first epoch (step 3) is on disk, but a failed job has no model
-    assert (Path(row["out_dir"]) / "checkpoints" / "step-3").is_dir() and not (Path(row["out_dir"]) / "adapter").exists()
+    assert (Path(row["out_dir"]) / "checkpoints" / "step-3").is_dir() and not (
+        Path(row["out_dir"]) / "adapter"
+    ).exists()
     assert store.fine_tuned_models() == [] and store.list_checkpoints(job["id"])[0] == []
     assert messages(store, job["id"])[-1] == "Fine-tuning job failed: " + row["error"]["message"]

@@ -41,4 +41,6 @@ def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind):
     alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
     for m in ROWS:
         together = lin(x[:m], n_decode=m)
-        assert torch.equal(together, alone[:m]), f"{kind}: rows computed {m} at a time differ from alone (CPU: {cpu_flags()})"
+        assert torch.equal(together, alone[:m]), (
+            f"{kind}: rows computed {m} at a time differ from alone (CPU: {cpu_flags()})"
+        )

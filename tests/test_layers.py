@@ -65,7 +65,9 @@ def violations() -> list[str]:
         for line, target in imports(path):
             theirs = layer_of(target)
             if theirs in RANK and RANK[theirs] < RANK[mine]:
-                found.append(f"{path.relative_to(PACKAGE)}:{line} ({mine}) imports {target} ({theirs}), a layer above it")
+                found.append(
+                    f"{path.relative_to(PACKAGE)}:{line} ({mine}) imports {target} ({theirs}), a layer above it"
+                )
     return found
 
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import DEVICE, make_lora
+
 from fundament.config import EngineConfig
 from fundament.engine import Engine, EngineRequest, SamplingParams
 from fundament.errors import InvalidRequestError, ModelNotFoundError
@@ -21,8 +21,12 @@ def merged_greedy(base_dir, adapter_dir, prompt, n):
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    out = model.to(DEVICE).eval().generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    out = (
+        model.to(DEVICE)
+        .eval()
+        .generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +35,32 @@ def adapters(tiny_llama, tmp_path_factory):
     return {
         "a": make_lora(tiny_llama, d / "a", seed=1, std=1.0),
         "b": make_lora(tiny_llama, d / "b", seed=2, targets=("k_proj", "up_proj"), r=8, std=1.0),
-        "c": make_lora(tiny_llama, d / "c", seed=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), std=1.0),
+        "c": make_lora(
+            tiny_llama,
+            d / "c",
+            seed=3,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            std=1.0,
+        ),
     }
 
 
 def test_mixed_adapter_batch_equals_peft_merged_models(tiny_llama, adapters, native_decode):
-    engine = Engine(LlamaModel.from_dir(tiny_llama, device=DEVICE, native_decode=native_decode), EngineConfig(max_num_batched_tokens=40), [2])
+    engine = Engine(
+        LlamaModel.from_dir(tiny_llama, device=DEVICE, native_decode=native_decode),
+        EngineConfig(max_num_batched_tokens=40),
+        [2],
+    )
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     rng = random.Random(0)
     names = [None, "a", "b", "c"] * 4  # 16 rows, a different adapter on neighbouring rows
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randrange(2, 30))] for _ in names]
     outs = [[] for _ in names]
-    reqs = [EngineRequest(p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), o.append, adapter=a) for p, o, a in zip(prompts, outs, names)]
+    reqs = [
+        EngineRequest(p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), o.append, adapter=a)
+        for p, o, a in zip(prompts, outs, names)
+    ]
     for r in reqs:
         engine.submit(r)
     while not all(r.finished for r in reqs):
@@ -62,7 +79,9 @@ def test_adapter_changes_output_and_unloads(tiny_llama, adapters, native_decode)
 
     def run(adapter):
         outs = []
-        req = EngineRequest(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), outs.append, adapter=adapter)
+        req = EngineRequest(
+            prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), outs.append, adapter=adapter
+        )
         engine.submit(req)
         while not req.finished:
             engine.step()

@@ -8,8 +8,8 @@ import time
 
 import openai
 import pytest
-
 from conftest import ServerProcess, make_tiny_llama
+
 from fundament.config import DEFAULT_MODELS, ServeConfig
 from fundament.errors import ConfigError, ModelNotFoundError
 from fundament.models.loading import hf_dir_for, resolve_path
@@ -89,7 +89,12 @@ def test_models_load_by_path_from_a_config_file(by_path_server):
     assert {m.id for m in c.models.list().data} == {"tiny-chat", "smol-by-path", "gpt-4o-mini"}
     r = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}])
     assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"  # the entry's default
-    r = c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "What is 2+2?"}], max_completion_tokens=20, temperature=0)
+    r = c.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_completion_tokens=20,
+        temperature=0,
+    )
     assert "4" in r.choices[0].message.content
 
 
@@ -100,7 +105,12 @@ def test_second_start_reuses_the_dequantized_gguf(by_path_server, server):
 
 def test_api_keys_when_configured(by_path_server):
     for key in ("sk-wrong", ""):
-        c = openai.OpenAI(base_url=by_path_server.base_url, api_key=key or "x", max_retries=0, default_headers={"Authorization": ""} if not key else None)
+        c = openai.OpenAI(
+            base_url=by_path_server.base_url,
+            api_key=key or "x",
+            max_retries=0,
+            default_headers={"Authorization": ""} if not key else None,
+        )
         with pytest.raises(openai.AuthenticationError) as ei:
             c.models.list()
         assert ei.value.status_code == 401 and ei.value.code == "invalid_api_key"
@@ -118,8 +128,15 @@ def test_full_queue_is_429_with_retry_after(by_path_server):
 
     async def burst():
         async with httpx.AsyncClient(timeout=60, headers={"authorization": "Bearer sk-right"}) as c:
-            body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 400, "ignore_eos": True}
-            return await asyncio.gather(*(c.post(f"{by_path_server.base_url}/chat/completions", json=body) for _ in range(6)))
+            body = {
+                "model": "tiny-chat",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_completion_tokens": 400,
+                "ignore_eos": True,
+            }
+            return await asyncio.gather(
+                *(c.post(f"{by_path_server.base_url}/chat/completions", json=body) for _ in range(6))
+            )
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
@@ -129,4 +146,6 @@ def test_full_queue_is_429_with_retry_after(by_path_server):
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["type"] == "rate_limit_error"
     c = openai.OpenAI(base_url=by_path_server.base_url, api_key="sk-right", max_retries=3)
-    assert c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}]).choices  # the client's retries get through
+    assert c.chat.completions.create(
+        model="tiny-chat", messages=[{"role": "user", "content": "hi"}]
+    ).choices  # the client's retries get through

@@ -57,7 +57,9 @@ def test_native_decode_computes_what_the_pytorch_path_does(tiny_llama, dtype):
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
         if dtype == torch.float32:
             assert torch.equal(a.argmax(-1), b.argmax(-1))
-    for a, b, p, c in zip(nat_caches, py_caches, prompts, continuations):  # the same keys (after the rotary embedding) and values
+    for a, b, p, c in zip(
+        nat_caches, py_caches, prompts, continuations
+    ):  # the same keys (after the rotary embedding) and values
         n = len(p) + len(c)
         assert (a.k[:, :, :n].float() - b.k[:, :, :n].float()).abs().max() < tol
         assert (a.v[:, :, :n].float() - b.v[:, :, :n].float()).abs().max() < tol
@@ -73,8 +75,15 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
     two agreed on 49 of 52 choices, under the old 95% bound; on an AMD EPYC without AMX on 50 of
     52, each miss at an exact tie, and their logits differed by at most 0.97)."""
     tok = ChatTokenizer(smollm_dir)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in ("Explain what a foundation model is.", "Name three rivers.")]
-    continuations = [tok.encode(" A foundation model is a large neural network trained on broad data, then adapted to many tasks by prompting or by fine-tuning.")[:32]] * 2
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}])
+        for q in ("Explain what a foundation model is.", "Name three rivers.")
+    ]
+    continuations = [
+        tok.encode(
+            " A foundation model is a large neural network trained on broad data, then adapted to many tasks by prompting or by fine-tuning."
+        )[:32]
+    ] * 2
     (nat, _), (py, _) = both_paths(smollm_dir, torch.bfloat16, prompts, continuations, int8_decode=True)
     agree = total = 0
     for a, b in zip(nat, py):
@@ -101,7 +110,9 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
 
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     code = "from fundament.models import native; print(native.cache_dir())"
-    where = Path(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip())
+    where = Path(
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    )
     where.mkdir(parents=True)
     (where / "lock").touch()
     old = time.time() - native.STALE_LOCK_S - 60

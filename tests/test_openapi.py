@@ -38,7 +38,11 @@ def test_statuses_per_operation(spec):
 
 
 def test_generation_answers_have_schemas_and_streams(spec):
-    for path, name in (("/v1/chat/completions", "ChatCompletion"), ("/v1/completions", "Completion"), ("/v1/embeddings", "CreateEmbeddingResponse")):
+    for path, name in (
+        ("/v1/chat/completions", "ChatCompletion"),
+        ("/v1/completions", "Completion"),
+        ("/v1/embeddings", "CreateEmbeddingResponse"),
+    ):
         content = spec["paths"][path]["post"]["responses"]["200"]["content"]
         assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
     assert "text/event-stream" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]

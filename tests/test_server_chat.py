@@ -40,16 +40,23 @@ def test_the_readme_snippet_calls_the_review_positive(server, tmp_path):
 def test_the_server_decodes_through_the_native_kernel(server, client):
     health = server.health()
     assert health["engines"]["smollm2-135m-instruct"]["native_decode"] is True
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from one to ten in words."}],
-                                       max_completion_tokens=24, temperature=0)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count from one to ten in words."}],
+        max_completion_tokens=24,
+        temperature=0,
+    )
     assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
-    assert re.findall(r"\d+", r.choices[0].message.content)[:4] == ["1", "1", "2", "2"]  # "1. 1\n2. 2\n3. 3..." 
+    assert re.findall(r"\d+", r.choices[0].message.content)[:4] == ["1", "1", "2", "2"]  # "1. 1\n2. 2\n3. 3..."
 
 
 def test_plain_chat_has_openai_shape(client):
     r = client.chat.completions.create(
         model="gpt-4o-mini",
-        messages=[{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "What is the capital of France?"}],
+        messages=[
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
         max_completion_tokens=20,
         temperature=0,
     )
@@ -64,11 +71,18 @@ def test_plain_chat_has_openai_shape(client):
 
 def test_developer_role_and_text_parts_render_like_strings(client):
     a = client.chat.completions.create(
-        model="smollm2-135m-instruct", temperature=0, max_completion_tokens=12,
-        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]}],
+        model="smollm2-135m-instruct",
+        temperature=0,
+        max_completion_tokens=12,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]},
+        ],
     )
     b = client.chat.completions.create(
-        model="smollm2-135m-instruct", temperature=0, max_completion_tokens=12,
+        model="smollm2-135m-instruct",
+        temperature=0,
+        max_completion_tokens=12,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}],
     )
     assert a.choices[0].message.content == b.choices[0].message.content
@@ -76,16 +90,26 @@ def test_developer_role_and_text_parts_render_like_strings(client):
 
 
 def test_max_completion_tokens_gives_length(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_completion_tokens=5)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_completion_tokens=5,
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
-    r2 = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=7)
+    r2 = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Write a long story about a dragon."}], max_tokens=7
+    )
     assert r2.usage.completion_tokens == 7
 
 
 def test_streaming_with_usage(client):
     stream = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": REVIEW}], stream=True, stream_options={"include_usage": True},
-        max_completion_tokens=30, temperature=0,
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": REVIEW}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=30,
+        temperature=0,
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -95,20 +119,36 @@ def test_streaming_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
-    plain = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": REVIEW}], max_completion_tokens=30, temperature=0)
+    plain = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": REVIEW}], max_completion_tokens=30, temperature=0
+    )
     assert text == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
 def test_n_choices_differ_and_are_indexed(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Tell me a fun fact."}], n=3, temperature=1.0, max_completion_tokens=24, seed=7)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Tell me a fun fact."}],
+        n=3,
+        temperature=1.0,
+        max_completion_tokens=24,
+        seed=7,
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) >= 2
     assert r.usage.completion_tokens >= 3 and r.usage.completion_tokens <= 3 * 24
 
 
 def test_n_choices_stream_interleave(client):
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hello."}], n=2, stream=True, max_completion_tokens=10, seed=1)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say hello."}],
+        n=2,
+        stream=True,
+        max_completion_tokens=10,
+        seed=1,
+    )
     by_index = {0: "", 1: ""}
     finished = set()
     for c in stream:
@@ -120,26 +160,61 @@ def test_n_choices_stream_interleave(client):
 
 
 def test_stop_string_cuts_the_text(client):
-    base = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], temperature=0, max_completion_tokens=40)
+    base = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+        temperature=0,
+        max_completion_tokens=40,
+    )
     text = base.choices[0].message.content
     assert "5" in text
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], temperature=0, max_completion_tokens=40, stop=["5"])
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+        temperature=0,
+        max_completion_tokens=40,
+        stop=["5"],
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == text[: text.index("5")]
-    s = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}], temperature=0, max_completion_tokens=40, stop="5", stream=True)
+    s = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
+        temperature=0,
+        max_completion_tokens=40,
+        stop="5",
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == text[: text.index("5")]
 
 
 def test_seed_reproduces_sampling(client):
     def go(seed):
-        return client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Invent a name for a cat."}], temperature=1.2, seed=seed, max_completion_tokens=20).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "Invent a name for a cat."}],
+                temperature=1.2,
+                seed=seed,
+                max_completion_tokens=20,
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert go(42) == go(42)
     assert len({go(s) for s in (1, 2, 3)}) >= 2
 
 
 def test_logprobs_and_top_logprobs(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": REVIEW}], logprobs=True, top_logprobs=3, max_completion_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": REVIEW}],
+        logprobs=True,
+        top_logprobs=3,
+        max_completion_tokens=8,
+        temperature=0,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -153,7 +228,13 @@ def test_penalties_and_logit_bias_are_applied(client, smollm_dir):
 
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     yes = tok.encode(" banana", add_special_tokens=False)[0]
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say something."}], logit_bias={str(yes): 100}, max_completion_tokens=3, temperature=0)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Say something."}],
+        logit_bias={str(yes): 100},
+        max_completion_tokens=3,
+        temperature=0,
+    )
     assert r.choices[0].message.content.count("banana") == 3
 
     def distinct(**kw):
@@ -161,8 +242,13 @@ def test_penalties_and_logit_bias_are_applied(client, smollm_dir):
         # repeated tokens must break that. (A prompt whose plain answer was already varied,
         # 29 distinct of 40, left the test at the mercy of the last bits of the logits.)
         r = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "Repeat after me: go go go go go go go go go go"}],
-            max_completion_tokens=40, temperature=0, logprobs=True, extra_body={"ignore_eos": True}, **kw,
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Repeat after me: go go go go go go go go go go"}],
+            max_completion_tokens=40,
+            temperature=0,
+            logprobs=True,
+            extra_body={"ignore_eos": True},
+            **kw,
         )
         return len({t.token for t in r.choices[0].logprobs.content})
 
@@ -174,11 +260,24 @@ def test_penalties_and_logit_bias_are_applied(client, smollm_dir):
 
 def test_concurrent_streams_do_not_cross_talk(client):
     prompts = [f"Write one sentence about the number {i}." for i in range(6)]
-    solo = [client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": p}], temperature=0, max_completion_tokens=24).choices[0].message.content for p in prompts]
+    solo = [
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": p}], temperature=0, max_completion_tokens=24
+        )
+        .choices[0]
+        .message.content
+        for p in prompts
+    ]
     results = [None] * len(prompts)
 
     def run(i):
-        s = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_completion_tokens=24, stream=True)
+        s = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": prompts[i]}],
+            temperature=0,
+            max_completion_tokens=24,
+            stream=True,
+        )
         results[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
@@ -192,8 +291,19 @@ def test_concurrent_streams_do_not_cross_talk(client):
 def test_client_disconnect_frees_the_sequence(server):
     import httpx
 
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Write a very long essay."}], "stream": True, "max_completion_tokens": 4000}
-    with httpx.stream("POST", f"{server.base_url}/chat/completions", json={**body, "ignore_eos": True}, headers={"authorization": "Bearer x"}, timeout=60) as resp:
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Write a very long essay."}],
+        "stream": True,
+        "max_completion_tokens": 4000,
+    }
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/chat/completions",
+        json={**body, "ignore_eos": True},
+        headers={"authorization": "Bearer x"},
+        timeout=60,
+    ) as resp:
         it = resp.iter_lines()
         for _ in range(5):
             next(it)
@@ -206,10 +316,20 @@ def test_client_disconnect_frees_the_sequence(server):
 
 
 def test_unused_openai_fields_are_accepted_and_ignored(client):
-    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}], max_completion_tokens=8, temperature=0)
+    kw = dict(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}], max_completion_tokens=8, temperature=0
+    )
     plain = client.chat.completions.create(**kw)
     extra = client.chat.completions.create(
-        **kw, user="u-1", metadata={"k": "v"}, store=False, service_tier="auto", reasoning_effort="low",
-        safety_identifier="s", prompt_cache_key="p", verbosity="low", modalities=["text"],
+        **kw,
+        user="u-1",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        reasoning_effort="low",
+        safety_identifier="s",
+        prompt_cache_key="p",
+        verbosity="low",
+        modalities=["text"],
     )
     assert extra.choices[0].message.content == plain.choices[0].message.content

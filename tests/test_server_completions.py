@@ -15,7 +15,9 @@ def test_completion_continues_the_prompt(client):
 
 
 def test_list_of_prompts_and_n(client):
-    r = client.completions.create(model="gpt-4o-mini", prompt=["One, two, three,", "Monday, Tuesday,"], max_tokens=4, temperature=0, n=2)
+    r = client.completions.create(
+        model="gpt-4o-mini", prompt=["One, two, three,", "Monday, Tuesday,"], max_tokens=4, temperature=0, n=2
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.choices[0].text == r.choices[1].text  # greedy: both choices of a prompt agree
     assert "four" in r.choices[0].text.lower() and "wednesday" in r.choices[2].text.lower()
@@ -32,7 +34,9 @@ def test_token_array_prompt_equals_text_prompt(client, smollm_dir):
 
 def test_echo_and_logprobs(client):
     prompt = "The capital of France is"
-    r = client.completions.create(model="gpt-4o-mini", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    r = client.completions.create(
+        model="gpt-4o-mini", prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2
+    )
     c = r.choices[0]
     assert c.text.startswith(prompt)
     lp = c.logprobs
@@ -44,7 +48,16 @@ def test_echo_and_logprobs(client):
 
 def test_streaming_completion(client):
     plain = client.completions.create(model="gpt-4o-mini", prompt="Once upon a time", max_tokens=16, temperature=0)
-    chunks = list(client.completions.create(model="gpt-4o-mini", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="gpt-4o-mini",
+            prompt="Once upon a time",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason

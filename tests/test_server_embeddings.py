@@ -9,7 +9,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TEXTS = ["I love this product, it works great!", "The weather is cold today.", "A foundation model adapts to many tasks."]
+TEXTS = [
+    "I love this product, it works great!",
+    "The weather is cold today.",
+    "A foundation model adapts to many tasks.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,9 @@ def test_float_format_matches_and_single_string(client, reference):
 def test_raw_base64_is_little_endian_float32(server, reference):
     from conftest import post
 
-    r = post(server, "/embeddings", {"model": "all-minilm-l6-v2", "input": TEXTS[1], "encoding_format": "base64"}).json()
+    r = post(
+        server, "/embeddings", {"model": "all-minilm-l6-v2", "input": TEXTS[1], "encoding_format": "base64"}
+    ).json()
     vec = np.frombuffer(base64.b64decode(r["data"][0]["embedding"]), dtype="<f4")
     assert cos(vec, reference.encode([TEXTS[1]])[0]) >= 0.999
 
@@ -63,7 +69,9 @@ def test_token_arrays(client, reference):
 
 
 def test_similar_texts_are_closer(client):
-    r = client.embeddings.create(model="all-minilm-l6-v2", input=["a happy dog", "a joyful puppy", "tax law in 1850"], encoding_format="float")
+    r = client.embeddings.create(
+        model="all-minilm-l6-v2", input=["a happy dog", "a joyful puppy", "tax law in 1850"], encoding_format="float"
+    )
     e = [d.embedding for d in r.data]
     assert cos(e[0], e[1]) > cos(e[0], e[2]) + 0.3
 

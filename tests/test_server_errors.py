@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-
 from conftest import post
 
 pytestmark = pytest.mark.slow
@@ -65,12 +64,24 @@ def test_unknown_model_is_404_model_not_found(server, client):
 
 def test_prompt_over_context_window(server):
     long = "hello " * 9000
-    err(post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": long}]}), 400, "messages", "context_length_exceeded")
-    err(post(server, "/completions", {"model": "gpt-4o-mini", "prompt": long}), 400, "prompt", "context_length_exceeded")
+    err(
+        post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": long}]}),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
+    err(
+        post(server, "/completions", {"model": "gpt-4o-mini", "prompt": long}), 400, "prompt", "context_length_exceeded"
+    )
 
 
 def test_requested_tokens_over_context_window(server, client):
-    e = err(post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": MSG, "max_completion_tokens": 9000}), 400, "max_completion_tokens", "context_length_exceeded")
+    e = err(
+        post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": MSG, "max_completion_tokens": 9000}),
+        400,
+        "max_completion_tokens",
+        "context_length_exceeded",
+    )
     assert "8192" in e["message"]
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=9000)
@@ -78,7 +89,11 @@ def test_requested_tokens_over_context_window(server, client):
 
 
 def test_body_over_limit_is_413(server):
-    r = post(server, "/chat/completions", b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * (9 * 1024 * 1024) + b'"}]}')
+    r = post(
+        server,
+        "/chat/completions",
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "' + b"x" * (9 * 1024 * 1024) + b'"}]}',
+    )
     err(r, 413, None, "request_too_large")
 
 

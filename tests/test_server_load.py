@@ -13,9 +13,8 @@ import time
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
-
 from conftest import ServerProcess
+from openai import AsyncOpenAI
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +33,15 @@ def cpu_features() -> str:
 
 def distinct_prompts(n: int) -> list[str]:
     rng = random.Random(13)  # lengths from a few tokens to ~80, so prefill chunks and decode rows mix
-    return [f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randrange(2, 70))) + "?" for i in range(n)]
+    return [
+        f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randrange(2, 70))) + "?" for i in range(n)
+    ]
 
 
 async def stream_text(client: AsyncOpenAI, prompt: str) -> str:
-    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=32,
-                                                  temperature=0, stream=True)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0, stream=True
+    )
     return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
 
@@ -56,14 +58,21 @@ def test_64_concurrent_streams_equal_each_alone(server, record_property):
     differ = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
     record_property("cpu_features", cpu_features())
     print(f"greedy mismatches at 64-way concurrency: {len(differ)} of 64 ({cpu_features()})")
-    assert not differ, f"{len(differ)} of 64 differ from the same prompt alone on a CPU with {cpu_features()}: first {prompts[differ[0]]!r}"
+    assert not differ, (
+        f"{len(differ)} of 64 differ from the same prompt alone on a CPU with {cpu_features()}: first {prompts[differ[0]]!r}"
+    )
     assert len({t for t in alone}) > 32  # distinct prompts, distinct answers: a real comparison
 
 
 def test_clients_that_hang_up_after_their_first_chunk_leave_nothing_held(server):
     async def hang_up(i: int):
         async with httpx.AsyncClient(timeout=60) as c:
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Tell a long story about river {i}."}], "max_tokens": 400, "stream": True}
+            body = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"Tell a long story about river {i}."}],
+                "max_tokens": 400,
+                "stream": True,
+            }
             async with c.stream("POST", f"{server.base_url}/chat/completions", json=body) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
@@ -85,8 +94,14 @@ def test_clients_that_hang_up_after_their_first_chunk_leave_nothing_held(server)
 def test_sigterm_with_64_requests_in_flight_ends_the_server_within_10_s(tmp_path):
     srv = ServerProcess([], tmp_path / "home")
     try:
+
         async def one(c: httpx.AsyncClient, i: int) -> str:
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Write a long story number {i}."}], "max_tokens": 1000, "stream": True}
+            body = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"Write a long story number {i}."}],
+                "max_tokens": 1000,
+                "stream": True,
+            }
             try:
                 async with c.stream("POST", f"{srv.base_url}/chat/completions", json=body) as r:
                     async for _ in r.aiter_lines():

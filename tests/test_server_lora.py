@@ -9,7 +9,6 @@ import threading
 import openai
 import pytest
 import torch
-
 from conftest import ServerProcess, make_lora
 
 pytestmark = pytest.mark.slow
@@ -41,7 +40,7 @@ def merged_reply(smollm_dir, adapter_dir, n=24):
     base = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
     ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
+    out = model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1] :]
     return tok.decode(out, skip_special_tokens=True)
 
 
@@ -51,7 +50,9 @@ def test_adapters_listed_and_mixed_batch_matches_peft(lora_server, smollm_dir):
     replies, first_logprob = {}, {}
 
     def ask(model):
-        r = c.chat.completions.create(model=model, messages=MSGS, temperature=0, max_completion_tokens=24, logprobs=True)
+        r = c.chat.completions.create(
+            model=model, messages=MSGS, temperature=0, max_completion_tokens=24, logprobs=True
+        )
         replies[model] = r.choices[0].message.content
         first_logprob[model] = r.choices[0].logprobs.content[0].logprob
 

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import post
 from test_server_errors import err
 
@@ -31,7 +30,9 @@ def idle(server, within: float = 10.0) -> dict:
 
 
 @pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1])
-@pytest.mark.parametrize("path,body", [("/chat/completions", CHAT), ("/completions", COMPLETION), ("/chat/completions", {**CHAT, "n": 2})])
+@pytest.mark.parametrize(
+    "path,body", [("/chat/completions", CHAT), ("/completions", COMPLETION), ("/chat/completions", {**CHAT, "n": 2})]
+)
 def test_a_seed_outside_64_bits_is_400_and_wedges_nothing(server, path, body, seed):
     err(post(server, path, {**body, "seed": seed}), 400, "seed")
     assert idle(server)["running"] == 0
@@ -57,7 +58,11 @@ def test_a_long_request_still_runs_after_bad_seeds(server):
         ("/classifications", {"model": "gpt-4o-mini", "input": "bad \udfff", "labels": ["a", "b"]}, "input"),
         ("/classifications", {"model": "gpt-4o-mini", "input": "ok", "labels": ["a", "\udfff"]}, "labels[1]"),
         ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "bad \udfff"}]}, "messages[0].content"),
-        ("/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages[0].content[0].text"),
+        (
+            "/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+            "messages[0].content[0].text",
+        ),
     ],
 )
 def test_a_lone_surrogate_is_400_naming_the_field(server, path, body, param):
@@ -68,9 +73,16 @@ def test_a_lone_surrogate_is_400_naming_the_field(server, path, body, param):
 
 def test_tool_call_arguments_that_are_not_json_are_400(server):
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
-    e = err(post(server, "/chat/completions", {**CHAT, "messages": messages}), 400, "messages[1].tool_calls[0].function.arguments")
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    e = err(
+        post(server, "/chat/completions", {**CHAT, "messages": messages}),
+        400,
+        "messages[1].tool_calls[0].function.arguments",
+    )
     assert "JSON" in e["message"]
 
 
@@ -87,7 +99,17 @@ def finite_numbers(obj) -> list[float]:
 
 
 def test_completion_logprobs_with_a_grammar_are_finite(server):
-    r = post(server, "/completions", {**COMPLETION, "prompt": "The colour of the sky is", "logprobs": 5, "guided_choice": ["blue", "green"], "max_tokens": 8})
+    r = post(
+        server,
+        "/completions",
+        {
+            **COMPLETION,
+            "prompt": "The colour of the sky is",
+            "logprobs": 5,
+            "guided_choice": ["blue", "green"],
+            "max_tokens": 8,
+        },
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["text"] in ("blue", "green")
@@ -99,19 +121,32 @@ def test_completion_logprobs_with_a_grammar_are_finite(server):
 
 
 def test_chat_top_logprobs_with_json_mode_are_finite_also_streamed(server, client):
-    body = {**CHAT, "messages": [{"role": "user", "content": "Give a JSON object with a name."}], "max_tokens": 12,
-            "response_format": {"type": "json_object"}, "logprobs": True, "top_logprobs": 5}
+    body = {
+        **CHAT,
+        "messages": [{"role": "user", "content": "Give a JSON object with a name."}],
+        "max_tokens": 12,
+        "response_format": {"type": "json_object"},
+        "logprobs": True,
+        "top_logprobs": 5,
+    }
     r = post(server, "/chat/completions", body)
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert content and all(math.isfinite(t["logprob"]) for t in content)
     assert all(math.isfinite(x["logprob"]) for t in content for x in t["top_logprobs"])
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=body["messages"], max_tokens=12, response_format={"type": "json_object"},
-                                            logprobs=True, top_logprobs=5, stream=True)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=body["messages"],
+        max_tokens=12,
+        response_format={"type": "json_object"},
+        logprobs=True,
+        top_logprobs=5,
+        stream=True,
+    )
     seen = 0
     for chunk in stream:
         for c in chunk.choices:
-            for t in (c.logprobs.content if c.logprobs and c.logprobs.content else []):
+            for t in c.logprobs.content if c.logprobs and c.logprobs.content else []:
                 assert t.logprob is not None and math.isfinite(t.logprob)
                 assert all(x.logprob is not None and math.isfinite(x.logprob) for x in t.top_logprobs)
                 seen += 1
@@ -127,15 +162,20 @@ def test_a_chunked_body_over_the_limit_is_413(server):
             yield chunk
         yield b'"}'
 
-    r = httpx.post(f"{server.base_url}/completions", content=body(), headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{server.base_url}/completions", content=body(), headers={"content-type": "application/json"}, timeout=60
+    )
     assert "content-length" not in r.request.headers
     err(r, 413, None, "request_too_large")
 
 
 @pytest.mark.parametrize(
     "part",
-    [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
-     {"type": "file", "file": {"file_id": "file-1"}}],
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-1"}},
+    ],
 )
 def test_a_part_the_model_cannot_read_is_400_never_dropped(server, part):
     body = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]}
@@ -145,9 +185,12 @@ def test_a_part_the_model_cannot_read_is_400_never_dropped(server, part):
 
 @pytest.mark.parametrize(
     "path,body,field",
-    [("/chat/completions", {**CHAT, "temprature": 0.5}, "temprature"), ("/completions", {**COMPLETION, "min_p": 0.1}, "min_p"),
-     ("/embeddings", {"model": "text-embedding-3-small", "input": "x", "truncate": True}, "truncate"),
-     ("/classifications", {"model": "gpt-4o-mini", "input": "x", "labels": ["a", "b"], "lables": ["c"]}, "lables")],
+    [
+        ("/chat/completions", {**CHAT, "temprature": 0.5}, "temprature"),
+        ("/completions", {**COMPLETION, "min_p": 0.1}, "min_p"),
+        ("/embeddings", {"model": "text-embedding-3-small", "input": "x", "truncate": True}, "truncate"),
+        ("/classifications", {"model": "gpt-4o-mini", "input": "x", "labels": ["a", "b"], "lables": ["c"]}, "lables"),
+    ],
 )
 def test_an_unknown_field_is_400_unrecognized(server, path, body, field):
     e = err(post(server, path, body), 400, field)
@@ -155,13 +198,31 @@ def test_an_unknown_field_is_400_unrecognized(server, path, body, field):
 
 
 def test_openai_fields_we_do_not_use_stay_accepted(server):
-    body = {**CHAT, "store": False, "metadata": {"a": "b"}, "service_tier": "auto", "user": "u", "prompt_cache_key": "k",
-            "safety_identifier": "s", "parallel_tool_calls": True, "reasoning_effort": "low", "stream_options": None}
+    body = {
+        **CHAT,
+        "store": False,
+        "metadata": {"a": "b"},
+        "service_tier": "auto",
+        "user": "u",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "parallel_tool_calls": True,
+        "reasoning_effort": "low",
+        "stream_options": None,
+    }
     assert post(server, "/chat/completions", body).status_code == 200
 
 
-@pytest.mark.parametrize("field,value", [("functions", [{"name": "f"}]), ("function_call", "auto"), ("audio", {"voice": "alloy", "format": "wav"}),
-                                         ("modalities", ["text", "audio"]), ("web_search_options", {})])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("web_search_options", {}),
+    ],
+)
 def test_openai_fields_we_cannot_honour_are_refused(server, field, value):
     err(post(server, "/chat/completions", {**CHAT, field: value}), 400, field)
 
@@ -186,7 +247,11 @@ def test_classifications_cap_their_inputs(server):
 
 
 def test_a_classification_the_client_gives_up_on_stops_in_the_engine(server):
-    body = {"model": "gpt-4o-mini", "input": [f"review number {i}: it was fine" for i in range(400)], "labels": ["positive", "negative"]}
+    body = {
+        "model": "gpt-4o-mini",
+        "input": [f"review number {i}: it was fine" for i in range(400)],
+        "labels": ["positive", "negative"],
+    }
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.base_url}/classifications", json=body, timeout=2)
     engine = idle(server, within=15)  # the disconnect is seen within 0.5 s, then every score is aborted

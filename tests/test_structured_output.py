@@ -8,9 +8,8 @@ import json
 
 import openai
 import pytest
-from pydantic import BaseModel
-
 from conftest import post
+from pydantic import BaseModel
 
 pytestmark = pytest.mark.slow
 
@@ -27,35 +26,75 @@ class Person(BaseModel):
     hobbies: list[str]
 
 
-PROMPTS = [f"Invent a person who lives in {c} and describe them as JSON." for c in (
-    "Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Hanoi", "Perth", "Dakar", "Riga",
-    "Seoul", "Accra", "Porto", "Kyiv", "Minsk", "Tunis", "Bern", "Delhi", "Lagos", "Sofia",
-)]
+PROMPTS = [
+    f"Invent a person who lives in {c} and describe them as JSON."
+    for c in (
+        "Paris",
+        "Tokyo",
+        "Lima",
+        "Oslo",
+        "Cairo",
+        "Quito",
+        "Hanoi",
+        "Perth",
+        "Dakar",
+        "Riga",
+        "Seoul",
+        "Accra",
+        "Porto",
+        "Kyiv",
+        "Minsk",
+        "Tunis",
+        "Bern",
+        "Delhi",
+        "Lagos",
+        "Sofia",
+    )
+]
 
 
 def test_parse_with_a_nested_pydantic_model_over_20_prompts(client):
     for prompt in PROMPTS:
-        r = client.chat.completions.parse(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], response_format=Person, max_completion_tokens=200)
+        r = client.chat.completions.parse(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": prompt}],
+            response_format=Person,
+            max_completion_tokens=200,
+        )
         person = r.choices[0].message.parsed
         assert isinstance(person, Person) and isinstance(person.address, Address), r.choices[0].message.content
         assert r.choices[0].finish_reason == "stop"
 
 
 def test_json_object_output_parses_streamed_and_not(client):
-    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}], response_format={"type": "json_object"}, max_completion_tokens=400)
+    kw = dict(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Give me a JSON object with a cat's name and age."}],
+        response_format={"type": "json_object"},
+        max_completion_tokens=400,
+    )
     r = client.chat.completions.create(**kw)
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices
+    )
     assert isinstance(json.loads(text), dict)
 
 
 def test_schema_with_enum_is_enforced(client):
-    schema = {"type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}}, "required": ["sentiment"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative"]}},
+        "required": ["sentiment"],
+        "additionalProperties": False,
+    }
     for review in ("I love this product, it works great!", "Terrible, it broke after a day."):
         r = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}, max_completion_tokens=30,
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": f"Classify the sentiment of this review: {review}"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}},
+            max_completion_tokens=30,
         )
         assert json.loads(r.choices[0].message.content)["sentiment"] in ("positive", "negative")
 
@@ -63,11 +102,27 @@ def test_schema_with_enum_is_enforced(client):
 def test_unsupported_schema_is_refused_with_400_naming_it(server, client):
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "not": {"required": ["a"]}}
     with pytest.raises(openai.BadRequestError) as ei:
-        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}})
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+        )
     assert ei.value.param == "response_format" and "not" in ei.value.message
-    r = post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}})
+    r = post(
+        server,
+        "/chat/completions",
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
-    r = post(server, "/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}})
+    r = post(
+        server,
+        "/chat/completions",
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
 
 
@@ -76,6 +131,7 @@ def test_grammar_constraint_binds_even_a_random_model(smollm_dir, tmp_path):
     import re
 
     from conftest import make_tiny_llama
+
     from fundament.config import EngineConfig
     from fundament.engine import Engine, EngineRequest, SamplingParams
     from fundament.engine.constraints import GrammarConstraint, choice_grammar, regex_grammar
@@ -88,7 +144,9 @@ def test_grammar_constraint_binds_even_a_random_model(smollm_dir, tmp_path):
 
     def run(grammar, seed):
         outs = []
-        params = SamplingParams(max_tokens=40, temperature=1.0, seed=seed, logits_processors=[GrammarConstraint(tok.ll_tokenizer, grammar)])
+        params = SamplingParams(
+            max_tokens=40, temperature=1.0, seed=seed, logits_processors=[GrammarConstraint(tok.ll_tokenizer, grammar)]
+        )
         req = EngineRequest(tok.encode("hello"), params, outs.append)
         engine.submit(req)
         while not req.finished:
@@ -103,33 +161,70 @@ def test_grammar_constraint_binds_even_a_random_model(smollm_dir, tmp_path):
 
 
 def test_completions_extensions_constrain_plain_completions(client, server):
-    r = client.completions.create(model="gpt-4o-mini", prompt="Review: 'Awful film, I walked out.' Sentiment:", max_tokens=10, extra_body={"guided_choice": [" positive", " negative"]})
+    r = client.completions.create(
+        model="gpt-4o-mini",
+        prompt="Review: 'Awful film, I walked out.' Sentiment:",
+        max_tokens=10,
+        extra_body={"guided_choice": [" positive", " negative"]},
+    )
     assert r.choices[0].text in (" positive", " negative")
-    r = client.completions.create(model="gpt-4o-mini", prompt="A US phone number:", max_tokens=20, extra_body={"guided_regex": r" \d{3}-\d{3}-\d{4}"})
+    r = client.completions.create(
+        model="gpt-4o-mini",
+        prompt="A US phone number:",
+        max_tokens=20,
+        extra_body={"guided_regex": r" \d{3}-\d{3}-\d{4}"},
+    )
     import re
 
     assert re.fullmatch(r" \d{3}-\d{3}-\d{4}", r.choices[0].text)
-    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"], "additionalProperties": False}
-    r = client.completions.create(model="gpt-4o-mini", prompt="The year the Berlin wall fell, as JSON:", max_tokens=30, extra_body={"guided_json": schema})
+    schema = {
+        "type": "object",
+        "properties": {"year": {"type": "integer"}},
+        "required": ["year"],
+        "additionalProperties": False,
+    }
+    r = client.completions.create(
+        model="gpt-4o-mini",
+        prompt="The year the Berlin wall fell, as JSON:",
+        max_tokens=30,
+        extra_body={"guided_json": schema},
+    )
     assert isinstance(json.loads(r.choices[0].text)["year"], int)
-    bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_regex": "a", "guided_choice": ["b"]})
+    bad = post(
+        server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_choice"
-    bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_json": {"type": "object", "not": {}}})
+    bad = post(
+        server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", "guided_json": {"type": "object", "not": {}}}
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_json"
 
 
 def test_non_strict_schema_is_enforced_in_part_and_the_output_validated(client):
     # "not" cannot be enforced by the grammar engine: strict refuses it (above); non-strict
     # enforces the rest (an object with an integer "n") and checks the whole schema afterwards.
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"], "additionalProperties": False, "not": {"properties": {"n": {"const": 7}}, "required": ["n"]}}
-    kw = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "Pick a number and answer as JSON."}], response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}, max_completion_tokens=40)
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+        "not": {"properties": {"n": {"const": 7}}, "required": ["n"]},
+    }
+    kw = dict(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Pick a number and answer as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        max_completion_tokens=40,
+    )
     r = client.chat.completions.create(**kw)
     m = r.choices[0].message
     assert r.choices[0].finish_reason == "stop"
     value = json.loads(m.content)["n"]
     assert isinstance(value, int) and 0 <= value <= 9
     assert (m.refusal is None) == (value != 7)  # a refusal appears exactly when the output breaks the "not" rule
-    r = client.chat.completions.create(**{**kw, "messages": [{"role": "user", "content": 'Answer exactly {"n": 7}'}]}, logit_bias=None)
+    r = client.chat.completions.create(
+        **{**kw, "messages": [{"role": "user", "content": 'Answer exactly {"n": 7}'}]}, logit_bias=None
+    )
     m = r.choices[0].message
     if json.loads(m.content)["n"] == 7:
         assert m.refusal and "validate" in m.refusal

@@ -5,18 +5,37 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
-
 from conftest import post
 
 pytestmark = pytest.mark.slow
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone", "parameters": {
-    "type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a timezone",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}},
+            "required": ["timezone"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
@@ -26,7 +45,9 @@ def check_weather_args(call):
 
 
 def test_required_gives_valid_calls(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_completion_tokens=120)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_completion_tokens=120
+    )
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
     assert c.message.tool_calls and all(t.id.startswith("call_") and t.type == "function" for t in c.message.tool_calls)
@@ -37,14 +58,22 @@ def test_required_gives_valid_calls(client):
 
 
 def test_named_function_is_the_one_called(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}}, max_completion_tokens=80)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_completion_tokens=80,
+    )
     calls = r.choices[0].message.tool_calls
     assert len(calls) == 1 and calls[0].function.name == "get_time"
     assert set(json.loads(calls[0].function.arguments)) == {"timezone"}
 
 
 def test_none_answers_in_text(client):
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER], tool_choice="none", max_completion_tokens=30)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", messages=ASK, tools=[WEATHER], tool_choice="none", max_completion_tokens=30
+    )
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
     assert r.choices[0].finish_reason in ("stop", "length")
 
@@ -60,23 +89,43 @@ def test_auto_returns_text_or_valid_calls(client):
 
 
 def test_streamed_tool_calls_come_in_openai_shape(client):
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER], tool_choice="required", max_completion_tokens=120, stream=True)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_completion_tokens=120,
+        stream=True,
+    )
     chunks = list(stream)
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather" and deltas[0].function.arguments == ""
+    assert (
+        deltas[0].id.startswith("call_")
+        and deltas[0].function.name == "get_weather"
+        and deltas[0].function.arguments == ""
+    )
     args = "".join(d.function.arguments or "" for d in deltas)
     assert set(json.loads(args)) == {"city", "unit"}
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
 
 def test_tool_results_are_accepted_back(client):
-    first = client.chat.completions.create(model="gpt-4o-mini", messages=ASK, tools=[WEATHER], tool_choice="required", max_completion_tokens=120)
+    first = client.chat.completions.create(
+        model="gpt-4o-mini", messages=ASK, tools=[WEATHER], tool_choice="required", max_completion_tokens=120
+    )
     call = first.choices[0].message.tool_calls[0]
     messages = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "unit": "celsius"})},
     ]
-    r = client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=[WEATHER], tool_choice="none", max_completion_tokens=40, temperature=0)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_completion_tokens=40,
+        temperature=0,
+    )
     assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
 
 
@@ -87,7 +136,10 @@ def test_tool_results_are_accepted_back(client):
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
-        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400(server, body, param):

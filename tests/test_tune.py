@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama
 from fundament.adapt.examples import IGNORE, encode_example, pack
 from fundament.adapt.hyperparameters import resolve_hyperparameters
 from fundament.adapt.trainer import Trainer
@@ -52,18 +52,22 @@ def test_chat_example_learns_only_the_answer_as_the_server_prompts_it(tok):
     assert learned(tok, ex) == "positive<|im_end|>"
     prompt = tok.apply_chat_template(rec["messages"][:1])  # what the server sends the engine
     assert ex.input_ids[: len(prompt)] == prompt
-    assert tok.hf.decode(ex.input_ids[len(prompt):]).startswith("positive<|im_end|>")
+    assert tok.hf.decode(ex.input_ids[len(prompt) :]).startswith("positive<|im_end|>")
     # labels are next-token targets: position t holds token t+1
     first = next(t for t, y in enumerate(ex.labels) if y != IGNORE)
     assert first == len(prompt) - 1 and ex.labels[first] == ex.input_ids[first + 1]
 
 
 def test_weight_zero_turns_and_other_roles_carry_no_loss(tok):
-    rec = {"messages": [
-        {"role": "system", "content": "Answer in one word."},
-        {"role": "user", "content": "first"}, {"role": "assistant", "content": "skipme", "weight": 0},
-        {"role": "user", "content": "second"}, {"role": "assistant", "content": "learnme"},
-    ]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "skipme", "weight": 0},
+            {"role": "user", "content": "second"},
+            {"role": "assistant", "content": "learnme"},
+        ]
+    }
     assert learned(tok, encode_example(tok, rec, 2048)) == "learnme<|im_end|>"
 
 
@@ -73,21 +77,39 @@ def test_prompt_completion_example(tok):
     assert tok.hf.decode(ex.input_ids).startswith("Review: great. Sentiment: positive")
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
-    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]}, "weight 0"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]}, "weight must be 0 or 1"),
-    ({"text": "hello"}, "needs 'messages'"),
-    ({"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]}, "more than the model's context window of 256"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            "unknown role 'robot'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]},
+            "weight 0",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]},
+            "weight must be 0 or 1",
+        ),
+        ({"text": "hello"}, "needs 'messages'"),
+        (
+            {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]},
+            "more than the model's context window of 256",
+        ),
+    ],
+)
 def test_unusable_examples_say_why(tok, record, message):
     with pytest.raises(ValueError, match=message):
         encode_example(tok, record, 256)
 
 
 def test_packing_keeps_examples_apart(tiny_chat, tok):
-    exs = [encode_example(tok, chat(t, a), 2048) for t, a in [("good", "positive"), ("a long and dull film", "negative"), ("fine", "positive")]]
+    exs = [
+        encode_example(tok, chat(t, a), 2048)
+        for t, a in [("good", "positive"), ("a long and dull film", "negative"), ("fine", "positive")]
+    ]
     rows = pack(exs, 1024)
     assert len(rows) == 1 and sum(e.n_tokens for e in rows[0]) == sum(e.n_tokens for e in exs)
     assert [len(r) for r in pack(exs, exs[0].n_tokens + 1)] == [1, 1, 1]
@@ -104,9 +126,15 @@ def test_auto_hyperparameters_and_bad_values():
     cfg = resolve_hyperparameters({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, 2000)
     assert (cfg.n_epochs, cfg.batch_size, cfg.learning_rate_multiplier) == (1, 4, 1.0)
     assert resolve_hyperparameters({}, 100).n_epochs == 10
-    assert resolve_hyperparameters({"n_epochs": 2, "learning_rate_multiplier": 0.5}, 10).learning_rate == pytest.approx(1e-4)
-    for req, param in [({"n_epochs": 0}, "hyperparameters.n_epochs"), ({"batch_size": 1.5}, "hyperparameters.batch_size"),
-                       ({"learning_rate_multiplier": "fast"}, "hyperparameters.learning_rate_multiplier"), ({"epochs": 3}, "hyperparameters")]:
+    assert resolve_hyperparameters({"n_epochs": 2, "learning_rate_multiplier": 0.5}, 10).learning_rate == pytest.approx(
+        1e-4
+    )
+    for req, param in [
+        ({"n_epochs": 0}, "hyperparameters.n_epochs"),
+        ({"batch_size": 1.5}, "hyperparameters.batch_size"),
+        ({"learning_rate_multiplier": "fast"}, "hyperparameters.learning_rate_multiplier"),
+        ({"epochs": 3}, "hyperparameters"),
+    ]:
         with pytest.raises(InvalidRequestError) as e:
             resolve_hyperparameters(req, 10)
         assert e.value.param == param
@@ -115,13 +143,21 @@ def test_auto_hyperparameters_and_bad_values():
     assert e.value.param == "target_modules"
 
 
-DATA = [("a gorgeous film", "positive"), ("dull and lifeless", "negative"), ("a delight", "positive"), ("tedious", "negative"),
-        ("warm and funny", "positive"), ("a mess", "negative")]
+DATA = [
+    ("a gorgeous film", "positive"),
+    ("dull and lifeless", "negative"),
+    ("a delight", "positive"),
+    ("tedious", "negative"),
+    ("warm and funny", "positive"),
+    ("a mess", "negative"),
+]
 
 
 def tiny_run(tiny_chat, tok, out: Path, hooks=None, epochs=8):
     train = [encode_example(tok, chat(t, a), 2048) for t, a in DATA]
-    cfg = resolve_hyperparameters({"n_epochs": epochs, "batch_size": 2, "learning_rate_multiplier": 50}, len(train), {"lora_r": 8}, seed=7)
+    cfg = resolve_hyperparameters(
+        {"n_epochs": epochs, "batch_size": 2, "learning_rate_multiplier": 50}, len(train), {"lora_r": 8}, seed=7
+    )
     return fine_tune(tiny_chat, train, train[:2], cfg, out, hooks)
 
 
@@ -155,10 +191,18 @@ def test_fine_tune_writes_a_peft_adapter_that_learned_the_task(tiny_chat, tok, t
     assert last["train_loss"] < first["train_loss"] / 4 and "valid_loss" in last and "full_valid_loss" in res.metrics
     assert [s for s, _ in rec.checkpoints] == [3, 6, 9, 12, 15, 18, 21, 24]  # one per epoch
     files = sorted(p.name for p in res.adapter_dir.iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "fundament_tune.json"] or \
-        files == ["adapter_config.json", "adapter_model.safetensors", "fundament_tune.json"]
+    assert files == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "fundament_tune.json",
+    ] or files == ["adapter_config.json", "adapter_model.safetensors", "fundament_tune.json"]
     saved = json.loads((res.adapter_dir / "fundament_tune.json").read_text())
-    assert saved["config"]["n_epochs"] == 8 and saved["config"]["learning_rate"] == pytest.approx(1e-2) and saved["trained_tokens"] == res.trained_tokens
+    assert (
+        saved["config"]["n_epochs"] == 8
+        and saved["config"]["learning_rate"] == pytest.approx(1e-2)
+        and saved["trained_tokens"] == res.trained_tokens
+    )
     assert json.loads((res.adapter_dir / "adapter_config.json").read_text())["r"] == 8
     assert not (tmp_path / "job" / "resume").exists()
 
@@ -202,7 +246,9 @@ class CancelAtOnce(Recorder):
         return "cancel"
 
 
-def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wait_for_the_compiler(tiny_chat, tok, tmp_path):
+def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wait_for_the_compiler(
+    tiny_chat, tok, tmp_path
+):
     # A cancel that comes while the layers compile stops the run before its first step.
     rec = CancelAtOnce()
     train = [encode_example(tok, chat(t, a), 2048) for t, a in DATA]
@@ -225,9 +271,16 @@ def test_compiled_layers_score_as_eager_learn_the_task_and_a_cancel_does_not_wai
 
     # A compiled run learns the task, and says it was compiled.
     rec = Recorder()
-    cfg = resolve_hyperparameters({"n_epochs": 8, "batch_size": 2, "learning_rate_multiplier": 50}, len(train), {"lora_r": 8, "compile": True}, seed=7)
+    cfg = resolve_hyperparameters(
+        {"n_epochs": 8, "batch_size": 2, "learning_rate_multiplier": 50},
+        len(train),
+        {"lora_r": 8, "compile": True},
+        seed=7,
+    )
     res = fine_tune(tiny_chat, train, train[:2], cfg, tmp_path / "compiled", rec)
-    assert len(rec.messages) == 1 and rec.messages[0].startswith("Compiling the model's layers")  # why the first step waits
+    assert len(rec.messages) == 1 and rec.messages[0].startswith(
+        "Compiling the model's layers"
+    )  # why the first step waits
     assert res.stopped is None and rec.steps[-1][2]["train_loss"] < rec.steps[0][2]["train_loss"] / 4
     assert json.loads((res.adapter_dir / "fundament_tune.json").read_text())["compiled"] is True
 

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from tuning_data import sst2_chat, tiny_chat_llama
 
 from fundament.adapt.examples import encode_example
 from fundament.adapt.hyperparameters import RANGES, TuneConfig, resolve_hyperparameters
 from fundament.adapt.tune import TuneHooks, fine_tune
 from fundament.errors import FundamentError, InvalidRequestError
 from fundament.models.tokenizer import ChatTokenizer
-from tuning_data import sst2_chat, tiny_chat_llama
 
 OPENAI = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
@@ -78,12 +78,15 @@ class Steps(TuneHooks):
         self.checkpoints.append(step)
 
 
-@pytest.mark.parametrize("setting, step, what", [
-    # alpha / r overflows float32: the LoRA output is 0 * inf = NaN from the first forward pass
-    ({"lora_alpha": 1e308}, 1, "the training loss became non-finite (nan)"),
-    # a finite loss and gradients, then decay multiplies every weight by about -1e304
-    ({"weight_decay": 1e308}, 1, "the adapter's weights became non-finite in the optimizer's update"),
-])
+@pytest.mark.parametrize(
+    "setting, step, what",
+    [
+        # alpha / r overflows float32: the LoRA output is 0 * inf = NaN from the first forward pass
+        ({"lora_alpha": 1e308}, 1, "the training loss became non-finite (nan)"),
+        # a finite loss and gradients, then decay multiplies every weight by about -1e304
+        ({"weight_decay": 1e308}, 1, "the adapter's weights became non-finite in the optimizer's update"),
+    ],
+)
 def test_a_run_that_diverges_stops_at_its_step_and_saves_nothing(tiny, tmp_path, setting, step, what):
     base, train = tiny
     # TuneConfig directly: these values get past no request, but a run must not trust that
@@ -92,14 +95,21 @@ def test_a_run_that_diverges_stops_at_its_step_and_saves_nothing(tiny, tmp_path,
     with pytest.raises(FundamentError) as e:
         fine_tune(base, train, None, cfg, tmp_path / "job", hooks)
     assert e.value.code == "training_diverged"
-    assert e.value.message.startswith(f"Training diverged at step {step}: {what}. Lower learning_rate_multiplier (it is 1, a learning rate of 0.0002)")
+    assert e.value.message.startswith(
+        f"Training diverged at step {step}: {what}. Lower learning_rate_multiplier (it is 1, a learning rate of 0.0002)"
+    )
     assert hooks.steps == [] and hooks.checkpoints == []  # no step with a NaN loss was reported
     assert not (tmp_path / "job" / "adapter").exists() and not (tmp_path / "job" / "checkpoints").exists()
 
 
 def test_a_sane_run_is_not_stopped(tiny, tmp_path):
     base, train = tiny
-    cfg = resolve_hyperparameters({"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 50}, 6, {"lora_alpha": 1024, "weight_decay": 1.0}, seed=3)
+    cfg = resolve_hyperparameters(
+        {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 50},
+        6,
+        {"lora_alpha": 1024, "weight_decay": 1.0},
+        seed=3,
+    )
     hooks = Steps()
     res = fine_tune(base, train, None, cfg, tmp_path / "job", hooks)
     assert res.steps == 6 and len(hooks.steps) == 6 and all(math.isfinite(x) for x in hooks.steps)

@@ -17,8 +17,12 @@ def sst2_chat(n: int, start: int = 0, split: str = "train") -> list[dict]:
     with open(DATA / "sst2" / f"{split}.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))[start : start + n]
     return [
-        {"messages": [{"role": "user", "content": PROMPT.format(r["sentence"].strip())},
-                      {"role": "assistant", "content": "positive" if r["label"] == "1" else "negative"}]}
+        {
+            "messages": [
+                {"role": "user", "content": PROMPT.format(r["sentence"].strip())},
+                {"role": "assistant", "content": "positive" if r["label"] == "1" else "negative"},
+            ]
+        }
         for r in rows
     ]
 

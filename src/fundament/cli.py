@@ -51,7 +51,9 @@ def _serve(args) -> None:
     reserve_cpu_for_engines()
     registry = ModelRegistry(cfg)
     registry.load_all()  # before binding the port: a model that cannot load is a one-line error
-    logging.getLogger("fundament").info("models loaded in %.1fs; serving on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port)
+    logging.getLogger("fundament").info(
+        "models loaded in %.1fs; serving on http://%s:%d/v1", time.perf_counter() - t0, cfg.host, cfg.port
+    )
     worker = None
     if not args.no_worker:  # the app starts it once the models are loaded (the worker reuses their cache)
         from .jobs.supervisor import WorkerProcess
@@ -76,7 +78,9 @@ def _client(args):
     try:
         from openai import OpenAI
     except ImportError:
-        raise FundamentError("this command talks to the server through the official client: pip install openai", "openai") from None
+        raise FundamentError(
+            "this command talks to the server through the official client: pip install openai", "openai"
+        ) from None
 
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1"
     return OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "fundament", max_retries=2)
@@ -116,11 +120,23 @@ def _tune(args) -> int:
         if not p.is_file():
             raise FundamentError(f"{p}: no such file", "data")
     uploaded = [client.files.create(file=(p.name, p.read_bytes()), purpose="fine-tune").id for p in paths]
-    hp = {k: v for k, v in (("n_epochs", args.n_epochs), ("batch_size", args.batch_size), ("learning_rate_multiplier", args.learning_rate_multiplier)) if v is not None}
+    hp = {
+        k: v
+        for k, v in (
+            ("n_epochs", args.n_epochs),
+            ("batch_size", args.batch_size),
+            ("learning_rate_multiplier", args.learning_rate_multiplier),
+        )
+        if v is not None
+    }
     extra = {k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha)) if v is not None}
     job = client.fine_tuning.jobs.create(
-        model=args.model, training_file=uploaded[0], validation_file=uploaded[1] if len(uploaded) > 1 else None,
-        suffix=args.suffix, seed=args.seed, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        model=args.model,
+        training_file=uploaded[0],
+        validation_file=uploaded[1] if len(uploaded) > 1 else None,
+        suffix=args.suffix,
+        seed=args.seed,
+        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
         extra_body=extra or None,
     )
     print(f"job {job.id} created; `fundament jobs cancel {job.id}` stops it")
@@ -171,7 +187,9 @@ def _classify(args) -> None:
     try:
         lm, _ = registry.resolve_generator(args.model)
         embedder = next(iter(registry.embedders.values())).embedder if registry.embedders else None
-        options = PromptOptions(args.instruction, examples or None, args.k, args.selection, args.seed, args.answer_prefix)
+        options = PromptOptions(
+            args.instruction, examples or None, args.k, args.selection, args.seed, args.answer_prefix
+        )
         results = asyncio.run(Classifier(lm, embedder).classify(texts, args.labels.split(","), options, args.calibrate))
     finally:
         registry.stop()
@@ -193,31 +211,52 @@ def _eval(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(cfg.out / "report.md")
-    if results["errors"]:  # the report is written, but it is not the one asked for: a script must not take it for a success
+    if results[
+        "errors"
+    ]:  # the report is written, but it is not the one asked for: a script must not take it for a success
         n = len(results["errors"])
-        print(f"fundament: {n} of {n + results['cells']} cells failed (listed in {cfg.out / 'report.md'}); "
-              "running the same command again retries them", file=sys.stderr)
+        print(
+            f"fundament: {n} of {n + results['cells']} cells failed (listed in {cfg.out / 'report.md'}); "
+            "running the same command again retries them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fundament", description="Serve, adapt and measure foundation models offline.")
+    parser = argparse.ArgumentParser(
+        prog="fundament", description="Serve, adapt and measure foundation models offline."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve models through the OpenAI HTTP API")
     s.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--config", help="YAML config file (see docs/configuration.md)")
-    s.add_argument("--model", action="append", help="serve a local model by path: GGUF file, HF or sentence-transformers directory (repeatable)")
+    s.add_argument(
+        "--model",
+        action="append",
+        help="serve a local model by path: GGUF file, HF or sentence-transformers directory (repeatable)",
+    )
     s.add_argument("--no-default-models", action="store_true", help="serve only the models given with --model")
     s.add_argument("--alias", action="append", help="NAME=MODEL, e.g. gpt-4o-mini=smollm2-135m-instruct (repeatable)")
-    s.add_argument("--lora", action="append", help="NAME=PATH: serve a PEFT LoRA directory as model NAME on the first generation model (repeatable)")
+    s.add_argument(
+        "--lora",
+        action="append",
+        help="NAME=PATH: serve a PEFT LoRA directory as model NAME on the first generation model (repeatable)",
+    )
     s.add_argument("--api-key", action="append", help="require this API key (repeatable; or set FUNDAMENT_API_KEY)")
     s.add_argument("--max-body-bytes", type=int, default=None, help="largest request body accepted (default 8 MiB)")
-    s.add_argument("--max-file-bytes", type=int, default=None, help="largest file accepted by POST /v1/files (default 512 MiB)")
-    s.add_argument("--no-worker", action="store_true", help="do not start the fine-tuning worker (run `fundament worker` apart)")
+    s.add_argument(
+        "--max-file-bytes", type=int, default=None, help="largest file accepted by POST /v1/files (default 512 MiB)"
+    )
+    s.add_argument(
+        "--no-worker", action="store_true", help="do not start the fine-tuning worker (run `fundament worker` apart)"
+    )
     s.add_argument("--log-level", default="info")
-    w = sub.add_parser("worker", help="train the fine-tuning jobs queued in $FUNDAMENT_HOME (fundament serve starts one)")
+    w = sub.add_parser(
+        "worker", help="train the fine-tuning jobs queued in $FUNDAMENT_HOME (fundament serve starts one)"
+    )
     w.add_argument("--config", help="YAML config file naming the base models (as for serve)")
     w.add_argument("--log-level", default="info")
     j = sub.add_parser("jobs", help="list, show, follow or cancel a running server's fine-tuning jobs")
@@ -243,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--file", help="a file with one text per line")
     c.add_argument("--labels", required=True, help="comma-separated labels, e.g. positive,negative")
     c.add_argument("--instruction", help="the task, e.g. 'Classify the sentiment of the review.'")
-    c.add_argument("--examples", help="JSONL file of {\"input\", \"label\"} examples for few-shot prompting")
+    c.add_argument("--examples", help='JSONL file of {"input", "label"} examples for few-shot prompting')
     c.add_argument("--k", type=int, default=None, help="examples per input (default: all)")
     c.add_argument("--selection", choices=["nearest", "random"], default="nearest")
     c.add_argument("--calibrate", action="store_true", help="content-free calibration (Zhao et al. 2021)")
@@ -253,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", help="YAML config file")
     from .evals.config import add_arguments as add_eval_arguments
 
-    add_eval_arguments(sub.add_parser("eval", help="prompting vs fine-tuning vs small models on a task: a report with tables and plots"))
+    add_eval_arguments(
+        sub.add_parser(
+            "eval", help="prompting vs fine-tuning vs small models on a task: a report with tables and plots"
+        )
+    )
     args = parser.parse_args(argv)
     if args.command == "worker":
         return _worker(args)
     quiet = args.command in ("jobs", "tune", "eval")  # client commands: their output is the answer, not logs
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "serve":
             _serve(args)
@@ -279,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         import openai
 
         if isinstance(e, openai.APIConnectionError):
-            print(f"fundament: cannot reach the server ({e}); is `fundament serve` running? (--base-url)", file=sys.stderr)
+            print(
+                f"fundament: cannot reach the server ({e}); is `fundament serve` running? (--base-url)", file=sys.stderr
+            )
         elif isinstance(e, openai.APIStatusError):
             print(f"fundament: {e.status_code}: {e.message}", file=sys.stderr)
         else:

@@ -92,4 +92,11 @@ def error_payload(exc: BaseException) -> dict:
     """The OpenAI error envelope for any exception (unknown ones become a generic server_error)."""
     if isinstance(exc, FundamentError):
         return exc.to_dict()
-    return {"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error", "param": None, "code": None}}
+    return {
+        "error": {
+            "message": f"internal error: {type(exc).__name__}",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }

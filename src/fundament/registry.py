@@ -19,8 +19,8 @@ from typing import Protocol
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
 from .errors import InvalidRequestError, ModelNotFoundError
-from .models.embedder import Embedder
 from .models.device import resolve_device, resolve_dtype
+from .models.embedder import Embedder
 from .models.llama import LlamaModel
 from .models.loading import hf_dir_for, resolve_path
 from .models.tokenizer import ChatTokenizer
@@ -58,8 +58,14 @@ def load_generator(spec: ModelSpec, engine_config: EngineConfig) -> ServedGenera
     path = hf_dir_for(spec)
     tokenizer = ChatTokenizer(path)
     device = resolve_device(engine_config.device)
-    model = LlamaModel.from_dir(path, dtype=resolve_dtype(engine_config.dtype, device), device=device, int8_decode=engine_config.int8_decode,
-                               native_decode=engine_config.native_decode, batch_invariant=engine_config.batch_invariant)
+    model = LlamaModel.from_dir(
+        path,
+        dtype=resolve_dtype(engine_config.dtype, device),
+        device=device,
+        int8_decode=engine_config.int8_decode,
+        native_decode=engine_config.native_decode,
+        batch_invariant=engine_config.batch_invariant,
+    )
     engine = Engine(model, engine_config, tokenizer.eos_token_ids)
     fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
     return ServedGenerator(spec.name, spec, tokenizer, engine, int(time.time()), fp)
@@ -150,7 +156,9 @@ class ModelRegistry:
         if self._load_fine_tuned(key):
             return self.generators[self.adapters[key][0]], key
         if key in self.embedders:
-            raise InvalidRequestError(f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model")
+            raise InvalidRequestError(
+                f"'{name}' is an embedding model; it cannot generate text. Use it with /v1/embeddings.", "model"
+            )
         raise ModelNotFoundError(name)
 
     def resolve_embedder(self, name: str) -> ServedEmbedder:
@@ -158,7 +166,10 @@ class ModelRegistry:
         if key in self.embedders:
             return self.embedders[key]
         if key in self.generators:
-            raise InvalidRequestError(f"'{name}' is a generation model; /v1/embeddings needs an embedding model such as all-minilm-l6-v2.", "model")
+            raise InvalidRequestError(
+                f"'{name}' is a generation model; /v1/embeddings needs an embedding model such as all-minilm-l6-v2.",
+                "model",
+            )
         raise ModelNotFoundError(name)
 
     def model_ids(self) -> list[tuple[str, int]]:
@@ -176,7 +187,11 @@ class ModelRegistry:
     def _servable_fine_tuned(self) -> list[dict]:
         if self.fine_tuned is None:
             return []
-        return [m for m in self.fine_tuned.fine_tuned_models() if m["base_model"] in self.generators and Path(m["path"]).is_dir()]
+        return [
+            m
+            for m in self.fine_tuned.fine_tuned_models()
+            if m["base_model"] in self.generators and Path(m["path"]).is_dir()
+        ]
 
     def is_fine_tuned(self, name: str) -> bool:
         return self.fine_tuned is not None and self.fine_tuned.fine_tuned_model(self.canonical(name)) is not None
@@ -199,14 +214,27 @@ class ModelRegistry:
     def delete_model(self, name: str) -> str:
         """Delete a fine-tuned model (its adapter files and, for a job's model, its checkpoints);
         base models, aliases and configured adapters cannot be deleted."""
-        if name in self.aliases or name in self.generators or name in self.embedders or (name in self.adapters and name not in self._fine_tuned_loaded):
-            kind = "an alias" if name in self.aliases else "a configured adapter" if name in self.adapters else "a base model"
+        if (
+            name in self.aliases
+            or name in self.generators
+            or name in self.embedders
+            or (name in self.adapters and name not in self._fine_tuned_loaded)
+        ):
+            kind = (
+                "an alias"
+                if name in self.aliases
+                else "a configured adapter"
+                if name in self.adapters
+                else "a base model"
+            )
             raise InvalidRequestError(f"'{name}' is {kind}; only fine-tuned models (ft:...) can be deleted.", "model")
         m = self.fine_tuned.delete_fine_tuned_model(name) if self.fine_tuned is not None else None
         if m is None:
             raise ModelNotFoundError(name)
         with self._lock:
-            gone = [a for a in self._fine_tuned_loaded if a == name or (m["kind"] == "model" and a.startswith(name + ":"))]
+            gone = [
+                a for a in self._fine_tuned_loaded if a == name or (m["kind"] == "model" and a.startswith(name + ":"))
+            ]
             for a in gone:
                 self.remove_adapter(a)
                 self._fine_tuned_loaded.discard(a)

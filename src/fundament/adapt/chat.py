@@ -35,14 +35,18 @@ def render_chat(messages: list[dict], tools: list[dict] | None = None, tool_choi
             raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'.", f"messages[{i}]")
         role = m.get("role")
         if role not in ROLES:
-            raise InvalidRequestError(f"messages[{i}] has unknown role {role!r} (use {', '.join(ROLES)}).", f"messages[{i}].role")
+            raise InvalidRequestError(
+                f"messages[{i}] has unknown role {role!r} (use {', '.join(ROLES)}).", f"messages[{i}].role"
+            )
         if role in ("user", "system", "developer") and m.get("content") is None:
             raise InvalidRequestError(f"messages[{i}] ({role}) has no content.", f"messages[{i}].content")
         d = {"role": "system" if role == "developer" else role, "content": _text(m.get("content"), i)}
         if m.get("tool_calls"):  # shown to the model as it is asked to write calls
             d["content"] = "\n".join(x for x in (d["content"], _calls(m["tool_calls"], i)) if x)
         if role == "tool" and not m.get("tool_call_id"):
-            raise InvalidRequestError(f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id")
+            raise InvalidRequestError(
+                f"messages[{i}] is a tool message without tool_call_id.", f"messages[{i}].tool_call_id"
+            )
         if m.get("tool_call_id"):
             d["tool_call_id"] = m["tool_call_id"]
         weight = m.get("weight", 1)  # OpenAI's fine-tuning field: 0 shows a turn without learning it
@@ -67,30 +71,43 @@ def _text(content, i: int) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise InvalidRequestError(f"messages[{i}].content must be a string or a list of text parts.", f"messages[{i}].content")
+        raise InvalidRequestError(
+            f"messages[{i}].content must be a string or a list of text parts.", f"messages[{i}].content"
+        )
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             continue
         if isinstance(kind, str) and kind != "text":  # never dropped silently: the answer would ignore what was sent
-            raise InvalidRequestError(f"messages[{i}].content[{j}] is an {kind} part; this model reads text only. Send text parts.",
-                                      f"messages[{i}].content[{j}]")
-        raise InvalidRequestError(f"messages[{i}].content[{j}] must be a text part: {{\"type\": \"text\", \"text\": ...}}.", f"messages[{i}].content[{j}]")
+            raise InvalidRequestError(
+                f"messages[{i}].content[{j}] is an {kind} part; this model reads text only. Send text parts.",
+                f"messages[{i}].content[{j}]",
+            )
+        raise InvalidRequestError(
+            f'messages[{i}].content[{j}] must be a text part: {{"type": "text", "text": ...}}.',
+            f"messages[{i}].content[{j}]",
+        )
     return "".join(p["text"] for p in content)
 
 
 def _calls(calls, i: int) -> str:
     """An assistant turn's earlier calls, checked, as the model is asked to write them."""
     if not isinstance(calls, list):
-        raise InvalidRequestError(f"messages[{i}].tool_calls must be a list of tool calls.", f"messages[{i}].tool_calls")
+        raise InvalidRequestError(
+            f"messages[{i}].tool_calls must be a list of tool calls.", f"messages[{i}].tool_calls"
+        )
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
-            raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] must be {{\"id\": ..., \"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": ...}}}}.",
-                                      f"messages[{i}].tool_calls[{j}]")
+            raise InvalidRequestError(
+                f'messages[{i}].tool_calls[{j}] must be {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": ...}}}}.',
+                f"messages[{i}].tool_calls[{j}]",
+            )
         try:
             json.loads(fn["arguments"] or "{}")
         except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object as a string ({e.msg} at character {e.pos}).",
-                                      f"messages[{i}].tool_calls[{j}].function.arguments") from None
+            raise InvalidRequestError(
+                f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object as a string ({e.msg} at character {e.pos}).",
+                f"messages[{i}].tool_calls[{j}].function.arguments",
+            ) from None
     return render_assistant_calls(calls)

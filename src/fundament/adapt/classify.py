@@ -19,8 +19,8 @@ import hashlib
 import random
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,15 @@ class ClassificationResult:
 def _labels(labels) -> list[Label]:
     if not labels:
         raise InvalidRequestError("labels must list at least two labels.", "labels")
-    out = [Label(l) if isinstance(l, str) else Label(l["name"] if isinstance(l, dict) else l.name, (l.get("description") if isinstance(l, dict) else l.description) or "") for l in labels]
+    out = [
+        Label(l)
+        if isinstance(l, str)
+        else Label(
+            l["name"] if isinstance(l, dict) else l.name,
+            (l.get("description") if isinstance(l, dict) else l.description) or "",
+        )
+        for l in labels
+    ]
     if len(out) < 2:
         raise InvalidRequestError("labels must list at least two labels.", "labels")
     names = [l.name for l in out]
@@ -68,7 +76,9 @@ def calibration_mode(calibrate: bool | str | None) -> str:
     if calibrate in (False, None):
         return "none"
     if calibrate not in CALIBRATIONS:
-        raise InvalidRequestError(f"calibrate must be true, false or one of {', '.join(CALIBRATIONS)}; got {calibrate!r}.", "calibrate")
+        raise InvalidRequestError(
+            f"calibrate must be true, false or one of {', '.join(CALIBRATIONS)}; got {calibrate!r}.", "calibrate"
+        )
     return calibrate
 
 
@@ -193,7 +203,9 @@ class Classifier:
             msgs += [{"role": "user", "content": x}, {"role": "assistant", "content": fmt.answer(y)}]
         return msgs + [{"role": "user", "content": text}]
 
-    def select_examples(self, inputs: list[str], examples: list[tuple[str, str]], k: int, selection: str, seed: int) -> list[list[int]]:
+    def select_examples(
+        self, inputs: list[str], examples: list[tuple[str, str]], k: int, selection: str, seed: int
+    ) -> list[list[int]]:
         """For each input, the indices of the k examples to show, most similar last (nearest to
         the question, as Liu et al. order them)."""
         if k == 0 or not examples:
@@ -206,12 +218,20 @@ class Classifier:
         chosen = []
         for start in range(0, len(inputs), 256):  # (256, pool) similarities at a time
             sims = queries[start : start + 256] @ pool.T
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(examples) else np.tile(np.arange(k), (len(sims), 1))
+            top = (
+                np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                if k < len(examples)
+                else np.tile(np.arange(k), (len(sims), 1))
+            )
             for row, idx in zip(sims, top):
-                chosen.append([int(j) for j in idx[np.argsort(row[idx], kind="stable")]])  # ascending: the nearest comes last
+                chosen.append(
+                    [int(j) for j in idx[np.argsort(row[idx], kind="stable")]]
+                )  # ascending: the nearest comes last
         return chosen
 
-    async def _label_logprobs(self, prompts: list[list[int]], label_ids: list[list[int]], param: str) -> tuple[np.ndarray, int]:
+    async def _label_logprobs(
+        self, prompts: list[list[int]], label_ids: list[list[int]], param: str
+    ) -> tuple[np.ndarray, int]:
         """log P(label | prompt) for every prompt and label, (prompts, labels), from one engine
         scoring request: the prompts' common prefix and each prompt are prefilled once, whatever
         the number of labels. Also the number of tokens scored."""
@@ -236,8 +256,14 @@ class Classifier:
                 out[i, j] = sum(lps[i * len(label_ids) + j][len(p) - shared :])
         return out, shared + sum(len(c) for c in conts)
 
-    async def score(self, inputs: list[str], labels, options: PromptOptions = PromptOptions(), content_free: bool = False,
-                    progress: Callable[[int], None] | None = None) -> "LabelScores":
+    async def score(
+        self,
+        inputs: list[str],
+        labels,
+        options: PromptOptions = PromptOptions(),
+        content_free: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> LabelScores:
         """Every label's probability for every input, from one pass: one engine request per input
         scores each prompt of the ensemble (one per k) and, with `content_free`, the same prompts
         with the content-free input. Combine with `LabelScores.probabilities(calibrate)`."""
@@ -251,7 +277,9 @@ class Classifier:
         pool = []
         for i, ex in enumerate(options.examples or []):
             if ex.get("label") not in names:
-                raise InvalidRequestError(f"examples[{i}] has label {ex.get('label')!r}, which is not one of the labels.", "examples")
+                raise InvalidRequestError(
+                    f"examples[{i}] has label {ex.get('label')!r}, which is not one of the labels.", "examples"
+                )
             pool.append((str(ex.get("input", "")), ex["label"]))
         k = options.k
         ks = [len(pool)] if k is None else [k] if isinstance(k, int) else list(k)
@@ -266,7 +294,9 @@ class Classifier:
         tok = self.lm.tokenizer
         for i, l in enumerate(labels):
             if len(tok.encode(l.name)) + 1 >= limit:
-                raise ContextLengthExceededError(f"labels[{i}] is longer than the context window ({limit} tokens).", "labels")
+                raise ContextLengthExceededError(
+                    f"labels[{i}] is longer than the context window ({limit} tokens).", "labels"
+                )
 
         def select_and_check() -> list[list[int]]:
             chosen = self.select_examples(inputs, pool, max(ks), options.selection, options.seed)
@@ -274,7 +304,9 @@ class Classifier:
             # pool, keeps a request against a 67k-example pool from tokenizing all of it each time.
             for i in sorted({j for c in chosen for j in c}):
                 if len(tok.encode(pool[i][0])) >= limit:
-                    raise ContextLengthExceededError(f"examples[{i}] is longer than the context window ({limit} tokens).", "examples")
+                    raise ContextLengthExceededError(
+                        f"examples[{i}] is longer than the context window ({limit} tokens).", "examples"
+                    )
             return chosen
 
         # Tokenizing and embedding a large pool takes seconds to minutes: not on the event loop.
@@ -309,26 +341,46 @@ class Classifier:
             raise eg.exceptions[0] from None
         scored = [t.result() for t in tasks]
         p = np.stack([x for x, _ in scored], axis=1)  # (members, inputs, texts, labels)
-        return LabelScores(names, p[:, :, 0], p[:, :, 1] if content_free else None, [[int(j) for j in c] for c in chosen], [u for _, u in scored])
+        return LabelScores(
+            names,
+            p[:, :, 0],
+            p[:, :, 1] if content_free else None,
+            [[int(j) for j in c] for c in chosen],
+            [u for _, u in scored],
+        )
 
-    async def classify(self, inputs: list[str], labels, options: PromptOptions = PromptOptions(), calibrate: bool | str = False,
-                       progress: Callable[[int], None] | None = None) -> list[ClassificationResult]:
+    async def classify(
+        self,
+        inputs: list[str],
+        labels,
+        options: PromptOptions = PromptOptions(),
+        calibrate: bool | str = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[ClassificationResult]:
         """`calibrate`: False/"none", True/"content_free" or "batch" (see the module docstring);
         `k` a number, or a list of numbers for an ensemble of prompts with that many examples each;
         `progress` is called with 1 as each input is done."""
         mode = calibration_mode(calibrate)
         if mode == "batch" and len(inputs) < 2:
-            raise InvalidRequestError("calibrate 'batch' estimates the bias from the call's inputs: give many inputs (a sample of the task's), not one.", "calibrate")
+            raise InvalidRequestError(
+                "calibrate 'batch' estimates the bias from the call's inputs: give many inputs (a sample of the task's), not one.",
+                "calibrate",
+            )
         scores = await self.score(inputs, labels, options, mode == "content_free", progress)
         final = scores.probabilities(mode)
         raw = scores.probabilities("none") if mode != "none" else None
         results = []
         for i in range(len(inputs)):
             probs = dict(zip(scores.names, map(float, final[i])))
-            results.append(ClassificationResult(
-                max(probs, key=probs.get), probs, scores.examples[i], scores.prompt_tokens[i],
-                uncalibrated=dict(zip(scores.names, map(float, raw[i]))) if raw is not None else None,
-            ))
+            results.append(
+                ClassificationResult(
+                    max(probs, key=probs.get),
+                    probs,
+                    scores.examples[i],
+                    scores.prompt_tokens[i],
+                    uncalibrated=dict(zip(scores.names, map(float, raw[i]))) if raw is not None else None,
+                )
+            )
         return results
 
 

@@ -52,11 +52,15 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
         hf, eot = tokenizer.hf, set(tokenizer.eos_token_ids)
         done = ""
         for j, m in enumerate(msgs):
-            before = hf.apply_chat_template(msgs[:j], add_generation_prompt=m["role"] == "assistant", tokenize=False) if j else ""
+            before = (
+                hf.apply_chat_template(msgs[:j], add_generation_prompt=m["role"] == "assistant", tokenize=False)
+                if j
+                else ""
+            )
             after = hf.apply_chat_template(msgs[: j + 1], tokenize=False)
             if not (before.startswith(done) and after.startswith(before)):
                 raise ValueError("the model's chat template cannot render this conversation turn by turn")
-            head, body = tokenizer.encode(before[len(done):]), tokenizer.encode(after[len(before):])
+            head, body = tokenizer.encode(before[len(done) :]), tokenizer.encode(after[len(before) :])
             ids += head + body
             learn_mask += [False] * len(head)
             if j in learn:  # the answer and its end-of-turn token; what follows it is the next turn's

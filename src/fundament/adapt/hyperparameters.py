@@ -77,7 +77,9 @@ def _checked_number(name: str, value: Any, param: str) -> int | float:
     shown = repr(value) if len(repr(value)) <= 32 else repr(value)[:29] + "..."
     span = f"between {lo} and {hi}" if kind is int else f"between {lo:g} and {hi:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"{param} must be {'an integer' if kind is int else 'a number'} {span}, got {shown}.", param)
+        raise InvalidRequestError(
+            f"{param} must be {'an integer' if kind is int else 'a number'} {span}, got {shown}.", param
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidRequestError(f"{param} must be a finite number {span}, got {shown}.", param)
     if not lo <= value <= hi:  # exact for ints of any size, so 10**400 is refused here, not overflowed
@@ -87,7 +89,9 @@ def _checked_number(name: str, value: Any, param: str) -> int | float:
     return kind(value)
 
 
-def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, extensions: dict[str, Any] | None = None, seed: int = 0) -> TuneConfig:
+def resolve_hyperparameters(
+    requested: dict[str, Any] | None, n_examples: int, extensions: dict[str, Any] | None = None, seed: int = 0
+) -> TuneConfig:
     """Turn OpenAI's hyperparameters ("auto" or numbers) and our extensions into a TuneConfig.
     "auto": n_epochs = ceil(1000 / n) between 1 and 10 (1 from 1,000 examples up), batch_size = 0.2%
     of the examples between 1 and 32, learning_rate_multiplier = 1 (learning rate 2e-4). Every
@@ -117,7 +121,10 @@ def resolve_hyperparameters(requested: dict[str, Any] | None, n_examples: int, e
         setattr(cfg, name, _checked_number(name, value, name) if name in RANGES else value)
     bad = [t for t in (cfg.target_modules if isinstance(cfg.target_modules, list) else [None]) if t not in ALL_LINEAR]
     if bad or not cfg.target_modules:
-        raise InvalidRequestError(f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.", "target_modules")
+        raise InvalidRequestError(
+            f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.",
+            "target_modules",
+        )
     if cfg.compile not in (True, False, "auto"):
         raise InvalidRequestError(f"compile must be true, false or 'auto', got {cfg.compile!r}.", "compile")
     return cfg

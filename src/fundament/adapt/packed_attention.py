@@ -40,7 +40,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # (a training step of SmolLM2-135M, 8 examples, was 8% faster with math).
     with sdpa_kernel([SDPBackend.MATH]):
         out = torch.nn.functional.scaled_dot_product_attention(
-            batch(query), batch(key), batch(value), is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+            batch(query),
+            batch(key),
+            batch(value),
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
         )  # (S, H, L, D); padded queries come after their example's tokens, so no real query sees them
     return out.transpose(1, 2).flatten(0, 1).index_select(0, slots).unsqueeze(0), None
 

@@ -38,5 +38,8 @@ class PromptFormat:
         msgs = [{"role": "system", "content": self.system(labels, shots)}]
         if self.example_format == "turns":
             for x, y in shots:
-                msgs += [{"role": "user", "content": self.render_input(x)}, {"role": "assistant", "content": self.answer(y)}]
+                msgs += [
+                    {"role": "user", "content": self.render_input(x)},
+                    {"role": "assistant", "content": self.answer(y)},
+                ]
         return msgs + [{"role": "user", "content": self.render_input(text)}]

@@ -28,7 +28,10 @@ def functions(tools: list[dict] | None) -> list[dict]:
     for i, t in enumerate(tools or []):
         f = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(f, dict) or not f.get("name"):
-            raise InvalidRequestError(f"tools[{i}] must be {{type: 'function', function: {{name, description?, parameters?}}}}.", f"tools[{i}]")
+            raise InvalidRequestError(
+                f"tools[{i}] must be {{type: 'function', function: {{name, description?, parameters?}}}}.",
+                f"tools[{i}]",
+            )
         out.append(f)
     names = [f["name"] for f in out]
     if len(set(names)) != len(names):
@@ -48,9 +51,13 @@ def resolve_choice(tool_choice, funcs: list[dict]) -> str | dict:
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function":
         raise InvalidRequestError(
-            f"tool_choice must be 'none', 'auto', 'required' or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}; got {json.dumps(tool_choice)[:100]}.", "tool_choice")
+            f'tool_choice must be \'none\', \'auto\', \'required\' or {{"type": "function", "function": {{"name": ...}}}}; got {json.dumps(tool_choice)[:100]}.',
+            "tool_choice",
+        )
     if not isinstance(name, str):
-        raise InvalidRequestError("tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}.", "tool_choice")
+        raise InvalidRequestError(
+            'tool_choice must name a function: {"type": "function", "function": {"name": ...}}.', "tool_choice"
+        )
     match = [f for f in funcs if f["name"] == name]
     if not match:
         raise InvalidRequestError(f"tool_choice names function {name!r}, which is not in tools.", "tool_choice")
@@ -58,9 +65,21 @@ def resolve_choice(tool_choice, funcs: list[dict]) -> str | dict:
 
 
 def system_prompt(funcs: list[dict]) -> str:
-    lines = ["You can call these functions. To call one, answer with", f'{OPEN}{{"name": <function name>, "arguments": <arguments as JSON>}}{CLOSE}', "Functions:"]
+    lines = [
+        "You can call these functions. To call one, answer with",
+        f'{OPEN}{{"name": <function name>, "arguments": <arguments as JSON>}}{CLOSE}',
+        "Functions:",
+    ]
     for f in funcs:
-        lines.append(json.dumps({"name": f["name"], "description": f.get("description", ""), "parameters": f.get("parameters") or {"type": "object"}}))
+        lines.append(
+            json.dumps(
+                {
+                    "name": f["name"],
+                    "description": f.get("description", ""),
+                    "parameters": f.get("parameters") or {"type": "object"},
+                }
+            )
+        )
     return "\n".join(lines)
 
 
@@ -76,7 +95,12 @@ def _call_schema(f: dict) -> dict:
 def calls_schema(choice: str | dict, funcs: list[dict], parallel: bool) -> dict:
     """The JSON the output must be when calls are enforced: a list of calls."""
     one = _call_schema(choice) if isinstance(choice, dict) else {"anyOf": [_call_schema(f) for f in funcs]}
-    return {"type": "array", "items": one, "minItems": 1, **({} if parallel and not isinstance(choice, dict) else {"maxItems": 1})}
+    return {
+        "type": "array",
+        "items": one,
+        "minItems": 1,
+        **({} if parallel and not isinstance(choice, dict) else {"maxItems": 1}),
+    }
 
 
 def new_call_id() -> str:
@@ -85,7 +109,14 @@ def new_call_id() -> str:
 
 def enforced_calls(text: str) -> list[dict]:
     """Tool calls from enforced output (a JSON list of {name, arguments})."""
-    return [{"id": new_call_id(), "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in json.loads(text)]
+    return [
+        {
+            "id": new_call_id(),
+            "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])},
+        }
+        for c in json.loads(text)
+    ]
 
 
 def parse_calls(text: str, funcs: list[dict]) -> tuple[str | None, list[dict]]:
@@ -98,7 +129,13 @@ def parse_calls(text: str, funcs: list[dict]) -> tuple[str | None, list[dict]]:
         except json.JSONDecodeError:
             continue
         if isinstance(c, dict) and c.get("name") in names:
-            calls.append({"id": new_call_id(), "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}})
+            calls.append(
+                {
+                    "id": new_call_id(),
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))},
+                }
+            )
     if not calls:
         return text, []
     rest = _CALL.sub("", text).strip()
@@ -107,4 +144,7 @@ def parse_calls(text: str, funcs: list[dict]) -> tuple[str | None, list[dict]]:
 
 def render_assistant_calls(tool_calls: list[dict]) -> str:
     """An assistant turn's earlier calls, as the model is asked to write them."""
-    return "\n".join(f'{OPEN}{json.dumps({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"] or "{}")})}{CLOSE}' for c in tool_calls)
+    return "\n".join(
+        f"{OPEN}{json.dumps({'name': c['function']['name'], 'arguments': json.loads(c['function']['arguments'] or '{}')})}{CLOSE}"
+        for c in tool_calls
+    )

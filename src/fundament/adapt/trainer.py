@@ -9,8 +9,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -62,8 +62,12 @@ class Trainer:
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
         self.max_len = base.config.max_position_embeddings
         lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
         )
         register_packed_attention()
         base.config._attn_implementation = PACKED_ATTENTION
@@ -125,7 +129,9 @@ class Trainer:
         ids, labels, pos = _row_tensors(row)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             packed = packed_layout([ex.n_tokens for ex in row])
-            hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False, packed=packed).last_hidden_state[0]  # (T, C)
+            hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False, packed=packed).last_hidden_state[
+                0
+            ]  # (T, C)
             where = (labels != IGNORE).nonzero().squeeze(1)
             logits = self.head(hidden[where]).float()  # (N, V)
         target = labels[where]
@@ -200,7 +206,9 @@ def _wait_for_compiles() -> None:
         _COMPILING.pop(0)
 
 
-def warm_up(trainer: Trainer, row: list[Example], valid_row: list[Example] | None, should_stop: Callable[[], str | None]) -> str | None:
+def warm_up(
+    trainer: Trainer, row: list[Example], valid_row: list[Example] | None, should_stop: Callable[[], str | None]
+) -> str | None:
     """Compile before the first step, in a thread, while this one keeps asking whether to stop:
     a cancel must not wait for the compiler. Returns the stop request, if one came (the compile
     then finishes in the background, and its kernels stay cached for the next run)."""

@@ -70,7 +70,14 @@ def _diverged(step: int, what: str, config: TuneConfig) -> FundamentError:
     )
 
 
-def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None, config: TuneConfig, out_dir: Path, hooks: TuneHooks | None = None) -> TuneResult:
+def fine_tune(
+    base_dir: Path,
+    train: list[Example],
+    valid: list[Example] | None,
+    config: TuneConfig,
+    out_dir: Path,
+    hooks: TuneHooks | None = None,
+) -> TuneResult:
     """Train a LoRA adapter on `train`; write checkpoints (one per epoch, each a PEFT directory
     under out_dir/checkpoints/) and the final adapter (out_dir/adapter). Resumes by itself from
     out_dir/resume if an earlier run of the same job stopped part-way (crash or pause). A run whose
@@ -85,14 +92,21 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
     total = steps_per_epoch * config.n_epochs
     eval_every = config.eval_every or max(1, total // 10)
     valid_sample = (valid or [])[:256]
-    meta = {"base_model_dir": str(base_dir), "config": config.to_dict(), "train_examples": len(train), "valid_examples": len(valid or [])}
+    meta = {
+        "base_model_dir": str(base_dir),
+        "config": config.to_dict(),
+        "train_examples": len(train),
+        "valid_examples": len(valid or []),
+    }
 
     step, trained_tokens, history = 0, 0, []
     resume = latest_checkpoint(out_dir)
     if resume is not None:
         state = trainer.load_resume(resume)
         if state.get("config") != config.to_dict():
-            raise InvalidRequestError("the run's saved state was made with other hyperparameters; cannot resume it.", "hyperparameters")
+            raise InvalidRequestError(
+                "the run's saved state was made with other hyperparameters; cannot resume it.", "hyperparameters"
+            )
         step, trained_tokens, history = state["step"], state["trained_tokens"], state["history"]
     last_save = time.monotonic()
     metrics: dict = history[-1] if history else {}
@@ -103,10 +117,14 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
     trainer.model.train()
     meta["compiled"] = should_compile(config, train) and step < total and trainer.compile()
     if meta["compiled"]:
-        hooks.on_message("Compiling the model's layers before the first step (torch.compile; 15-45 s on 2 cores, then each step is faster).")
+        hooks.on_message(
+            "Compiling the model's layers before the first step (torch.compile; 15-45 s on 2 cores, then each step is faster)."
+        )
         epoch, i = divmod(step, steps_per_epoch)
         first = pack(_epoch_batches(train, config, epoch)[i], config.row_tokens)[0]
-        stop = warm_up(trainer, first, pack(valid_sample, config.row_tokens)[0] if valid_sample else None, hooks.should_stop)
+        stop = warm_up(
+            trainer, first, pack(valid_sample, config.row_tokens)[0] if valid_sample else None, hooks.should_stop
+        )
         if stop:
             return TuneResult(None, stop, trained_tokens, step, metrics)
     while step < total:
@@ -132,7 +150,13 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
         trainer.opt.zero_grad(set_to_none=True)
         step += 1
         trained_tokens += sum(ex.n_tokens for ex in batch)
-        metrics = {"step": step, "train_loss": loss_sum / n_loss, "train_mean_token_accuracy": right / n_loss, "tokens": trained_tokens, "learning_rate": trainer.lr_at(step - 1, total)}
+        metrics = {
+            "step": step,
+            "train_loss": loss_sum / n_loss,
+            "train_mean_token_accuracy": right / n_loss,
+            "tokens": trained_tokens,
+            "learning_rate": trainer.lr_at(step - 1, total),
+        }
         if valid_sample and (step % eval_every == 0 or step == total):
             metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = trainer.evaluate(valid_sample)
         history.append(metrics)
@@ -151,7 +175,10 @@ def fine_tune(base_dir: Path, train: list[Example], valid: list[Example] | None,
     if valid and len(valid) > len(valid_sample):
         metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = trainer.evaluate(valid)
     elif valid:
-        metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = metrics["valid_loss"], metrics["valid_mean_token_accuracy"]
+        metrics["full_valid_loss"], metrics["full_valid_mean_token_accuracy"] = (
+            metrics["valid_loss"],
+            metrics["valid_mean_token_accuracy"],
+        )
     final = out_dir / "adapter"
     trainer.save_adapter(final, {**meta, "steps": step, "trained_tokens": trained_tokens, "metrics": metrics})
     (out_dir / "metrics.json").write_text(json.dumps(history))

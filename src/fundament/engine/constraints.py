@@ -46,7 +46,9 @@ def choice_grammar(choices: list[str], param: str) -> str:
 def _validated(grammar: str, param: str, what: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise InvalidRequestError(f"This {what} cannot be enforced by the grammar engine: {error}. Remove or rewrite that part.", param)
+        raise InvalidRequestError(
+            f"This {what} cannot be enforced by the grammar engine: {error}. Remove or rewrite that part.", param
+        )
     return grammar
 
 
@@ -54,7 +56,7 @@ class GrammarConstraint:
     """A logits processor that masks every token the grammar does not allow next. One per
     sequence: it follows the sequence's own output ids."""
 
-    def __init__(self, ll_tokenizer: "llguidance.LLTokenizer", grammar: str):
+    def __init__(self, ll_tokenizer: llguidance.LLTokenizer, grammar: str):
         self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
         self.eos = ll_tokenizer.eos_token
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, ll_tokenizer.vocab_size)

@@ -16,13 +16,19 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import torch
 
 from ..config import EngineConfig
-from ..errors import ContextLengthExceededError, ModelNotFoundError, NotFoundError, QueueFullError, ServiceUnavailableError
+from ..errors import (
+    ContextLengthExceededError,
+    ModelNotFoundError,
+    NotFoundError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
 from ..models.llama import KVCache, LlamaModel, Segment
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
@@ -146,7 +152,9 @@ class Engine:
             raise ModelNotFoundError(req.adapter)
         with self._cv:
             if len(self.waiting) >= self.config.max_queue:
-                raise QueueFullError(f"The server is busy: {len(self.waiting)} requests are already waiting. Retry shortly.")
+                raise QueueFullError(
+                    f"The server is busy: {len(self.waiting)} requests are already waiting. Retry shortly."
+                )
             self.waiting.append(req)
             self._cv.notify()
 
@@ -155,11 +163,15 @@ class Engine:
             self._aborts.add(request_id)
             self._cv.notify()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> AsyncIterator[EngineOutput]:
         """Submit one sequence and yield its outputs; closing the iterator aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req = EngineRequest(list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o), adapter=adapter)
+        req = EngineRequest(
+            list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o), adapter=adapter
+        )
         self.submit(req)
         done = False
         try:
@@ -176,7 +188,9 @@ class Engine:
             if not done:
                 self.abort(req.request_id)
 
-    async def score(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None) -> list[list[float]]:
+    async def score(
+        self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None
+    ) -> list[list[float]]:
         """log P(token | prompt, the continuation's earlier tokens) for every token of every
         continuation, from one request: the prompt is prefilled once and a prefix that several
         continuations share is computed once. Cancelling the call aborts the request."""
@@ -194,7 +208,13 @@ class Engine:
             if not done.done():
                 done.set_exception(out) if isinstance(out, BaseException) else done.set_result(out)
 
-        req = EngineRequest(list(prompt_ids), SamplingParams(max_tokens=0), lambda o: loop.call_soon_threadsafe(deliver, o), adapter=adapter, tree=tree)
+        req = EngineRequest(
+            list(prompt_ids),
+            SamplingParams(max_tokens=0),
+            lambda o: loop.call_soon_threadsafe(deliver, o),
+            adapter=adapter,
+            tree=tree,
+        )
         self.submit(req)
         try:
             return (await done).logprobs
@@ -231,7 +251,13 @@ class Engine:
         self._warm_up()
         while True:
             with self._cv:
-                while not self._stop and not self.waiting and not self.running and not self._aborts and not self._pending_removals:
+                while (
+                    not self._stop
+                    and not self.waiting
+                    and not self.running
+                    and not self._aborts
+                    and not self._pending_removals
+                ):
                     self._cv.wait()
                 if self._stop:
                     return
@@ -425,7 +451,9 @@ class Engine:
             k = req.params.logprobs
             if k > 0:
                 top = torch.topk(lp, k)
-                out.top_logprobs = [(t, v) for t, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
+                out.top_logprobs = [
+                    (t, v) for t, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")
+                ]
         if not req.output_ids and req.params.prompt_logprobs:
             out.prompt_logprobs = req.prompt_logprobs
         req.output_ids.append(token)

@@ -6,8 +6,8 @@ penalties, `logit_bias` and grammar masks (engine/constraints.py) share one hook
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

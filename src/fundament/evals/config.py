@@ -51,12 +51,16 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise InvalidRequestError(f"limit must be at least 1, got {self.limit}.", "limit")
         if self.example_format not in ("list", "turns"):
-            raise InvalidRequestError(f"example_format must be 'list' or 'turns', got {self.example_format!r}.", "example_format")
+            raise InvalidRequestError(
+                f"example_format must be 'list' or 'turns', got {self.example_format!r}.", "example_format"
+            )
         if self.lora_epochs != "auto":
             try:
                 self.lora_epochs = int(self.lora_epochs)
             except ValueError:
-                raise InvalidRequestError(f"lora_epochs must be 'auto' or a number, got {self.lora_epochs!r}.", "lora_epochs") from None
+                raise InvalidRequestError(
+                    f"lora_epochs must be 'auto' or a number, got {self.lora_epochs!r}.", "lora_epochs"
+                ) from None
 
     @property
     def api_key(self) -> str | None:
@@ -84,34 +88,80 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p) -> None:
     """The `fundament eval` flags (argparse), one per EvalConfig field."""
-    p.add_argument("--task", action="append", required=True, help="sst2, trec, sms_spam, or a task definition file (YAML/JSON; docs/evaluation.md); repeatable")
-    p.add_argument("--strategies", default="local", help="comma-separated: zero-shot, few-shot-random, few-shot-nearest, lora, probe-embedding, probe-hidden, tfidf, remote-zero-shot, remote-few-shot-random, remote-few-shot-nearest; 'local' and 'remote' name the groups (default: local)")
-    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="numbers of labelled training examples (default %(default)s)")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help="sst2, trec, sms_spam, or a task definition file (YAML/JSON; docs/evaluation.md); repeatable",
+    )
+    p.add_argument(
+        "--strategies",
+        default="local",
+        help="comma-separated: zero-shot, few-shot-random, few-shot-nearest, lora, probe-embedding, probe-hidden, tfidf, remote-zero-shot, remote-few-shot-random, remote-few-shot-nearest; 'local' and 'remote' name the groups (default: local)",
+    )
+    p.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="numbers of labelled training examples (default %(default)s)"
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds; several give error bars (default 0)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many test examples")
     p.add_argument("--k", type=int, default=8, help="examples per input for few-shot prompting (default 8)")
-    p.add_argument("--example-format", choices=["list", "turns"], default="list", help="few-shot examples listed in the system message (default) or as chat turns")
+    p.add_argument(
+        "--example-format",
+        choices=["list", "turns"],
+        default="list",
+        help="few-shot examples listed in the system message (default) or as chat turns",
+    )
     p.add_argument("--model", default="smollm2-135m-instruct", help="the chat model to prompt, fine-tune and probe")
     p.add_argument("--embedding-model", default="all-minilm-l6-v2")
-    p.add_argument("--base-url", default=None, help="a running fundament server (default: start one on 127.0.0.1 and stop it after)")
-    p.add_argument("--remote-base-url", default=None, help="an OpenAI-compatible API for the remote-* strategies, e.g. https://api.openai.com/v1")
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="a running fundament server (default: start one on 127.0.0.1 and stop it after)",
+    )
+    p.add_argument(
+        "--remote-base-url",
+        default=None,
+        help="an OpenAI-compatible API for the remote-* strategies, e.g. https://api.openai.com/v1",
+    )
     p.add_argument("--remote-model", default=None, help="the remote model, e.g. gpt-4o-mini")
-    p.add_argument("--remote-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the remote key (default %(default)s)")
+    p.add_argument(
+        "--remote-api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the remote key (default %(default)s)",
+    )
     p.add_argument("--lora-epochs", default="auto", help="n_epochs of the fine-tuning jobs (default auto)")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the trainer's, 16)")
-    p.add_argument("--keep-models", action="store_true", help="keep the ft: models trained (default: delete each once scored)")
+    p.add_argument(
+        "--keep-models", action="store_true", help="keep the ft: models trained (default: delete each once scored)"
+    )
     p.add_argument("--latency-sample", type=int, default=20, help="test examples timed one call each (default 20)")
     p.add_argument("--out", default="eval-report", help="the report directory (default %(default)s)")
     p.add_argument("--cache-dir", default=None, help="cached results and features (default $FUNDAMENT_HOME/evals)")
-    p.add_argument("--data-dir", default=None, help="the built-in tasks' data (default $FUNDAMENT_DATA or ../shared/data)")
+    p.add_argument(
+        "--data-dir", default=None, help="the built-in tasks' data (default $FUNDAMENT_DATA or ../shared/data)"
+    )
 
 
 def from_args(args) -> EvalConfig:
     return EvalConfig(
-        tasks=args.task, strategies=[s.strip() for s in args.strategies.split(",") if s.strip()], sizes=_ints(args.sizes),
-        seeds=_ints(args.seeds), limit=args.limit, k=args.k, example_format=args.example_format, model=args.model, embedding_model=args.embedding_model,
-        base_url=args.base_url, remote_base_url=args.remote_base_url, remote_model=args.remote_model,
-        remote_api_key_env=args.remote_api_key_env, lora_epochs=args.lora_epochs, lora_r=args.lora_r, keep_models=args.keep_models,
-        latency_sample=args.latency_sample, out=Path(args.out), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        tasks=args.task,
+        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+        sizes=_ints(args.sizes),
+        seeds=_ints(args.seeds),
+        limit=args.limit,
+        k=args.k,
+        example_format=args.example_format,
+        model=args.model,
+        embedding_model=args.embedding_model,
+        base_url=args.base_url,
+        remote_base_url=args.remote_base_url,
+        remote_model=args.remote_model,
+        remote_api_key_env=args.remote_api_key_env,
+        lora_epochs=args.lora_epochs,
+        lora_r=args.lora_r,
+        keep_models=args.keep_models,
+        latency_sample=args.latency_sample,
+        out=Path(args.out),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         data_dir=Path(args.data_dir) if args.data_dir else None,
     )

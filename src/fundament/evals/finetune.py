@@ -27,7 +27,12 @@ def chat_examples(task: Task, train: list[Example]) -> bytes:
     d = task.descriptions or {}
     fmt = PromptFormat(task.instruction, task.answer_prefix)
     labels = [(c, d.get(c, "")) for c in task.classes]
-    lines = [json.dumps({"messages": fmt.messages(labels, [], e.text) + [{"role": "assistant", "content": fmt.answer(e.label)}]}) for e in train]
+    lines = [
+        json.dumps(
+            {"messages": fmt.messages(labels, [], e.text) + [{"role": "assistant", "content": fmt.answer(e.label)}]}
+        )
+        for e in train
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -63,19 +68,27 @@ class LoRA:
 
     def run(self, ctx, task: Task, train: list[Example], test: list[Example], seed: int) -> Outcome:
         cfg, client = ctx.config, ctx.fundament.client
-        upload = client.files.create(file=(f"{task.name}-n{len(train)}-s{seed}.jsonl", chat_examples(task, train)), purpose="fine-tune")
+        upload = client.files.create(
+            file=(f"{task.name}-n{len(train)}-s{seed}.jsonl", chat_examples(task, train)), purpose="fine-tune"
+        )
         hp = {} if cfg.lora_epochs == "auto" else {"n_epochs": int(cfg.lora_epochs)}
         worker = ctx.fundament.worker()  # the worker trains: its peak is the one that counts
         mem = PeakMemory(*worker).__enter__() if worker else None
         t0 = time.perf_counter()
         job = client.fine_tuning.jobs.create(
-            model=cfg.model, training_file=upload.id, seed=seed, suffix=f"eval-{task.name}-n{len(train)}-s{seed}"[:64],
+            model=cfg.model,
+            training_file=upload.id,
+            seed=seed,
+            suffix=f"eval-{task.name}-n{len(train)}-s{seed}"[:64],
             method={"type": "supervised", "supervised": {"hyperparameters": hp}},
             extra_body={"lora_r": cfg.lora_r} if cfg.lora_r else None,
         )
         try:
             job = self._wait(client, job, ctx.progress)
-        except (KeyboardInterrupt, SystemExit):  # the run stops (Ctrl-C, SIGTERM): so does its job (else a restarted server trains it)
+        except (
+            KeyboardInterrupt,
+            SystemExit,
+        ):  # the run stops (Ctrl-C, SIGTERM): so does its job (else a restarted server trains it)
             client.fine_tuning.jobs.cancel(job.id)
             raise
         wall_s = time.perf_counter() - t0
@@ -89,10 +102,22 @@ class LoRA:
         saved = adapter / "fundament_tune.json"
         compiled = json.loads(saved.read_text()).get("compiled") if saved.is_file() else None
         train_s = self._train_seconds(client, job, wall_s)
-        out = classify(client, request_body(task, model, [], 0, None, seed, input_prefix=False), test, cfg.latency_sample, ctx.progress)
+        out = classify(
+            client,
+            request_body(task, model, [], 0, None, seed, input_prefix=False),
+            test,
+            cfg.latency_sample,
+            ctx.progress,
+        )
         out.train_s, out.peak_memory_mb, out.size_bytes = train_s, peak, size
-        out.info = {"job": job.id, "fine_tuned_model": model, "trained_tokens": job.trained_tokens, "wall_s": wall_s,
-                    "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None, "compiled": compiled}
+        out.info = {
+            "job": job.id,
+            "fine_tuned_model": model,
+            "trained_tokens": job.trained_tokens,
+            "wall_s": wall_s,
+            "hyperparameters": job.hyperparameters.model_dump() if job.hyperparameters else None,
+            "compiled": compiled,
+        }
         if not cfg.keep_models:  # the adapter and its checkpoints: tens of MB per run
             client.models.delete(model)
             client.files.delete(upload.id)

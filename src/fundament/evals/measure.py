@@ -48,7 +48,7 @@ class PeakMemory:
     def __init__(self, pid: int | str = "self", baseline_kb: int | None = None):
         self.pid, self.mb, self._start, self.baseline_kb = pid, None, None, baseline_kb
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         try:
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")
             self._start = self.baseline_kb or _status_kb(self.pid, "VmRSS")
@@ -92,4 +92,3 @@ def child_pids(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-

@@ -8,9 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 STYLE = {  # colour and marker per strategy, the same in both figures
-    "zero-shot": ("#7f7f7f", "o"), "few-shot-random": ("#1f77b4", "o"), "few-shot-nearest": ("#17becf", "s"),
-    "lora": ("#d62728", "D"), "probe-embedding": ("#2ca02c", "^"), "probe-hidden": ("#98df8a", "v"), "tfidf": ("#ff7f0e", "P"),
-    "remote-zero-shot": ("#9467bd", "o"), "remote-few-shot-random": ("#9467bd", "x"), "remote-few-shot-nearest": ("#c5b0d5", "*"),
+    "zero-shot": ("#7f7f7f", "o"),
+    "few-shot-random": ("#1f77b4", "o"),
+    "few-shot-nearest": ("#17becf", "s"),
+    "lora": ("#d62728", "D"),
+    "probe-embedding": ("#2ca02c", "^"),
+    "probe-hidden": ("#98df8a", "v"),
+    "tfidf": ("#ff7f0e", "P"),
+    "remote-zero-shot": ("#9467bd", "o"),
+    "remote-few-shot-random": ("#9467bd", "x"),
+    "remote-few-shot-nearest": ("#c5b0d5", "*"),
 }
 
 
@@ -49,7 +56,17 @@ def plot_learning_curves(results: dict, path: Path) -> Path:
                     ax.axhline(pts[0][metric], color=color, ls="--", lw=1)
                 xs, ys = [p["size"] for p in pts], [p[metric] for p in pts]
                 err = [p[metric + "_std"] or 0 for p in pts]
-                ax.errorbar(xs, ys, yerr=err if any(err) else None, color=color, marker=marker, ms=5, lw=1.4, capsize=3, label=strategy)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=err if any(err) else None,
+                    color=color,
+                    marker=marker,
+                    ms=5,
+                    lw=1.4,
+                    capsize=3,
+                    label=strategy,
+                )
             ax.set_xscale("symlog", linthresh=8)
             ax.set_xticks(sizes)
             ax.set_xticklabels([str(s) for s in sizes])
@@ -77,7 +94,10 @@ def plot_accuracy_latency(results: dict, path: Path) -> Path:
         ax = axes[0][col]
         ax.axhline(t["majority"]["accuracy"], color="#bbbbbb", ls=":", lw=1, label="majority class")
         for strategy in t["curves"]:
-            own = sorted((r for r in t["rows"] if r["strategy"] == strategy and r["latency_p50_ms"] is not None), key=lambda r: r["size"])
+            own = sorted(
+                (r for r in t["rows"] if r["strategy"] == strategy and r["latency_p50_ms"] is not None),
+                key=lambda r: r["size"],
+            )
             if not own:
                 continue
             color, marker = STYLE.get(strategy, ("black", "o"))

@@ -26,7 +26,9 @@ class FeatureCache:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path)
-        self.db.execute("CREATE TABLE IF NOT EXISTS features (extractor TEXT, key TEXT, vec BLOB, seconds REAL, PRIMARY KEY (extractor, key))")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS features (extractor TEXT, key TEXT, vec BLOB, seconds REAL, PRIMARY KEY (extractor, key))"
+        )
 
     def features(self, extractor, texts: list[str], progress=None) -> tuple[np.ndarray, float]:
         """(N, D) float32 features of the texts and the seconds extracting them took (when first done)."""
@@ -36,13 +38,17 @@ class FeatureCache:
             part = keys[i : i + 500]
             q = f"SELECT key, vec, seconds FROM features WHERE extractor = ? AND key IN ({','.join('?' * len(part))})"
             have.update({k: (v, s) for k, v, s in self.db.execute(q, (extractor.key, *part))})
-        missing = sorted({k: t for k, t in zip(keys, texts) if k not in have}.items(), key=lambda kt: len(kt[1]))  # like lengths pad least
+        missing = sorted(
+            {k: t for k, t in zip(keys, texts) if k not in have}.items(), key=lambda kt: len(kt[1])
+        )  # like lengths pad least
         for i in range(0, len(missing), BATCH):
             batch = missing[i : i + BATCH]
             t0 = time.perf_counter()
             vecs = extractor.compute([t for _, t in batch])
             each = (time.perf_counter() - t0) / len(batch)
-            rows = [(extractor.key, k, np.asarray(v, dtype=np.float32).tobytes(), each) for (k, _), v in zip(batch, vecs)]
+            rows = [
+                (extractor.key, k, np.asarray(v, dtype=np.float32).tobytes(), each) for (k, _), v in zip(batch, vecs)
+            ]
             self.db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)", rows)
             self.db.commit()
             have.update({r[1]: (r[2], r[3]) for r in rows})
@@ -83,7 +89,9 @@ class HiddenStateFeatures:
 
         spec = next((m for m in ServeConfig().models if m.name == model_name and m.task == "generate"), None)
         if spec is None:
-            raise InvalidRequestError(f"probe-hidden needs a configured generation model; '{model_name}' is not one.", "model")
+            raise InvalidRequestError(
+                f"probe-hidden needs a configured generation model; '{model_name}' is not one.", "model"
+            )
         self.path = hf_dir_for(spec)
         self.key = f"hidden-mean:{model_name}:{fingerprint(str(self.path))}"
         self._model = None
@@ -122,7 +130,12 @@ class Probe:
 
     def settings(self, cfg) -> dict:
         model = cfg.embedding_model if self.source == "embedding" else cfg.model
-        return {"features": self.source, "model": model, "pooling": "mean" if self.source == "hidden" else "model's own", "C": 1.0}
+        return {
+            "features": self.source,
+            "model": model,
+            "pooling": "mean" if self.source == "hidden" else "model's own",
+            "C": 1.0,
+        }
 
     def extractor(self, ctx):
         if self._extractor is None:
@@ -141,7 +154,9 @@ class Probe:
         X_train, extract_train_s = cache.features(ex, [e.text for e in train])
         with PeakMemory() as mem:
             t0 = time.perf_counter()
-            model = linear.fit(make_pipeline(StandardScaler(), linear.logistic_regression(seed)), X_train, [e.label for e in train])
+            model = linear.fit(
+                make_pipeline(StandardScaler(), linear.logistic_regression(seed)), X_train, [e.label for e in train]
+            )
             fit_s = time.perf_counter() - t0
         X_test, extract_test_s = cache.features(ex, [e.text for e in test], ctx.progress)
         t0 = time.perf_counter()

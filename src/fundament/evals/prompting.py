@@ -19,16 +19,33 @@ def label_objects(task: Task) -> list[dict]:
     return [{"name": c, **({"description": d[c]} if d.get(c) else {})} for c in task.classes]
 
 
-def request_body(task: Task, model: str, train: list[Example], k: int, selection: str | None, seed: int, example_format: str = "list",
-                 input_prefix: bool = True) -> dict:
+def request_body(
+    task: Task,
+    model: str,
+    train: list[Example],
+    k: int,
+    selection: str | None,
+    seed: int,
+    example_format: str = "list",
+    input_prefix: bool = True,
+) -> dict:
     """`input_prefix`: introduce the input as the task does ("Message: ..."); the LoRA strategy
     leaves it out, as its training examples do."""
-    body = {"model": model, "labels": label_objects(task), "instruction": task.instruction,
-            "answer_prefix": task.answer_prefix, "seed": seed}
+    body = {
+        "model": model,
+        "labels": label_objects(task),
+        "instruction": task.instruction,
+        "answer_prefix": task.answer_prefix,
+        "seed": seed,
+    }
     if input_prefix and task.input_prefix:
         body["input_prefix"] = task.input_prefix
     if train and selection:
-        body.update(examples=[{"input": e.text, "label": e.label} for e in train], selection=selection, example_format=example_format)
+        body.update(
+            examples=[{"input": e.text, "label": e.label} for e in train],
+            selection=selection,
+            example_format=example_format,
+        )
         if k < len(train):  # else the whole pool (k left out: the server then orders it by similarity too)
             body["k"] = k
     return body
@@ -65,9 +82,13 @@ class Prompting:
         self.at_zero = None if selection is None else "zero-shot"  # few-shot with no examples is zero-shot
 
     def settings(self, cfg) -> dict:
-        return {"model": cfg.model, "k": cfg.k if self.selection else 0, "selection": self.selection,
-                "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
-                "example_format": cfg.example_format if self.selection else None}
+        return {
+            "model": cfg.model,
+            "k": cfg.k if self.selection else 0,
+            "selection": self.selection,
+            "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
+            "example_format": cfg.example_format if self.selection else None,
+        }
 
     def run(self, ctx, task: Task, train: list[Example], test: list[Example], seed: int) -> Outcome:
         cfg = ctx.config
@@ -75,6 +96,10 @@ class Prompting:
         if self.selection == "nearest":
             body["embedding_model"] = cfg.embedding_model
         out = classify(ctx.fundament.client, body, test, cfg.latency_sample, ctx.progress)
-        out.info = {"model": cfg.model, "k": min(cfg.k, len(train)) if self.selection else 0, "selection": self.selection,
-                    "example_format": cfg.example_format if self.selection else None}
+        out.info = {
+            "model": cfg.model,
+            "k": min(cfg.k, len(train)) if self.selection else 0,
+            "selection": self.selection,
+            "example_format": cfg.example_format if self.selection else None,
+        }
         return out

@@ -62,15 +62,37 @@ def cells_for(task: Task, strategy: Strategy, scores, seconds: float) -> list[Ce
         p = scores.probabilities(mode)  # (inputs, labels)
         pred = [scores.names[i] for i in p.argmax(axis=1)]
         conf = p.max(axis=1).tolist()
-        out.append(Cell(
-            task.name, strategy.name, mode, accuracy(gold, pred), macro_f1(gold, pred, task.classes),
-            expected_calibration_error(conf, [g == q for g, q in zip(gold, pred)]), len(gold) / seconds,
-        ))
+        out.append(
+            Cell(
+                task.name,
+                strategy.name,
+                mode,
+                accuracy(gold, pred),
+                macro_f1(gold, pred, task.classes),
+                expected_calibration_error(conf, [g == q for g, q in zip(gold, pred)]),
+                len(gold) / seconds,
+            )
+        )
     return out
 
 
-def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: int | None, example_format: str, which: list[str]):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def run(
+    task_names: list[str],
+    limit: int | None,
+    k: int,
+    seed: int,
+    threads: int | None,
+    example_format: str,
+    which: list[str],
+):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ..adapt import Classifier, PromptOptions
     from ..config import ServeConfig
@@ -87,7 +109,13 @@ def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: in
     clf = Classifier(lm, next(iter(registry.embedders.values())).embedder)
     cells: list[Cell] = []
     index_seconds: dict[str, float] = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     try:
         with Progress(*columns) as bar:
             for name in task_names:
@@ -103,15 +131,32 @@ def run(task_names: list[str], limit: int | None, k: int, seed: int, threads: in
                 for strategy in [s for s in strategies(k) if s.key in which]:
                     job = bar.add_task(f"{name} {strategy.name}", total=len(test))
                     t = time.perf_counter()
-                    options = PromptOptions(task.instruction, pool, strategy.k, strategy.selection, seed, task.answer_prefix,
-                                            strategy.example_format or example_format, task.input_prefix)
-                    scores = asyncio.run(clf.score([e.text for e in test], labels, options, content_free=True,
-                                                   progress=lambda n, job=job: bar.advance(job, n)))
+                    options = PromptOptions(
+                        task.instruction,
+                        pool,
+                        strategy.k,
+                        strategy.selection,
+                        seed,
+                        task.answer_prefix,
+                        strategy.example_format or example_format,
+                        task.input_prefix,
+                    )
+                    scores = asyncio.run(
+                        clf.score(
+                            [e.text for e in test],
+                            labels,
+                            options,
+                            content_free=True,
+                            progress=lambda n, job=job: bar.advance(job, n),
+                        )
+                    )
                     seconds = time.perf_counter() - t
                     new = cells_for(replace(task, test=test), strategy, scores, seconds)
                     cells += new
                     best = max(new, key=lambda c: c.accuracy)
-                    bar.console.print(f"{name} {strategy.name}: accuracy {', '.join(f'{c.calibration} {c.accuracy:.3f}' for c in new)} ({new[0].inputs_per_s:.1f} inputs/s; best {best.calibration})")
+                    bar.console.print(
+                        f"{name} {strategy.name}: accuracy {', '.join(f'{c.calibration} {c.accuracy:.3f}' for c in new)} ({new[0].inputs_per_s:.1f} inputs/s; best {best.calibration})"
+                    )
     finally:
         registry.stop()
     return cells, index_seconds
@@ -131,7 +176,16 @@ def machine() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores available, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def markdown(cells: list[Cell], index_seconds: dict[str, float], command: str, tasks: list[str], limit: int | None, threads: int | None, example_format: str, notes: str) -> str:
+def markdown(
+    cells: list[Cell],
+    index_seconds: dict[str, float],
+    command: str,
+    tasks: list[str],
+    limit: int | None,
+    threads: int | None,
+    example_format: str,
+    notes: str,
+) -> str:
     lines = [
         "# Prompting report: SmolLM2-135M-Instruct",
         "",
@@ -147,8 +201,13 @@ def markdown(cells: list[Cell], index_seconds: dict[str, float], command: str, t
         lines += [
             f"## {name}: {task.test_split}, {n} inputs; pool: train, {len(task.train):,} examples",
             "",
-            f"Instruction: \"{task.instruction}\"; answer prefix: \"{task.answer_prefix}\"; input prefix: \"{task.input_prefix}\"; "
-            f"labels: {', '.join(task.classes)}." + (f" Embedding the pool for nearest selection took {index_seconds[name]:.0f} s (once)." if name in index_seconds else ""),
+            f'Instruction: "{task.instruction}"; answer prefix: "{task.answer_prefix}"; input prefix: "{task.input_prefix}"; '
+            f"labels: {', '.join(task.classes)}."
+            + (
+                f" Embedding the pool for nearest selection took {index_seconds[name]:.0f} s (once)."
+                if name in index_seconds
+                else ""
+            ),
             "",
             "| strategy | calibration | accuracy | macro-F1 | ECE | inputs/s |",
             "|---|---|---|---|---|---|",
@@ -157,7 +216,9 @@ def markdown(cells: list[Cell], index_seconds: dict[str, float], command: str, t
         best = max(mine, key=lambda c: c.accuracy) if mine else None
         for c in mine:
             b = "**" if c is best else ""
-            lines.append(f"| {c.strategy} | {c.calibration} | {b}{c.accuracy:.1%}{b} | {c.macro_f1:.3f} | {c.ece:.3f} | {c.inputs_per_s:.1f} |")
+            lines.append(
+                f"| {c.strategy} | {c.calibration} | {b}{c.accuracy:.1%}{b} | {c.macro_f1:.3f} | {c.ece:.3f} | {c.inputs_per_s:.1f} |"
+            )
         lines.append("")
     return "\n".join(lines) + ("\n" + notes.strip() + "\n" if notes else "")
 
@@ -169,8 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=8, help="examples per prompt")
     ap.add_argument("--seed", type=int, default=0, help="for random selection")
     ap.add_argument("--threads", type=int, help="engine threads (default: all cores)")
-    ap.add_argument("--example-format", choices=["list", "turns"], default="list", help="how few-shot examples are shown")
-    ap.add_argument("--strategies", default="zero,random,nearest,nearest-turns,ensemble", help="comma-separated, from zero, random, nearest, nearest-turns, ensemble")
+    ap.add_argument(
+        "--example-format", choices=["list", "turns"], default="list", help="how few-shot examples are shown"
+    )
+    ap.add_argument(
+        "--strategies",
+        default="zero,random,nearest,nearest-turns,ensemble",
+        help="comma-separated, from zero, random, nearest, nearest-turns, ensemble",
+    )
     ap.add_argument("--notes", help="a markdown file appended to the report (what was tried)")
     ap.add_argument("--out", default="docs/reports/prompting.md")
     args = ap.parse_args(argv)
@@ -184,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = open(args.notes).read() if args.notes else ""
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(markdown(cells, index_seconds, command.strip(), tasks, args.limit, args.threads, args.example_format, notes))
+        f.write(
+            markdown(cells, index_seconds, command.strip(), tasks, args.limit, args.threads, args.example_format, notes)
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -90,9 +90,14 @@ class Remote:
         self._logprobs = True
 
     def settings(self, cfg) -> dict:
-        return {"base_url": cfg.remote_base_url, "model": cfg.remote_model, "k": cfg.k if self.selection else 0,
-                "selection": self.selection, "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
-                "example_format": cfg.example_format if self.selection else None}
+        return {
+            "base_url": cfg.remote_base_url,
+            "model": cfg.remote_model,
+            "k": cfg.k if self.selection else 0,
+            "selection": self.selection,
+            "embedding_model": cfg.embedding_model if self.selection == "nearest" else None,
+            "example_format": cfg.example_format if self.selection else None,
+        }
 
     def _chat(self, cfg, messages: list[dict]):
         kw = {"model": cfg.remote_model, "messages": messages, "temperature": 0, "max_tokens": 16}
@@ -110,15 +115,25 @@ class Remote:
 
         cfg = ctx.config
         if not (cfg.remote_base_url and cfg.remote_model):
-            raise InvalidRequestError("remote strategies need --remote-base-url and --remote-model (and a key: --remote-api-key-env).", "remote_base_url")
+            raise InvalidRequestError(
+                "remote strategies need --remote-base-url and --remote-model (and a key: --remote-api-key-env).",
+                "remote_base_url",
+            )
         self._client = self._client or openai_client(cfg.remote_base_url, cfg.remote_api_key, timeout=120)
         fmt = PromptFormat(task.instruction, task.answer_prefix, task.input_prefix, example_format=cfg.example_format)
         d = task.descriptions or {}
         labels = [(c, d.get(c, "")) for c in task.classes]
         pool = [(e.text, e.label) for e in train] if self.selection else []
         k = min(cfg.k, len(pool))
-        selector = Classifier(None, EndpointEmbedder(ctx.fundament.client, cfg.embedding_model) if pool and self.selection == "nearest" else None)
-        chosen = selector.select_examples([e.text for e in test], pool, k, self.selection or "random", seed)  # as the endpoint chooses
+        selector = Classifier(
+            None,
+            EndpointEmbedder(ctx.fundament.client, cfg.embedding_model)
+            if pool and self.selection == "nearest"
+            else None,
+        )
+        chosen = selector.select_examples(
+            [e.text for e in test], pool, k, self.selection or "random", seed
+        )  # as the endpoint chooses
         messages = [fmt.messages(labels, [pool[j] for j in chosen[i]], e.text) for i, e in enumerate(test)]
 
         def one(i: int):
@@ -151,7 +166,15 @@ class Remote:
                     fallbacks += 1
                     p = {c: (1.0 if c == label else 0.0) if label else 1 / len(task.classes) for c in task.classes}
                 probs.append(p)
-        info = {"base_url": cfg.remote_base_url, "model": cfg.remote_model, "k": k, "selection": self.selection, "example_format": cfg.example_format,
-                "unparsed": sum(1 for label, _, _ in done if not label), "logprobs": with_logprobs,
-                "probability_fallbacks": fallbacks, "reply_examples": [r for _, _, r in done[:3]]}
+        info = {
+            "base_url": cfg.remote_base_url,
+            "model": cfg.remote_model,
+            "k": k,
+            "selection": self.selection,
+            "example_format": cfg.example_format,
+            "unparsed": sum(1 for label, _, _ in done if not label),
+            "logprobs": with_logprobs,
+            "probability_fallbacks": fallbacks,
+            "reply_examples": [r for _, _, r in done[:3]],
+        }
         return Outcome([label for label, _, _ in done], probs, latencies, predict_s, info=info)

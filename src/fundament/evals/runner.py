@@ -52,7 +52,7 @@ def plan(cfg: EvalConfig, tasks: list) -> tuple[list, list[tuple], dict]:
             if skip:
                 skipped.setdefault(task.name, {})[s.name] = skip
             for n in run:
-                for seed in ([0] if n == 0 else cfg.seeds):  # no examples: nothing random, one cell whatever the seeds
+                for seed in [0] if n == 0 else cfg.seeds:  # no examples: nothing random, one cell whatever the seeds
                     cells.append((task, s, n, seed))
     return strategies, cells, skipped
 
@@ -63,18 +63,37 @@ def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed:
     # The input prefix enters the key only of strategies whose prompt shows it, so adding it left
     # the other strategies' cached cells valid.
     prefix = [task.input_prefix] if getattr(strategy, "uses_input_prefix", False) and task.input_prefix else []
-    key = fingerprint(task.name, task.classes, task.instruction, task.answer_prefix, task.descriptions, train, test,
-                      strategy.name, strategy.settings(cfg), cfg.latency_sample, *prefix)
+    key = fingerprint(
+        task.name,
+        task.classes,
+        task.instruction,
+        task.answer_prefix,
+        task.descriptions,
+        train,
+        test,
+        strategy.name,
+        strategy.settings(cfg),
+        cfg.latency_sample,
+        *prefix,
+    )
     cell = (task.name, strategy.name, size, seed, key)
     record = cache.get(*cell)
     if record is not None:
         return {**record, "cached": True}
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     outcome = strategy.run(ctx, task, train, test, seed)
-    record = {"task": task.name, "strategy": strategy.name, "size": size, "seed": seed, "key": key,
-              "settings": strategy.settings(cfg), "wall_s": time.perf_counter() - t0,
-              "load_average": (load0 + os.getloadavg()[0]) / 2,  # how busy the machine was: timings depend on it
-              "gold": [e.label for e in test], "outcome": outcome.to_dict()}
+    record = {
+        "task": task.name,
+        "strategy": strategy.name,
+        "size": size,
+        "seed": seed,
+        "key": key,
+        "settings": strategy.settings(cfg),
+        "wall_s": time.perf_counter() - t0,
+        "load_average": (load0 + os.getloadavg()[0]) / 2,  # how busy the machine was: timings depend on it
+        "gold": [e.label for e in test],
+        "outcome": outcome.to_dict(),
+    }
     cache.put(record, *cell)
     return record
 
@@ -125,39 +144,76 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
             current = bar.add_task("", total=None)
             for task, s, n, seed in cells:
                 what = f"{task.name} {s.name} n={n} seed={seed}"
-                ctx.progress = lambda done, total, phase="", what=what: bar.update(current, completed=done, total=total, description=f"  {what} {phase}")
+                ctx.progress = lambda done, total, phase="", what=what: bar.update(
+                    current, completed=done, total=total, description=f"  {what} {phase}"
+                )
                 bar.update(current, completed=0, total=None, description=f"  {what}")
                 try:
                     rec = _run_cell(ctx, cache, task, s, n, seed, tests[task.name])
                     rec["metrics"] = cell_metrics(rec, task.classes)
-                except Exception as e:  # recorded, not cached; the rest of the run goes on and the command fails at the end
+                except (
+                    Exception
+                ) as e:  # recorded, not cached; the rest of the run goes on and the command fails at the end
                     message = describe(e)
-                    errors.append({"task": task.name, "strategy": s.name, "size": n, "seed": seed, "error": message, "type": type(e).__name__})
-                    if not isinstance(e, (FundamentError, openai.APIError)):  # not an expected failure: a bug, shown where it is
+                    errors.append(
+                        {
+                            "task": task.name,
+                            "strategy": s.name,
+                            "size": n,
+                            "seed": seed,
+                            "error": message,
+                            "type": type(e).__name__,
+                        }
+                    )
+                    if not isinstance(
+                        e, (FundamentError, openai.APIError)
+                    ):  # not an expected failure: a bug, shown where it is
                         bar.console.print_exception()
                     bar.console.print(f"{what}: failed: {message}", style="red", highlight=False, markup=False)
                 else:
                     records.append(rec)
                     m = rec["metrics"]  # one line per cell: the record of a long run, in a log file too
                     took = "cached" if rec.get("cached") else f"{rec['wall_s']:.0f} s"
-                    bar.console.print(f"{what}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} ({took})", highlight=False)
+                    bar.console.print(
+                        f"{what}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} ({took})", highlight=False
+                    )
                 bar.advance(overall)
     finally:
         fundament.close()
-    results = {"config": cfg.to_dict(), "wall_s": time.perf_counter() - started,
-               "cells_wall_s": sum(r["wall_s"] for r in records),  # what computing every cell took, cached or not
-               "cells": len(records), "cells_computed": sum(not r.get("cached") for r in records), "cells_failed": len(errors),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(records), "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
-               "tasks": {}, "errors": errors}
+    results = {
+        "config": cfg.to_dict(),
+        "wall_s": time.perf_counter() - started,
+        "cells_wall_s": sum(r["wall_s"] for r in records),  # what computing every cell took, cached or not
+        "cells": len(records),
+        "cells_computed": sum(not r.get("cached") for r in records),
+        "cells_failed": len(errors),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(records),
+        "strategies": {s.name: DESCRIPTIONS[s.name] for s in strategies},
+        "tasks": {},
+        "errors": errors,
+    }
     for task in tasks:
         mine = [r for r in records if r["task"] == task.name]
         rows = summarize(mine, task.classes)
         test = tests[task.name]
         results["tasks"][task.name] = {
-            "classes": task.classes, "train_size": len(task.train), "test_split": task.test_split, "test_size": len(task.test),
-            "n_test": len(test), "limit": cfg.limit, "majority": majority_baseline([e.label for e in test], [e.label for e in task.train], task.classes),
-            "skipped": skipped.get(task.name, {}), "rows": rows, "curves": curves(rows, strategies), "verdict": verdict(rows),
-            "cells": [{k: r[k] for k in ("strategy", "size", "seed", "key", "wall_s", "metrics")} | {"info": r["outcome"]["info"]} for r in mine],
+            "classes": task.classes,
+            "train_size": len(task.train),
+            "test_split": task.test_split,
+            "test_size": len(task.test),
+            "n_test": len(test),
+            "limit": cfg.limit,
+            "majority": majority_baseline([e.label for e in test], [e.label for e in task.train], task.classes),
+            "skipped": skipped.get(task.name, {}),
+            "rows": rows,
+            "curves": curves(rows, strategies),
+            "verdict": verdict(rows),
+            "cells": [
+                {k: r[k] for k in ("strategy", "size", "seed", "key", "wall_s", "metrics")}
+                | {"info": r["outcome"]["info"]}
+                for r in mine
+            ],
         }
     write_report(results, cfg.out)
     return results

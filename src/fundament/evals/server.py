@@ -23,7 +23,9 @@ def openai_client(base_url: str, api_key: str | None, timeout: float = 600):
     try:
         from openai import OpenAI
     except ImportError:
-        raise FundamentError("evaluations talk to servers through the official client: pip install openai", "openai") from None
+        raise FundamentError(
+            "evaluations talk to servers through the official client: pip install openai", "openai"
+        ) from None
     return OpenAI(base_url=base_url, api_key=api_key or "fundament", max_retries=2, timeout=timeout)
 
 
@@ -36,7 +38,9 @@ def _free_port() -> int:
 class LocalServer:
     """`fundament serve` on a free port of 127.0.0.1; its log goes to `log_path`."""
 
-    def __init__(self, log_path: Path, home: Path | None = None, extra_args: list[str] | None = None, timeout_s: float = 600):
+    def __init__(
+        self, log_path: Path, home: Path | None = None, extra_args: list[str] | None = None, timeout_s: float = 600
+    ):
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.home = Path(home) if home else None
@@ -44,8 +48,19 @@ class LocalServer:
         env = {k: v for k, v in os.environ.items() if k != "FUNDAMENT_API_KEY"}
         if self.home:
             env["FUNDAMENT_HOME"] = str(self.home)
-        cmd = [sys.executable, "-m", "fundament.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning", *(extra_args or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fundament.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *(extra_args or []),
+        ]
         log.info("starting %s (log: %s)", " ".join(cmd[1:]), log_path)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -57,7 +72,9 @@ class LocalServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise FundamentError(f"the evaluation's server exited with {self.proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+                raise FundamentError(
+                    f"the evaluation's server exited with {self.proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
                     return

@@ -42,6 +42,7 @@ def held_out(task: Task, limit: int | None) -> list[Example]:
 
 def fingerprint(*parts) -> str:
     """A short hash of JSON-able parts (examples are hashed by text and label)."""
+
     def plain(x):
         if isinstance(x, Example):
             return [x.text, x.label]

@@ -9,7 +9,17 @@ import numpy as np
 
 from .metrics import accuracy, expected_calibration_error, macro_f1, per_class_f1
 
-NUMBERS = ["accuracy", "macro_f1", "ece", "latency_p50_ms", "latency_p95_ms", "throughput_per_s", "train_s", "peak_memory_mb", "size_mb"]
+NUMBERS = [
+    "accuracy",
+    "macro_f1",
+    "ece",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "throughput_per_s",
+    "train_s",
+    "peak_memory_mb",
+    "size_mb",
+]
 
 
 def cell_metrics(record: dict, classes: list[str]) -> dict:
@@ -49,7 +59,12 @@ def summarize(cells: list[dict], classes: list[str]) -> dict:
         groups.setdefault((c["strategy"], c["size"]), []).append(c)
     rows = []
     for (strategy, size), cs in groups.items():
-        row = {"strategy": strategy, "size": size, "seeds": sorted(c["seed"] for c in cs), "n_test": cs[0]["metrics"]["n_test"]}
+        row = {
+            "strategy": strategy,
+            "size": size,
+            "seeds": sorted(c["seed"] for c in cs),
+            "n_test": cs[0]["metrics"]["n_test"],
+        }
         for k in NUMBERS:
             row[k], row[k + "_std"] = _mean_std([c["metrics"][k] for c in cs])
         row["per_class_f1"] = {cl: float(np.mean([c["metrics"]["per_class_f1"][cl] for c in cs])) for cl in classes}
@@ -65,7 +80,9 @@ def curves(rows: list[dict], strategies: list) -> dict[str, list[dict]]:
     out = {}
     for s in strategies:
         zero = by.get((s.at_zero or s.name, 0))
-        pts = ([zero] if zero else []) + sorted((r for (name, n), r in by.items() if name == s.name and n > 0), key=lambda r: r["size"])
+        pts = ([zero] if zero else []) + sorted(
+            (r for (name, n), r in by.items() if name == s.name and n > 0), key=lambda r: r["size"]
+        )
         out[s.name] = [{k: p[k] for k in keep} for p in pts]
     return out
 
@@ -78,9 +95,18 @@ def majority_baseline(gold: list[str], train_labels: list[str], classes: list[st
 
 
 # What each strategy is, for the verdict: the user's question is which *kind* of adaptation to use.
-FAMILIES = {"zero-shot": "prompting", "few-shot-random": "prompting", "few-shot-nearest": "prompting",
-            "remote-zero-shot": "prompting", "remote-few-shot-random": "prompting", "remote-few-shot-nearest": "prompting",
-            "lora": "fine-tuning", "probe-embedding": "probe", "probe-hidden": "probe", "tfidf": "from scratch"}
+FAMILIES = {
+    "zero-shot": "prompting",
+    "few-shot-random": "prompting",
+    "few-shot-nearest": "prompting",
+    "remote-zero-shot": "prompting",
+    "remote-few-shot-random": "prompting",
+    "remote-few-shot-nearest": "prompting",
+    "lora": "fine-tuning",
+    "probe-embedding": "probe",
+    "probe-hidden": "probe",
+    "tfidf": "from scratch",
+}
 CLOSE = 0.02  # accuracy within this of the best counts as "as good" (2 points: 4 of 200 test examples)
 
 
@@ -106,5 +132,10 @@ def verdict(rows: list[dict]) -> dict:
             break
     close = [r for r in rows if r["accuracy"] >= best["accuracy"] - CLOSE and r["latency_p50_ms"] is not None]
     fastest = min(close, key=lambda r: (r["latency_p50_ms"], r["size"])) if close else best
-    return {"best": pick(best), "families": {f: pick(r) for f, r in families.items()}, "fine_tuning_overtakes": overtakes,
-            "fastest_close_to_best": pick(fastest), "close": CLOSE}
+    return {
+        "best": pick(best),
+        "families": {f: pick(r) for f, r in families.items()},
+        "fine_tuning_overtakes": overtakes,
+        "fastest_close_to_best": pick(fastest),
+        "close": CLOSE,
+    }

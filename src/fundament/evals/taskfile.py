@@ -28,8 +28,20 @@ from ..errors import InvalidRequestError
 from .tasks import TASKS, Example, Task, load_task
 
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
-KNOWN_KEYS = {"name", "instruction", "answer_prefix", "text_column", "label_column", "labels", "label_map",
-              "splits", "file", "test_fraction", "split_seed", "test_split"}
+KNOWN_KEYS = {
+    "name",
+    "instruction",
+    "answer_prefix",
+    "text_column",
+    "label_column",
+    "labels",
+    "label_map",
+    "splits",
+    "file",
+    "test_fraction",
+    "split_seed",
+    "test_split",
+}
 
 
 def _fail(message: str, param: str = "task") -> InvalidRequestError:
@@ -97,8 +109,10 @@ def _examples(path: Path, defn: dict, names: list[str]) -> list[Example]:
     for n, text, raw in read_rows(path, columns):
         label = label_map.get(raw.strip(), raw.strip())
         if label not in names:
-            raise _fail(f"{path} line {n}, column '{columns[1]}': unknown label {raw!r}; the task's labels are {names}"
-                        + (" (after label_map)." if label_map else "."))
+            raise _fail(
+                f"{path} line {n}, column '{columns[1]}': unknown label {raw!r}; the task's labels are {names}"
+                + (" (after label_map)." if label_map else ".")
+            )
         if not text.strip():
             raise _fail(f"{path} line {n}, column '{columns[0]}': the text is empty.")
         out.append(Example(text.strip(), label))
@@ -143,8 +157,14 @@ def load_task_file(path: str | Path) -> Task:
         if not examples:
             raise _fail(f"{path}: the {split} split ({where[split]}) has no examples.")
     return Task(
-        str(defn.get("name") or path.stem), names, str(defn.get("instruction") or "Classify the input."),
-        str(defn.get("answer_prefix", "Answer:")), train, test, str(defn.get("test_split", "test")), descriptions,
+        str(defn.get("name") or path.stem),
+        names,
+        str(defn.get("instruction") or "Classify the input."),
+        str(defn.get("answer_prefix", "Answer:")),
+        train,
+        test,
+        str(defn.get("test_split", "test")),
+        descriptions,
     )
 
 

@@ -46,7 +46,9 @@ def data_dir() -> Path:
 
 
 def _missing(path: Path) -> InvalidRequestError:
-    return InvalidRequestError(f"{path} does not exist; set FUNDAMENT_DATA to the data directory (see its PROVENANCE.md files).", "data")
+    return InvalidRequestError(
+        f"{path} does not exist; set FUNDAMENT_DATA to the data directory (see its PROVENANCE.md files).", "data"
+    )
 
 
 def _read_sst2(path: Path) -> list[Example]:
@@ -67,12 +69,21 @@ def _read_sst2(path: Path) -> list[Example]:
                 raise InvalidRequestError(f"{path} line {n}: {len(row)} columns, the header has {len(header)}.", "data")
             label = row[li].strip()
             if label not in names:
-                raise InvalidRequestError(f"{path} line {n}: unknown label {label!r}; SST-2 labels are 0 and 1.", "data")
+                raise InvalidRequestError(
+                    f"{path} line {n}: unknown label {label!r}; SST-2 labels are 0 and 1.", "data"
+                )
             out.append(Example(row[si].strip(), names[label]))
     return out
 
 
-TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location", "NUM": "number"}
+TREC_CLASSES = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
 
 
 def _read_trec(path: Path) -> list[Example]:
@@ -89,7 +100,9 @@ def _read_trec(path: Path) -> list[Example]:
         if ":" not in head or not text.strip():
             raise InvalidRequestError(f"{path} line {n}: expected 'COARSE:fine question', got {line[:60]!r}.", "data")
         if coarse not in TREC_CLASSES:
-            raise InvalidRequestError(f"{path} line {n}: unknown label {coarse!r}; TREC's coarse classes are {sorted(TREC_CLASSES)}.", "data")
+            raise InvalidRequestError(
+                f"{path} line {n}: unknown label {coarse!r}; TREC's coarse classes are {sorted(TREC_CLASSES)}.", "data"
+            )
         out.append(Example(text.strip(), TREC_CLASSES[coarse]))
     return out
 
@@ -110,7 +123,9 @@ def _read_sms(path: Path) -> list[Example]:
         if not tab:
             raise InvalidRequestError(f"{path} line {n}: no tab between the label and the message.", "data")
         if label not in ("ham", "spam"):
-            raise InvalidRequestError(f"{path} line {n}: unknown label {label!r}; SMS spam labels are ham and spam.", "data")
+            raise InvalidRequestError(
+                f"{path} line {n}: unknown label {label!r}; SMS spam labels are ham and spam.", "data"
+            )
         out.append(Example(text.strip(), SMS_CLASSES[label]))
     return out
 
@@ -128,13 +143,24 @@ def load_task(name: str, root: Path | None = None) -> Task:
     root = Path(root) if root else data_dir()
     if name == "sst2":
         return Task(
-            "sst2", ["negative", "positive"], "Classify the sentiment of the movie review.", "The review is",
-            _read_sst2(root / "sst2" / "train.tsv"), _read_sst2(root / "sst2" / "dev.tsv"), "dev", input_prefix="Review:",
+            "sst2",
+            ["negative", "positive"],
+            "Classify the sentiment of the movie review.",
+            "The review is",
+            _read_sst2(root / "sst2" / "train.tsv"),
+            _read_sst2(root / "sst2" / "dev.tsv"),
+            "dev",
+            input_prefix="Review:",
         )
     if name == "trec":
         return Task(
-            "trec", list(TREC_CLASSES.values()), "Classify what kind of answer the question asks for.", "The question asks for",
-            _read_trec(root / "trec" / "train_5500.label"), _read_trec(root / "trec" / "TREC_10.label"), "test",
+            "trec",
+            list(TREC_CLASSES.values()),
+            "Classify what kind of answer the question asks for.",
+            "The question asks for",
+            _read_trec(root / "trec" / "train_5500.label"),
+            _read_trec(root / "trec" / "TREC_10.label"),
+            "test",
             descriptions={
                 "abbreviation": "an abbreviation or what one stands for",
                 "description": "a description, definition, manner or reason",
@@ -147,8 +173,16 @@ def load_task(name: str, root: Path | None = None) -> Task:
         )
     if name == "sms_spam":
         train, test = sms_split(_read_sms(root / "sms_spam" / "SMSSpamCollection"))
-        return Task("sms_spam", list(SMS_CLASSES.values()), "Is this text message spam (advertising, prizes, scams) or a legitimate message?",
-                    "This message is", train, test, "test (seeded 20%)", input_prefix="Message:")
+        return Task(
+            "sms_spam",
+            list(SMS_CLASSES.values()),
+            "Is this text message spam (advertising, prizes, scams) or a legitimate message?",
+            "This message is",
+            train,
+            test,
+            "test (seeded 20%)",
+            input_prefix="Message:",
+        )
     raise InvalidRequestError(f"unknown task {name!r}; known: {', '.join(TASKS)}.", "task")
 
 

@@ -31,7 +31,9 @@ class TfIdf:
         t0 = time.perf_counter()
         labels, probs = linear.predict(model, [e.text for e in test], task.classes)
         predict_s = time.perf_counter() - t0
-        latencies = time_each(lambda e: linear.predict(model, [e.text], task.classes), test[: ctx.config.latency_sample])
+        latencies = time_each(
+            lambda e: linear.predict(model, [e.text], task.classes), test[: ctx.config.latency_sample]
+        )
         size = linear.save(model, ctx.artifact(task, self.name, len(train), seed, ".pkl"))
         if ctx.progress:
             ctx.progress(len(test), len(test))

@@ -30,7 +30,7 @@ def _fsync_dir(path: Path) -> None:
 class Upload:
     """One file being written: `write` chunks, then `commit` (row created) or `abort` (nothing left)."""
 
-    def __init__(self, files: "FileStore"):
+    def __init__(self, files: FileStore):
         self.files = files
         self.id = new_id("file")
         self.tmp = files.dir / f"{_TMP}{self.id}"
@@ -41,7 +41,9 @@ class Upload:
         self.bytes += len(data)
         if self.bytes > self.files.max_bytes:
             self.abort()
-            raise PayloadTooLargeError(f"The file is larger than the server's limit of {self.files.max_bytes} bytes (max_file_bytes).", "file")
+            raise PayloadTooLargeError(
+                f"The file is larger than the server's limit of {self.files.max_bytes} bytes (max_file_bytes).", "file"
+            )
         self.f.write(data)
 
     def commit(self, filename: str, purpose: str) -> dict:

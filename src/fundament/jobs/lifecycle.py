@@ -57,8 +57,15 @@ ALLOWED: dict[Status, frozenset[Status]] = {
 }
 
 
-def _move(store: JobStore, verb: str, job_id: str | None, events: tuple[tuple[str, str], ...] = (),
-          guard: str = "", guard_args: tuple = (), **fields) -> str | None:
+def _move(
+    store: JobStore,
+    verb: str,
+    job_id: str | None,
+    events: tuple[tuple[str, str], ...] = (),
+    guard: str = "",
+    guard_args: tuple = (),
+    **fields,
+) -> str | None:
     """The one UPDATE behind every transition: `verb`'s target status and `fields`, where the job
     is in one of verb's from-states (and `guard` holds), with `events` [(message, level)] in the
     same transaction. job_id None: the oldest job in a from-state. The id moved, or None. A job
@@ -67,8 +74,10 @@ def _move(store: JobStore, verb: str, job_id: str | None, events: tuple[tuple[st
     cols = {"status": t.target, **fields}
     sources = ", ".join("?" * len(t.sources))
     which = "?" if job_id is not None else f"(SELECT id FROM jobs WHERE status IN ({sources}) ORDER BY seq LIMIT 1)"
-    sql = (f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = {which}"
-           f" AND status IN ({sources}) {guard} RETURNING id, out_dir")
+    sql = (
+        f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = {which}"
+        f" AND status IN ({sources}) {guard} RETURNING id, out_dir"
+    )
     args = (*store.encode(cols), *((job_id,) if job_id is not None else t.sources), *t.sources, *guard_args)
     with store.transaction() as c:
         rows = c.execute(sql, args).fetchall()
@@ -84,9 +93,19 @@ def _move(store: JobStore, verb: str, job_id: str | None, events: tuple[tuple[st
 
 # ---- the server's requests -------------------------------------------------------------------
 
+
 def cancel(store: JobStore, job_id: str) -> bool:
-    return _move(store, "cancel", job_id, (("Fine-tuning job cancelled", "info"),),
-                 finished_at=int(time.time()), estimated_finish=None) is not None
+    return (
+        _move(
+            store,
+            "cancel",
+            job_id,
+            (("Fine-tuning job cancelled", "info"),),
+            finished_at=int(time.time()),
+            estimated_finish=None,
+        )
+        is not None
+    )
 
 
 def pause(store: JobStore, job_id: str) -> bool:
@@ -95,10 +114,14 @@ def pause(store: JobStore, job_id: str) -> bool:
 
 
 def resume(store: JobStore, job_id: str) -> bool:
-    return _move(store, "resume", job_id, (("Fine-tuning job resumed; queued to continue from its saved state", "info"),)) is not None
+    return (
+        _move(store, "resume", job_id, (("Fine-tuning job resumed; queued to continue from its saved state", "info"),))
+        is not None
+    )
 
 
 # ---- the worker's ----------------------------------------------------------------------------
+
 
 def queue(store: JobStore, job_id: str, hyperparameters: dict, event: str) -> bool:
     """Files valid: queued with its hyperparameters resolved."""
@@ -110,15 +133,38 @@ def claim(store: JobStore, worker: str, pid: int, stale_s: float) -> dict | None
     another live worker is training already (one job trains at a time on this machine)."""
     now = time.time()
     busy = "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status = ? AND j.worker IS NOT ? AND j.heartbeat_at > ?)"
-    job_id = _move(store, "claim", None, guard=busy, guard_args=(Status.RUNNING, worker, now - stale_s),
-                   worker=worker, worker_pid=pid, heartbeat_at=now, estimated_finish=None)
+    job_id = _move(
+        store,
+        "claim",
+        None,
+        guard=busy,
+        guard_args=(Status.RUNNING, worker, now - stale_s),
+        worker=worker,
+        worker_pid=pid,
+        heartbeat_at=now,
+        estimated_finish=None,
+    )
     return None if job_id is None else store.get_job(job_id)
 
 
-def requeue(store: JobStore, job_id: str, event: str, level: str = "info", guard: str = "", guard_args: tuple = ()) -> bool:
+def requeue(
+    store: JobStore, job_id: str, event: str, level: str = "info", guard: str = "", guard_args: tuple = ()
+) -> bool:
     """Back to queued, held by no worker; the next claim resumes it from its last checkpoint."""
-    return _move(store, "requeue", job_id, ((event, level),), guard, guard_args,
-                 worker=None, worker_pid=None, estimated_finish=None) is not None
+    return (
+        _move(
+            store,
+            "requeue",
+            job_id,
+            ((event, level),),
+            guard,
+            guard_args,
+            worker=None,
+            worker_pid=None,
+            estimated_finish=None,
+        )
+        is not None
+    )
 
 
 def requeue_orphans(store: JobStore, stale_s: float, is_dead: Callable[[dict], bool]) -> list[dict]:
@@ -128,21 +174,53 @@ def requeue_orphans(store: JobStore, stale_s: float, is_dead: Callable[[dict], b
     out = []
     for row in store.jobs_with_status(Status.RUNNING):
         gone = (row["heartbeat_at"] or 0) < now - stale_s or is_dead(row)
-        if gone and requeue(store, row["id"], "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.",
-                            "warn", "AND worker IS ? AND heartbeat_at IS ?", (row["worker"], row["heartbeat_at"])):
+        if gone and requeue(
+            store,
+            row["id"],
+            "The worker training this job stopped unexpectedly; the job is queued again and resumes from its last checkpoint.",
+            "warn",
+            "AND worker IS ? AND heartbeat_at IS ?",
+            (row["worker"], row["heartbeat_at"]),
+        ):
             out.append(row)
     return out
 
 
-def succeed(store: JobStore, job_id: str, fine_tuned_model: str, adapter_dir: str, trained_tokens: int, result_files: list[str]) -> bool:
-    events = ((f"New fine-tuned model created: {fine_tuned_model}", "info"), ("The job has successfully completed", "info"))
-    return _move(store, "succeed", job_id, events, fine_tuned_model=fine_tuned_model, adapter_dir=adapter_dir,
-                 trained_tokens=trained_tokens, finished_at=int(time.time()), estimated_finish=None,
-                 result_files=result_files) is not None
+def succeed(
+    store: JobStore, job_id: str, fine_tuned_model: str, adapter_dir: str, trained_tokens: int, result_files: list[str]
+) -> bool:
+    events = (
+        (f"New fine-tuned model created: {fine_tuned_model}", "info"),
+        ("The job has successfully completed", "info"),
+    )
+    return (
+        _move(
+            store,
+            "succeed",
+            job_id,
+            events,
+            fine_tuned_model=fine_tuned_model,
+            adapter_dir=adapter_dir,
+            trained_tokens=trained_tokens,
+            finished_at=int(time.time()),
+            estimated_finish=None,
+            result_files=result_files,
+        )
+        is not None
+    )
 
 
 def fail(store: JobStore, job_id: str, code: str, message: str, param: str | None) -> bool:
     """Failed with OpenAI's {code, message, param}, from validation or training."""
-    return _move(store, "fail", job_id, ((f"Fine-tuning job failed: {message}", "error"),),
-                 error={"code": code, "message": message, "param": param},
-                 finished_at=int(time.time()), estimated_finish=None) is not None
+    return (
+        _move(
+            store,
+            "fail",
+            job_id,
+            ((f"Fine-tuning job failed: {message}", "error"),),
+            error={"code": code, "message": message, "param": param},
+            finished_at=int(time.time()),
+            estimated_finish=None,
+        )
+        is not None
+    )

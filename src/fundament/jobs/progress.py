@@ -48,8 +48,12 @@ def follow(client, job_id: str, console=None, poll_s: float = 1.0):
     metrics: list[dict] = []
     rate_from: tuple[float, int] | None = None  # (when, tokens) at the first metrics seen here
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TextColumn("left {task.fields[left]}"),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("left {task.fields[left]}"),
     )
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("validating", total=None, loss="-", tps="-", left="-:--")
@@ -62,8 +66,13 @@ def follow(client, job_id: str, console=None, poll_s: float = 1.0):
                     if rate_from is None or tokens < rate_from[1]:
                         rate_from = (now, tokens)
                     tps = (tokens - rate_from[1]) / (now - rate_from[0]) if now > rate_from[0] else None
-                    bar.update(task, total=d["total_steps"], completed=d["step"], loss=f"{d['train_loss']:.4f}",
-                               tps=f"{tps:,.0f}" if tps else "-")
+                    bar.update(
+                        task,
+                        total=d["total_steps"],
+                        completed=d["step"],
+                        loss=f"{d['train_loss']:.4f}",
+                        tps=f"{tps:,.0f}" if tps else "-",
+                    )
                 else:
                     bar.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(e.created_at))}[/] {e.message}")
             job = client.fine_tuning.jobs.retrieve(job_id)

@@ -9,8 +9,8 @@ or where file bytes live.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -142,7 +142,9 @@ class JobStore:
         with self.transaction() as c:
             version = c.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
-                raise FundamentError(f"{self.path} was written by a newer fundament (schema version {version}; this one knows up to {len(MIGRATIONS)}). Upgrade fundament, or point FUNDAMENT_HOME elsewhere.")
+                raise FundamentError(
+                    f"{self.path} was written by a newer fundament (schema version {version}; this one knows up to {len(MIGRATIONS)}). Upgrade fundament, or point FUNDAMENT_HOME elsewhere."
+                )
             for script in MIGRATIONS[version:]:
                 for statement in _statements(script):
                     c.execute(statement)
@@ -183,7 +185,9 @@ class JobStore:
     def _seq(self, table: str, id_: str, param: str = "after", where: str = "", args=()) -> int:
         r = self._one(f"SELECT seq FROM {table} WHERE id = ? {where}", (id_, *args))
         if r is None:
-            raise InvalidRequestError(f"'{param}' names no item of this list: {id_!r}. Pass the id of an item from a previous page.", param)
+            raise InvalidRequestError(
+                f"'{param}' names no item of this list: {id_!r}. Pass the id of an item from a previous page.", param
+            )
         return r["seq"]
 
     # ---- files ---------------------------------------------------------------------------------
@@ -204,7 +208,9 @@ class JobStore:
         with self._conn() as c:
             return {r[0] for r in c.execute("SELECT id FROM files WHERE deleted = 0")}
 
-    def list_files(self, after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None) -> tuple[list[dict], bool]:
+    def list_files(
+        self, after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None
+    ) -> tuple[list[dict], bool]:
         """One page of files and whether more follow."""
         where, args = ["deleted = 0"], []
         if purpose:
@@ -225,9 +231,21 @@ class JobStore:
 
     # ---- jobs ----------------------------------------------------------------------------------
 
-    def create_job(self, *, model: str, base_model: str, training_file: str, validation_file: str | None, suffix: str | None,
-                   seed: int, metadata: dict | None, hyperparameters: dict, extensions: dict, out_root: Path,
-                   job_id: str | None = None) -> dict:
+    def create_job(
+        self,
+        *,
+        model: str,
+        base_model: str,
+        training_file: str,
+        validation_file: str | None,
+        suffix: str | None,
+        seed: int,
+        metadata: dict | None,
+        hyperparameters: dict,
+        extensions: dict,
+        out_root: Path,
+        job_id: str | None = None,
+    ) -> dict:
         """A new job, `validating_files`, its output under out_root/<id>. `job_id` when the caller
         chose it beforehand (to put the job's copy of its files in place before the row exists)."""
         job_id = job_id or new_id("ftjob")
@@ -235,9 +253,21 @@ class JobStore:
             c.execute(
                 "INSERT INTO jobs (id, created_at, model, base_model, training_file, validation_file, suffix, seed, metadata,"
                 " hyperparameters, extensions, status, out_dir) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, int(time.time()), model, base_model, training_file, validation_file, suffix, seed,
-                 None if metadata is None else json.dumps(metadata), json.dumps(hyperparameters), json.dumps(extensions),
-                 Status.VALIDATING_FILES, str(Path(out_root) / job_id)),
+                (
+                    job_id,
+                    int(time.time()),
+                    model,
+                    base_model,
+                    training_file,
+                    validation_file,
+                    suffix,
+                    seed,
+                    None if metadata is None else json.dumps(metadata),
+                    json.dumps(hyperparameters),
+                    json.dumps(extensions),
+                    Status.VALIDATING_FILES,
+                    str(Path(out_root) / job_id),
+                ),
             )
             self.insert_event(c, job_id, f"Created fine-tuning job: {job_id}")
         return self.get_job(job_id)
@@ -245,8 +275,13 @@ class JobStore:
     def get_job(self, job_id: str) -> dict | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
-    def list_jobs(self, after: str | None = None, limit: int = 20, metadata: dict[str, str] | None = None,
-                  null_metadata: bool = False) -> tuple[list[dict], bool]:
+    def list_jobs(
+        self,
+        after: str | None = None,
+        limit: int = 20,
+        metadata: dict[str, str] | None = None,
+        null_metadata: bool = False,
+    ) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them; `metadata` keeps jobs whose metadata holds every k=v."""
         where, args = ["1"], []
         if after:
@@ -257,7 +292,9 @@ class JobStore:
         for k, v in (metadata or {}).items():  # json_each: any key, no JSON-path quoting
             where.append("EXISTS (SELECT 1 FROM json_each(jobs.metadata) WHERE key = ? AND value = ?)")
             args += [k, v]
-        rows = self._all(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit + 1))
+        rows = self._all(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
+        )
         return rows[:limit], len(rows) > limit
 
     @staticmethod
@@ -265,8 +302,14 @@ class JobStore:
         """Column values as stored (the JSON columns as text)."""
         return [json.dumps(v) if k in _JSON and v is not None else v for k, v in fields.items()]
 
-    def update_job(self, job_id: str, from_status: tuple[Status, ...] | None = None, event: str | None = None,
-                   level: str = "info", **fields) -> bool:
+    def update_job(
+        self,
+        job_id: str,
+        from_status: tuple[Status, ...] | None = None,
+        event: str | None = None,
+        level: str = "info",
+        **fields,
+    ) -> bool:
         """Set fields if the job is in one of `from_status`; with an event in the same transaction.
         False when the job had moved on (paused meanwhile, say). The status itself changes only
         by a transition of jobs/lifecycle.py."""
@@ -278,7 +321,9 @@ class JobStore:
             cargs = list(from_status)
         with self.transaction() as c:
             if fields:
-                n = c.execute(f"UPDATE jobs SET {sets} WHERE id = ?{cond}", (*self.encode(fields), job_id, *cargs)).rowcount
+                n = c.execute(
+                    f"UPDATE jobs SET {sets} WHERE id = ?{cond}", (*self.encode(fields), job_id, *cargs)
+                ).rowcount
             else:  # only the event, if the job is still where the caller thinks
                 n = c.execute(f"SELECT 1 FROM jobs WHERE id = ?{cond}", (job_id, *cargs)).fetchone() is not None
             if n and event:
@@ -287,9 +332,13 @@ class JobStore:
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
         with self.transaction() as c:
-            return c.execute(
-                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND status = ?", (time.time(), job_id, worker, Status.RUNNING)
-            ).rowcount == 1
+            return (
+                c.execute(
+                    "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND worker = ? AND status = ?",
+                    (time.time(), job_id, worker, Status.RUNNING),
+                ).rowcount
+                == 1
+            )
 
     def jobs_with_status(self, status: Status) -> list[dict]:
         return self._all("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,))
@@ -297,13 +346,25 @@ class JobStore:
     # ---- events --------------------------------------------------------------------------------
 
     @staticmethod
-    def insert_event(c, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+    def insert_event(
+        c, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> None:
         c.execute(
             "INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (new_id("ftevent"), job_id, int(time.time()), level, message, type, None if data is None else json.dumps(data)),
+            (
+                new_id("ftevent"),
+                job_id,
+                int(time.time()),
+                level,
+                message,
+                type,
+                None if data is None else json.dumps(data),
+            ),
         )
 
-    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+    def add_event(
+        self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> None:
         with self.transaction() as c:
             self.insert_event(c, job_id, message, level, type, data)
 
@@ -339,9 +400,14 @@ class JobStore:
     def add_checkpoint_metrics(self, job_id: str, step: int, metrics: dict) -> None:
         """Merge metrics known only after the run (full validation) into a checkpoint's."""
         with self.transaction() as c:
-            r = c.execute("SELECT id, metrics FROM checkpoints WHERE job_id = ? AND step_number = ?", (job_id, step)).fetchone()
+            r = c.execute(
+                "SELECT id, metrics FROM checkpoints WHERE job_id = ? AND step_number = ?", (job_id, step)
+            ).fetchone()
             if r is not None:
-                c.execute("UPDATE checkpoints SET metrics = ? WHERE id = ?", (json.dumps({**json.loads(r["metrics"]), **metrics}), r["id"]))
+                c.execute(
+                    "UPDATE checkpoints SET metrics = ? WHERE id = ?",
+                    (json.dumps({**json.loads(r["metrics"]), **metrics}), r["id"]),
+                )
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
         """Newest step first; checkpoints whose model was deleted, and those of a failed job, are left out."""

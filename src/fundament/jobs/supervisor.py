@@ -56,8 +56,17 @@ class WorkerProcess:
         return self.proc.pid if self.proc else None
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "fundament.jobs.worker", "--config", str(self.config_path),
-               "--parent-pid", str(os.getpid()), "--log-level", self.log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fundament.jobs.worker",
+            "--config",
+            str(self.config_path),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            self.log_level,
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=worker_env())
         log.info("started the fine-tuning worker (pid %d)", self.proc.pid)
 

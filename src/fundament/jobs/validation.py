@@ -9,9 +9,10 @@ exactly what trains. Knows nothing of jobs, the store or HTTP.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MIN_TRAINING_EXAMPLES = 10  # as OpenAI
@@ -60,7 +61,9 @@ def _content_problem(m: dict, where: str) -> str | None:
         return f"{where} has no content"
     if isinstance(c, str):
         return None
-    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+    if isinstance(c, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c
+    ):
         return None
     return f"{where}.content must be a string or a list of text parts"
 
@@ -70,8 +73,13 @@ def _tools_problem(tools: Any) -> str | None:
         return "'tools' must be a list"
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not (isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(fn, dict) and isinstance(fn.get("name"), str)):
-            return f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., \"parameters\": ...}}}}"
+        if not (
+            isinstance(t, dict)
+            and t.get("type", "function") == "function"
+            and isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)
+        ):
+            return f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
     return None
 
 
@@ -131,8 +139,9 @@ def record_format(record: Any) -> str | None:
     return None
 
 
-def validate_file(path: str | Path, param: str, encode: Callable[[dict], Any], max_len: int,
-                  min_examples: int = 1) -> Dataset:
+def validate_file(
+    path: str | Path, param: str, encode: Callable[[dict], Any], max_len: int, min_examples: int = 1
+) -> Dataset:
     """Read a JSONL file and collect every problem with its line number. `encode(record)` is the
     trainer's encoding (raising ValueError on an unusable example); `max_len` the context window."""
     ds = Dataset(param)
@@ -153,7 +162,9 @@ def validate_file(path: str | Path, param: str, encode: Callable[[dict], Any], m
             fmt = record_format(record)
             ds.format = ds.format or fmt
             if fmt != ds.format:
-                problems = [f"this example is in {fmt.replace('_', '/')} format but earlier ones are in {ds.format.replace('_', '/')} format; use one format per file"]
+                problems = [
+                    f"this example is in {fmt.replace('_', '/')} format but earlier ones are in {ds.format.replace('_', '/')} format; use one format per file"
+                ]
             else:
                 problems = chat_problems(record) if fmt == "chat" else prompt_completion_problems(record)
         if not problems:
@@ -163,14 +174,18 @@ def validate_file(path: str | Path, param: str, encode: Callable[[dict], Any], m
                 problems = [str(e)]
             else:
                 if ex.n_tokens > max_len:
-                    problems = [f"the example is {ex.n_tokens} tokens long; the limit is {max_len} (the context window)"]
+                    problems = [
+                        f"the example is {ex.n_tokens} tokens long; the limit is {max_len} (the context window)"
+                    ]
                 else:
                     ds.examples.append(ex)
         ds.problems += [Problem(lineno, p) for p in problems]
     if n == 0:
         ds.problems.append(Problem(None, "the file is empty"))
     elif n < min_examples:
-        ds.problems.append(Problem(None, f"the file has {n} example{'s' * (n != 1)}; at least {min_examples} are required"))
+        ds.problems.append(
+            Problem(None, f"the file has {n} example{'s' * (n != 1)}; at least {min_examples} are required")
+        )
     return ds
 
 

@@ -63,7 +63,7 @@ def worker_is_dead(job: dict) -> bool:
 class JobHooks(TuneHooks):
     """The trainer's hooks for one job: events, checkpoints, estimated finish, stop requests."""
 
-    def __init__(self, worker: "Worker", job: dict):
+    def __init__(self, worker: Worker, job: dict):
         self.worker, self.store, self.job = worker, worker.store, job
         self.model_id = fine_tuned_model_id(job)
         self.t0, self.first_step = time.monotonic(), None
@@ -78,9 +78,12 @@ class JobHooks(TuneHooks):
                 self.store.add_event(jid, f"Resumed from the state saved at step {step - 1}.")
         self.last_step, self.total_steps = step, total_steps
         data = {
-            "step": step, "total_steps": total_steps,
-            "train_loss": metrics.get("train_loss"), "train_mean_token_accuracy": metrics.get("train_mean_token_accuracy"),
-            "valid_loss": metrics.get("valid_loss"), "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
+            "step": step,
+            "total_steps": total_steps,
+            "train_loss": metrics.get("train_loss"),
+            "train_mean_token_accuracy": metrics.get("train_mean_token_accuracy"),
+            "valid_loss": metrics.get("valid_loss"),
+            "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
             "trained_tokens": metrics.get("tokens"),
         }
         msg = f"Step {step}/{total_steps}: training loss={data['train_loss']:.4f}"
@@ -88,7 +91,9 @@ class JobHooks(TuneHooks):
             msg += f", validation loss={data['valid_loss']:.4f}"
         self.store.add_event(jid, msg, type="metrics", data=data)
         per_step = (time.monotonic() - self.t0) / (step - self.first_step + 1)
-        self.store.update_job(jid, (Status.RUNNING,), estimated_finish=int(time.time() + per_step * (total_steps - step)))
+        self.store.update_job(
+            jid, (Status.RUNNING,), estimated_finish=int(time.time() + per_step * (total_steps - step))
+        )
         if self.pending_checkpoint and self.pending_checkpoint[0] == step:
             self.record_checkpoint(data)
 
@@ -102,8 +107,14 @@ class JobHooks(TuneHooks):
     def record_checkpoint(self, data: dict) -> None:
         step, path = self.pending_checkpoint
         self.pending_checkpoint = None
-        metrics = {k: data[k] for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy") if data.get(k) is not None}
-        self.store.add_checkpoint(self.job["id"], step, {"step": step, **metrics}, checkpoint_model_id(self.model_id, step), path)
+        metrics = {
+            k: data[k]
+            for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+            if data.get(k) is not None
+        }
+        self.store.add_checkpoint(
+            self.job["id"], step, {"step": step, **metrics}, checkpoint_model_id(self.model_id, step), path
+        )
 
     def should_stop(self) -> str | None:
         if self.worker.stopping.is_set():
@@ -117,8 +128,14 @@ class JobHooks(TuneHooks):
 
 
 class Worker:
-    def __init__(self, config: ServeConfig, store: JobStore | None = None, files: FileStore | None = None,
-                 parent_pid: int | None = None, poll_s: float = 1.0):
+    def __init__(
+        self,
+        config: ServeConfig,
+        store: JobStore | None = None,
+        files: FileStore | None = None,
+        parent_pid: int | None = None,
+        poll_s: float = 1.0,
+    ):
         self.config = config
         self.store = store or JobStore()
         self.files = files or FileStore(self.store)
@@ -210,18 +227,29 @@ class Worker:
 
             # The job's own copies (made at create; made here for a job from before they were), so
             # neither validation nor a resume after a crash reads a file the user may have deleted.
-            keep_job_files(self.files, job["out_dir"], {"training_file": job["training_file"], "validation_file": job["validation_file"]})
-            train = validate_file(data_path(job["out_dir"], "training_file"), "training_file", encode, max_len, MIN_TRAINING_EXAMPLES)
+            keep_job_files(
+                self.files,
+                job["out_dir"],
+                {"training_file": job["training_file"], "validation_file": job["validation_file"]},
+            )
+            train = validate_file(
+                data_path(job["out_dir"], "training_file"), "training_file", encode, max_len, MIN_TRAINING_EXAMPLES
+            )
             valid = None
             if job["validation_file"]:
-                valid = validate_file(data_path(job["out_dir"], "validation_file"), "validation_file", encode, max_len, 1)
+                valid = validate_file(
+                    data_path(job["out_dir"], "validation_file"), "validation_file", encode, max_len, 1
+                )
             return train, valid
 
     def validate(self, job: dict) -> bool:
         """validating_files -> queued, or -> failed with every problem (line numbers) in events."""
         jid = job["id"]
-        self.store.add_event(jid, f"Validating training file: {job['training_file']}" + (
-            f" and validation file: {job['validation_file']}" if job["validation_file"] else ""))
+        self.store.add_event(
+            jid,
+            f"Validating training file: {job['training_file']}"
+            + (f" and validation file: {job['validation_file']}" if job["validation_file"] else ""),
+        )
         try:
             train, valid = self._read_data(job)
             for ds in (train, valid):
@@ -229,17 +257,26 @@ class Worker:
                     for p in ds.problems[:MAX_EVENTS_PER_FILE]:
                         self.store.add_event(jid, f"{ds.param}: {p}", level="error")
                     return self._fail(job, f"invalid_{ds.param}", ds.summary(), ds.param)
-            hp = resolve_hyperparameters(job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"])
+            hp = resolve_hyperparameters(
+                job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"]
+            )
         except FundamentError as e:
             return self._fail(job, "invalid_request", e.message, e.param)
         except Exception as e:  # the worker survives whatever one job does
             log.exception("validating %s", jid)
             return self._fail(job, "validation_error", f"Validation failed: {type(e).__name__}: {e}", None)
-        resolved = {"batch_size": hp.batch_size, "learning_rate_multiplier": hp.learning_rate_multiplier, "n_epochs": hp.n_epochs}
+        resolved = {
+            "batch_size": hp.batch_size,
+            "learning_rate_multiplier": hp.learning_rate_multiplier,
+            "n_epochs": hp.n_epochs,
+        }
         self._datasets[jid] = (train, valid)
         n_tok = train.n_tokens
         queued = lifecycle.queue(
-            self.store, jid, resolved, f"Files validated ({len(train.examples)} training examples, {n_tok} tokens); moving job to queued state.",
+            self.store,
+            jid,
+            resolved,
+            f"Files validated ({len(train.examples)} training examples, {n_tok} tokens); moving job to queued state.",
         )
         if not queued:  # cancelled meanwhile
             self._drop_data_if_ended(job)
@@ -278,9 +315,13 @@ class Worker:
             bad = next((ds for ds in (train, valid) if ds is not None and not ds.ok), None)
             if bad is not None:  # the job's copy is gone (a job from before there were copies, say)
                 return self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
-            hp = resolve_hyperparameters(job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"])
+            hp = resolve_hyperparameters(
+                job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"]
+            )
             if hooks.should_stop():
-                return self._after_stop(job, hooks, "cancel" if self.store.get_job(jid)["status"] == Status.CANCELLED else "pause")
+                return self._after_stop(
+                    job, hooks, "cancel" if self.store.get_job(jid)["status"] == Status.CANCELLED else "pause"
+                )
             result = fine_tune(base_dir, train.examples, valid.examples if valid else None, hp, out_dir, hooks)
         except FundamentError as e:  # bad values from an older version's job, or a run that diverged
             return self._fail(job, e.code or "invalid_request", e.message, e.param)
@@ -302,21 +343,34 @@ class Worker:
             self._drop_data_if_ended(job)
             return
         if self.stopping.is_set() and lifecycle.requeue(
-            self.store, jid, f"The worker shut down at step {step}; the job is queued and resumes from there when a worker starts.",
+            self.store,
+            jid,
+            f"The worker shut down at step {step}; the job is queued and resumes from there when a worker starts.",
         ):
             return
         row = self.store.get_job(jid)
         if row["status"] == Status.PAUSED:
-            self.store.update_job(jid, (Status.PAUSED,), estimated_finish=None, event=f"Training paused at step {step}; its state is saved for resume.")
+            self.store.update_job(
+                jid,
+                (Status.PAUSED,),
+                estimated_finish=None,
+                event=f"Training paused at step {step}; its state is saved for resume.",
+            )
 
     def _succeed(self, job: dict, result) -> None:
         jid = job["id"]
-        full = {k: result.metrics[k] for k in ("full_valid_loss", "full_valid_mean_token_accuracy") if result.metrics.get(k) is not None}
+        full = {
+            k: result.metrics[k]
+            for k in ("full_valid_loss", "full_valid_mean_token_accuracy")
+            if result.metrics.get(k) is not None
+        }
         if full:  # measured after the last checkpoint was written: it belongs to that checkpoint
             self.store.add_checkpoint_metrics(jid, result.steps, full)
         result_file = self.files.add_bytes(self._metrics_csv(jid), "step_metrics.csv", "fine-tune-results")
         model = fine_tuned_model_id(job)
-        ok = lifecycle.succeed(self.store, jid, model, str(result.adapter_dir), result.trained_tokens, [result_file["id"]])
+        ok = lifecycle.succeed(
+            self.store, jid, model, str(result.adapter_dir), result.trained_tokens, [result_file["id"]]
+        )
         if not ok:  # cancelled at the very end: the cancel wins
             self.files.delete(result_file["id"])
         self._drop_data_if_ended(job)
@@ -327,7 +381,15 @@ class Worker:
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
         for m in self.store.metrics(job_id):
-            w.writerow([m["step"], *("" if m.get(k) is None else m[k] for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy"))])
+            w.writerow(
+                [
+                    m["step"],
+                    *(
+                        "" if m.get(k) is None else m[k]
+                        for k in ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy")
+                    ),
+                ]
+            )
         return out.getvalue().encode()
 
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
@@ -339,7 +401,9 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fundament worker", description="Train the fine-tuning jobs queued in $FUNDAMENT_HOME.")
+    p = argparse.ArgumentParser(
+        prog="fundament worker", description="Train the fine-tuning jobs queued in $FUNDAMENT_HOME."
+    )
     p.add_argument("--config", help="the serve config (YAML) naming the base models")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the server) is gone")
     p.add_argument("--log-level", default="info")

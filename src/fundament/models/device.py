@@ -7,6 +7,7 @@ import torch
 
 from ..errors import InvalidRequestError
 
+
 def cpu_supports_bf16() -> bool:
     """AVX512-BF16 (or AMX) makes bfloat16 matmuls fast; without it they are emulated and slow."""
     try:
@@ -17,16 +18,20 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_device(name: str) -> str:
-    """"auto": the first CUDA GPU torch sees, else the CPU. A named CUDA device that is not there
+    """ "auto": the first CUDA GPU torch sees, else the CPU. A named CUDA device that is not there
     is a configuration error, not a silent fall back to the CPU."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise InvalidRequestError(f"engine.device {name!r} is not a device; use auto, cpu or cuda[:N].", "device") from None
+        raise InvalidRequestError(
+            f"engine.device {name!r} is not a device; use auto, cpu or cuda[:N].", "device"
+        ) from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise InvalidRequestError(f"engine.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA devices.", "device")
+        raise InvalidRequestError(
+            f"engine.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA devices.", "device"
+        )
     if device.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"engine.device {name!r}: only cpu and cuda are supported.", "device")
     return str(device)

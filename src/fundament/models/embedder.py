@@ -44,7 +44,9 @@ class Embedder:
     def vectors(self, texts: list[str]) -> np.ndarray:
         """Unit-length vectors (len(texts), D) as float32, for nearest-neighbour search over large
         pools; a text past the model's limit is truncated to its first max_tokens tokens."""
-        return self.st.encode(texts, convert_to_numpy=True, batch_size=64, normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
+        return self.st.encode(
+            texts, convert_to_numpy=True, batch_size=64, normalize_embeddings=True, show_progress_bar=False
+        ).astype(np.float32)
 
     @torch.inference_mode()
     def embed_token_ids(self, batches: list[list[int]], first_index: int = 0) -> tuple[list[list[float]], int]:
@@ -55,11 +57,16 @@ class Embedder:
         for i, ids in enumerate(batches, first_index):
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                raise InvalidRequestError(f"input[{i}] has token id {bad[0]} outside this model's vocabulary (0..{self.vocab_size - 1})", "input")
+                raise InvalidRequestError(
+                    f"input[{i}] has token id {bad[0]} outside this model's vocabulary (0..{self.vocab_size - 1})",
+                    "input",
+                )
             if ids and cls_id is not None and ids[0] != cls_id:
                 ids = [cls_id] + ids + [sep_id]
             if len(ids) > self.max_tokens:
-                raise ContextLengthExceededError(f"input[{i}] has {len(ids)} tokens; this model reads at most {self.max_tokens}.", "input")
+                raise ContextLengthExceededError(
+                    f"input[{i}] has {len(ids)} tokens; this model reads at most {self.max_tokens}.", "input"
+                )
             t = torch.tensor([ids])
             features = {"input_ids": t, "attention_mask": torch.ones_like(t), "token_type_ids": torch.zeros_like(t)}
             out.append(self.st.forward(features)["sentence_embedding"][0].tolist())

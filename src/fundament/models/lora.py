@@ -20,9 +20,12 @@ from ..errors import InvalidRequestError
 
 # PEFT module name -> (our fused projection, part index within it)
 FUSED = {
-    "q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2),
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
     "o_proj": ("o", 0),
-    "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
 }
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$")
@@ -43,7 +46,9 @@ def read_adapter_config(path: Path) -> dict:
     return cfg
 
 
-def load_lora(path: str | Path, out_sizes: dict[str, list[int]], n_layers: int, dtype: torch.dtype, device) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def load_lora(
+    path: str | Path, out_sizes: dict[str, list[int]], n_layers: int, dtype: torch.dtype, device
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per layer: {fused projection: (A (R, in), B_scaled (out, R))}. out_sizes gives each fused
     projection's part sizes, e.g. {"qkv": [q_dim, kv_dim, kv_dim], ...}."""
     path = Path(path)
@@ -57,7 +62,9 @@ def load_lora(path: str | Path, out_sizes: dict[str, list[int]], n_layers: int, 
     for key, t in load_file(files[0]).items():
         m = _KEY.search(key)
         if not m:
-            raise InvalidRequestError(f"{path}: unsupported adapter weight {key} (LoRA on attention and MLP projections only)", "model")
+            raise InvalidRequestError(
+                f"{path}: unsupported adapter weight {key} (LoRA on attention and MLP projections only)", "model"
+            )
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         if module not in FUSED or layer >= n_layers:
             raise InvalidRequestError(f"{path}: adapter weight {key} does not fit this model", "model")
@@ -76,8 +83,13 @@ def load_lora(path: str | Path, out_sizes: dict[str, list[int]], n_layers: int, 
         col = 0
         for idx, a, b in sorted(items, key=lambda x: x[0]):
             if b.shape[0] != sizes[idx]:
-                raise InvalidRequestError(f"{path}: layer {layer} has a LoRA B of {b.shape[0]} rows, the model needs {sizes[idx]}", "model")
+                raise InvalidRequestError(
+                    f"{path}: layer {layer} has a LoRA B of {b.shape[0]} rows, the model needs {sizes[idx]}", "model"
+                )
             B[offsets[idx] : offsets[idx] + sizes[idx], col : col + a.shape[0]] = b * scale
             col += a.shape[0]
-        layers[layer][fused] = (A.to(dtype=dtype, device=device).contiguous(), B.to(dtype=dtype, device=device).contiguous())
+        layers[layer][fused] = (
+            A.to(dtype=dtype, device=device).contiguous(),
+            B.to(dtype=dtype, device=device).contiguous(),
+        )
     return layers

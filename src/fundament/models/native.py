@@ -21,7 +21,15 @@ SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # -fopenmp: at::parallel_for is a header template that splits work with OpenMP pragmas; without
 # it, it runs on one thread. The library then needs libgomp.so.1, which resolves to the copy torch
 # has already loaded, so there is one OpenMP pool in the process.
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-fopenmp"]
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fassociative-math",
+    "-fno-signed-zeros",
+    "-fopenmp",
+]
 STALE_LOCK_S = 300
 _lock = threading.Lock()
 _loaded: bool | None = None  # load()'s answer, once asked
@@ -34,7 +42,9 @@ def cache_dir() -> Path:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    key = hashlib.sha256(b"\0".join(x.encode() for x in (SOURCE.read_text(), torch.__version__, flags, " ".join(CFLAGS)))).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(x.encode() for x in (SOURCE.read_text(), torch.__version__, flags, " ".join(CFLAGS)))
+    ).hexdigest()[:16]
     return root / key
 
 
@@ -65,7 +75,10 @@ def _build() -> bool:
         return False
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        log.warning("native decode kernel unavailable: no C++ compiler (%s) on PATH; decoding through PyTorch calls instead", compiler)
+        log.warning(
+            "native decode kernel unavailable: no C++ compiler (%s) on PATH; decoding through PyTorch calls instead",
+            compiler,
+        )
         return False
     try:
         from torch.utils.cpp_extension import load as build
@@ -80,9 +93,20 @@ def _build() -> bool:
             lock.unlink(missing_ok=True)
         if not (where / "fundament_decode.so").exists():
             log.info("building the native decode kernel (once per machine) in %s", where)
-        build(name="fundament_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(where),
-              is_python_module=False, verbose=False)
+        build(
+            name="fundament_decode",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(where),
+            is_python_module=False,
+            verbose=False,
+        )
         return True
     except Exception as e:  # no ninja, a failed build: run without it
-        log.warning("native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.warning(
+            "native decode kernel unavailable (%s: %s); decoding through PyTorch calls instead",
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
         return False

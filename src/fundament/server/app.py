@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
-
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -32,10 +31,6 @@ from .protocol import (
     Model,
     ModelList,
 )
-from .serving_classify import ClassificationHandler
-from .serving_chat import ChatHandler
-from .serving_completions import CompletionHandler
-from .serving_embeddings import EmbeddingHandler
 from .protocol_fine_tuning import (
     CreateFineTuningJobRequest,
     FileDeleted,
@@ -47,6 +42,10 @@ from .protocol_fine_tuning import (
     FineTuningJobList,
     ModelDeleted,
 )
+from .serving_chat import ChatHandler
+from .serving_classify import ClassificationHandler
+from .serving_completions import CompletionHandler
+from .serving_embeddings import EmbeddingHandler
 from .serving_files import FilesHandler
 from .serving_fine_tuning import FineTuningHandler
 
@@ -60,7 +59,9 @@ def _param_from_loc(loc) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'; union-member and tag names are dropped."""
     out = ""
     for i, p in enumerate(loc):
-        if (i == 0 and p in ("body", "query", "path")) or (isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))):
+        if (i == 0 and p in ("body", "query", "path")) or (
+            isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))
+        ):
             continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
@@ -88,8 +89,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         msg = f"Unrecognized request argument supplied: {param}"
     elif kind == "lone_surrogate":
         param = (_param_from_loc(loc) or "") + first["ctx"]["path"]
-        msg = (f"Invalid value for '{param}': it contains a lone UTF-16 surrogate ({first['ctx']['char']}), "
-               "which is not valid Unicode. Send the text as valid UTF-8.")
+        msg = (
+            f"Invalid value for '{param}': it contains a lone UTF-16 surrogate ({first['ctx']['char']}), "
+            "which is not valid Unicode. Send the text as valid UTF-8."
+        )
     else:
         param = _param_from_loc(loc)
         same = [e for e in errors if _param_from_loc(e.get("loc", ())) == param]
@@ -103,7 +106,9 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
             msg = f"Invalid type for '{param}' (got {_describe(first.get('input'))}); see the API reference for the accepted shapes."
         else:
             msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {_describe(first.get('input'))})."
-    return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param, "code": None}}, status_code=400)
+    return JSONResponse(
+        {"error": {"message": msg, "type": "invalid_request_error", "param": param, "code": None}}, status_code=400
+    )
 
 
 class BodyLimitMiddleware:
@@ -147,7 +152,14 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, send, limit: int, param: str | None):
         body = json.dumps(
-            {"error": {"message": f"The request body is larger than the server's limit of {limit} bytes.", "type": "invalid_request_error", "param": param, "code": "request_too_large"}}
+            {
+                "error": {
+                    "message": f"The request body is larger than the server's limit of {limit} bytes.",
+                    "type": "invalid_request_error",
+                    "param": param,
+                    "code": "request_too_large",
+                }
+            }
         ).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
@@ -214,12 +226,17 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        msg = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
+        msg = (
+            f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
+        )
         if exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}; allowed: {(exc.headers or {}).get('Allow', 'none')}."
         # exc.headers carries a 405's Allow header
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}},
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc):
@@ -235,15 +252,25 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         token = auth[7:] if auth.lower().startswith("bearer ") else ""
         if token not in keys:
             raise AuthenticationError(
-                "Incorrect API key provided." if token else "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+                "Incorrect API key provided."
+                if token
+                else "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
             )
 
     v1 = [Depends(check_key)]
 
     @app.get("/health")
     async def health():
-        engines = {n: {"running": len(g.engine.running), "waiting": len(g.engine.waiting), "steps": g.engine.steps,
-                       "kv_reserved_tokens": g.engine.reserved_tokens, "native_decode": g.engine.model.native} for n, g in reg.generators.items()}
+        engines = {
+            n: {
+                "running": len(g.engine.running),
+                "waiting": len(g.engine.waiting),
+                "steps": g.engine.steps,
+                "kv_reserved_tokens": g.engine.reserved_tokens,
+                "native_decode": g.engine.model.native,
+            }
+            for n, g in reg.generators.items()
+        }
         return {"status": "ok", "engines": engines}
 
     @app.get("/v1/models", dependencies=v1)
@@ -288,16 +315,29 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return await files.create(request)
 
     @app.get("/v1/files", dependencies=v1)
-    def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
-                   purpose: str | None = None) -> FileList:
+    def list_files(
+        after: str | None = None,
+        limit: int = Query(10000, ge=1, le=10000),
+        order: Literal["asc", "desc"] = "desc",
+        purpose: str | None = None,
+    ) -> FileList:
         return files.list(after, limit, order, purpose)
 
     @app.get("/v1/files/{file_id}", dependencies=v1)
     def retrieve_file(file_id: str) -> FileObject:
         return files.retrieve(file_id)
 
-    @app.get("/v1/files/{file_id}/content", dependencies=v1, response_class=FileResponse,
-             responses={200: {"description": "The file's bytes.", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    @app.get(
+        "/v1/files/{file_id}/content",
+        dependencies=v1,
+        response_class=FileResponse,
+        responses={
+            200: {
+                "description": "The file's bytes.",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
     def file_content(file_id: str) -> FileResponse:
         return files.content(file_id)
 
@@ -312,9 +352,13 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return fine_tuning.create(body)
 
     @app.get("/v1/fine_tuning/jobs", dependencies=v1)
-    def list_fine_tuning_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
+    def list_fine_tuning_jobs(
+        request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)
+    ) -> FineTuningJobList:
         q = request.query_params
-        metadata = {k[len("metadata["):-1]: v for k, v in q.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+        metadata = {
+            k[len("metadata[") : -1]: v for k, v in q.multi_items() if k.startswith("metadata[") and k.endswith("]")
+        }
         return fine_tuning.list(after, limit, metadata, q.get("metadata") == "null")
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", dependencies=v1)
@@ -334,11 +378,15 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         return fine_tuning.resume(job_id)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", dependencies=v1)
-    def list_fine_tuning_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)) -> FineTuningJobEventList:
+    def list_fine_tuning_events(
+        job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000)
+    ) -> FineTuningJobEventList:
         return fine_tuning.events(job_id, after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", dependencies=v1)
-    def list_fine_tuning_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:
+    def list_fine_tuning_checkpoints(
+        job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100)
+    ) -> FineTuningJobCheckpointList:
         return fine_tuning.checkpoints(job_id, after, limit)
 
     openapi.install(app, config)

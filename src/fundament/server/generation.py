@@ -6,8 +6,8 @@ chat and completions handlers; knows the tokenizer and the engine, not HTTP.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from ..engine import EngineOutput, SamplingParams
 from ..models.tokenizer import IncrementalDetokenizer
@@ -29,7 +29,9 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-async def run_sequence(lm: ServedGenerator, adapter: str | None, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> AsyncIterator[Delta]:
+async def run_sequence(
+    lm: ServedGenerator, adapter: str | None, prompt_ids: list[int], params: SamplingParams, stop: list[str]
+) -> AsyncIterator[Delta]:
     """Yield text deltas for one sequence. Text that might begin a stop string is held back until
     it cannot; a matched stop string ends the sequence (finish_reason "stop") and is not returned."""
     detok = IncrementalDetokenizer(lm.tokenizer)

@@ -8,7 +8,9 @@ from ..errors import ContextLengthExceededError, InvalidRequestError, QueueFullE
 from ..registry import ServedGenerator
 
 
-def completion_budget(lm: ServedGenerator, n_prompt: int, requested: int | None, prompt_param: str, max_param: str) -> int:
+def completion_budget(
+    lm: ServedGenerator, n_prompt: int, requested: int | None, prompt_param: str, max_param: str
+) -> int:
     """The completion's max tokens: as requested if prompt and completion fit, else a 400 naming
     `max_param` (or `prompt_param` when the prompt alone is too long); unrequested, the model's
     default bounded by what is left of the window."""
@@ -30,7 +32,9 @@ def check_capacity(lm: ServedGenerator, n_sequences: int) -> None:
     """Refuse up front (429) what the engine's queue cannot take, before a stream's headers go out."""
     engine = lm.engine
     if len(engine.waiting) + n_sequences > engine.config.max_queue:
-        raise QueueFullError(f"The server is busy: {len(engine.waiting)} requests are already waiting (limit {engine.config.max_queue}). Retry shortly.")
+        raise QueueFullError(
+            f"The server is busy: {len(engine.waiting)} requests are already waiting (limit {engine.config.max_queue}). Retry shortly."
+        )
 
 
 def check_prompt_length(lm: ServedGenerator, n_prompt: int, param: str) -> None:
@@ -38,5 +42,6 @@ def check_prompt_length(lm: ServedGenerator, n_prompt: int, param: str) -> None:
         raise InvalidRequestError("The prompt is empty.", param)
     if n_prompt >= lm.engine.max_context:
         raise ContextLengthExceededError(
-            f"This model's maximum context length is {lm.engine.max_context} tokens, but the prompt has {n_prompt}.", param
+            f"This model's maximum context length is {lm.engine.max_context} tokens, but the prompt has {n_prompt}.",
+            param,
         )

@@ -70,7 +70,10 @@ def build_openapi(app: FastAPI, config: ServeConfig) -> dict:
                 responses[status] = _error(status, limit)
             if path in STREAMS and method == "post":
                 responses["200"].setdefault("content", {})["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "Server-sent events, one chunk object per `data:` line, then `data: [DONE]`."}
+                    "schema": {
+                        "type": "string",
+                        "description": "Server-sent events, one chunk object per `data:` line, then `data: [DONE]`.",
+                    }
                 }
     return spec
 
@@ -92,11 +95,24 @@ def upload_body(max_file_bytes: int) -> dict:
     to disk as it arrives), so FastAPI cannot infer it."""
     from .protocol_fine_tuning import UPLOAD_PURPOSES
 
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object",
-        "required": ["file", "purpose"],
-        "properties": {
-            "file": {"type": "string", "format": "binary", "description": f"The file, at most {max_file_bytes} bytes."},
-            "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
-        },
-    }}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": f"The file, at most {max_file_bytes} bytes.",
+                            },
+                            "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                        },
+                    }
+                }
+            },
+        }
+    }

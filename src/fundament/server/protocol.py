@@ -61,7 +61,9 @@ class RequestPart(BaseModel):
     def _valid_unicode(cls, v):
         found = lone_surrogate(v)
         if found is not None:  # the server's validation handler names the exact path
-            raise PydanticCustomError("lone_surrogate", "contains a lone UTF-16 surrogate ({char})", {"path": found[0], "char": found[1]})
+            raise PydanticCustomError(
+                "lone_surrogate", "contains a lone UTF-16 surrogate ({char})", {"path": found[0], "char": found[1]}
+            )
         return v
 
 
@@ -149,14 +151,18 @@ class SamplingFields(RequestBody):
     top_k: Optional[int] = Field(None, ge=0)
     ignore_eos: Optional[bool] = None
 
-    def to_sampling_params(self, defaults: SamplingDefaults, max_tokens: int, vocab_size: int, logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(
+        self, defaults: SamplingDefaults, max_tokens: int, vocab_size: int, logprobs: int | None
+    ) -> SamplingParams:
         """The engine's SamplingParams for this request: what it leaves out from the model's
         defaults; `max_tokens` already resolved against the context window."""
         bias = {}
         for k, v in (self.logit_bias or {}).items():
             tid = int(k)
             if not 0 <= tid < vocab_size:
-                raise InvalidRequestError(f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
+                raise InvalidRequestError(
+                    f"logit_bias token id {tid} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias"
+                )
             bias[tid] = v
         return SamplingParams(
             max_tokens=max_tokens,
@@ -346,7 +352,12 @@ MAX_INPUTS = 2048  # inputs per embeddings or classifications request (OpenAI's 
 
 
 class EmbeddingRequest(RequestBody):
-    input: Union[str, Annotated[list[str], Field(max_length=MAX_INPUTS)], list[int], Annotated[list[list[int]], Field(max_length=MAX_INPUTS)]]
+    input: Union[
+        str,
+        Annotated[list[str], Field(max_length=MAX_INPUTS)],
+        list[int],
+        Annotated[list[list[int]], Field(max_length=MAX_INPUTS)],
+    ]
     model: str
     dimensions: Optional[int] = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"

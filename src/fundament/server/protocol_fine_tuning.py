@@ -124,7 +124,17 @@ class CreateFineTuningJobRequest(RequestBody):
 
     def extensions(self) -> dict:
         """Our fenced fields that were set, under the names adapt/hyperparameters.py's TuneConfig uses."""
-        names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "warmup_ratio", "weight_decay", "eval_every", "row_tokens", "compile")
+        names = (
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "warmup_ratio",
+            "weight_decay",
+            "eval_every",
+            "row_tokens",
+            "compile",
+        )
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.training_type is not None:
             out["method"] = self.training_type

@@ -4,14 +4,17 @@ answer as one ChatCompletion or as a stream of chunks."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import AsyncIterator, NamedTuple
+from typing import NamedTuple
 
 from ..adapt import tools
 from ..adapt.chat import render_chat
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..registry import ServedGenerator, ModelRegistry
+from ..registry import ModelRegistry, ServedGenerator
+from .generation import Delta, merge, run_sequence, stop_list
+from .limits import check_capacity, check_prompt_length, completion_budget
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,19 +32,24 @@ from .protocol import (
     now,
 )
 from .structured import response_format_grammar, schema_refusal
-from .generation import Delta, merge, run_sequence, stop_list
-from .limits import check_capacity, check_prompt_length, completion_budget
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     """OpenAI fields whose request this server cannot honour: refused, never silently ignored."""
     if req.functions is not None or req.function_call is not None:
         param = "functions" if req.functions is not None else "function_call"
-        raise InvalidRequestError(f"{param} is OpenAI's deprecated form of tools; send tools and tool_choice instead.", param)
+        raise InvalidRequestError(
+            f"{param} is OpenAI's deprecated form of tools; send tools and tool_choice instead.", param
+        )
     if req.audio is not None or (req.modalities and set(req.modalities) - {"text"}):
-        raise InvalidRequestError("This model produces text only; omit audio and send modalities ['text'].", "audio" if req.audio is not None else "modalities")
+        raise InvalidRequestError(
+            "This model produces text only; omit audio and send modalities ['text'].",
+            "audio" if req.audio is not None else "modalities",
+        )
     if req.web_search_options is not None:
-        raise InvalidRequestError("Web search is not available on this server; omit web_search_options.", "web_search_options")
+        raise InvalidRequestError(
+            "Web search is not available on this server; omit web_search_options.", "web_search_options"
+        )
 
 
 class OutputRules(NamedTuple):
@@ -71,7 +79,10 @@ def _token_logprobs(lm: ServedGenerator, delta: Delta) -> list[TokenLogprob]:
         if o.logprob is None:
             continue
         piece = tok.piece(o.token_id)
-        tops = [TopLogprob(token=tok.piece(t), logprob=lp, bytes=list(tok.piece(t).encode())) for t, lp in (o.top_logprobs or [])]
+        tops = [
+            TopLogprob(token=tok.piece(t), logprob=lp, bytes=list(tok.piece(t).encode()))
+            for t, lp in (o.top_logprobs or [])
+        ]
         items.append(TokenLogprob(token=piece, logprob=o.logprob, bytes=list(piece.encode()), top_logprobs=tops))
     return items
 
@@ -95,14 +106,23 @@ class ChatHandler:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = completion_budget(lm, len(prompt_ids), requested, "messages", param)
-        params = req.to_sampling_params(lm.defaults, max_tokens, lm.tokenizer.vocab_size, (req.top_logprobs or 0) if req.logprobs else None)
+        params = req.to_sampling_params(
+            lm.defaults, max_tokens, lm.tokenizer.vocab_size, (req.top_logprobs or 0) if req.logprobs else None
+        )
         check_capacity(lm, req.n or 1)
         grammar, check_schema = response_format_grammar(req.response_format)
-        mode = None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")
+        mode = (
+            None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")
+        )
         if mode == "enforced":
             if grammar is not None:
-                raise InvalidRequestError("response_format cannot be combined with tool_choice 'required' or a named function.", "response_format")
-            grammar = json_schema_grammar(tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools")
+                raise InvalidRequestError(
+                    "response_format cannot be combined with tool_choice 'required' or a named function.",
+                    "response_format",
+                )
+            grammar = json_schema_grammar(
+                tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools"
+            )
         return lm, adapter, prompt_ids, params, grammar, OutputRules(mode, funcs, check_schema)
 
     def _streams(self, lm, adapter, prompt_ids, params, grammar, req) -> list[AsyncIterator[Delta]]:
@@ -129,14 +149,29 @@ class ChatHandler:
         for i in range(n):
             content, calls, reason = _tool_calls(texts[i], finish[i], rules)
             refusal = schema_refusal(content, rules.check_schema) if content is not None and reason == "stop" else None
-            choices.append(ChatChoice(
-                index=i,
-                message=AssistantMessage(content=content, refusal=refusal, tool_calls=[ToolCall(**c) for c in calls] or None),
-                finish_reason=reason,
-                logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
-            ))
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(generated), total_tokens=len(prompt_ids) + sum(generated))
-        return ChatCompletion(id=new_id("chatcmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(
+                        content=content, refusal=refusal, tool_calls=[ToolCall(**c) for c in calls] or None
+                    ),
+                    finish_reason=reason,
+                    logprobs=ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None,
+                )
+            )
+        usage = Usage(
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=sum(generated),
+            total_tokens=len(prompt_ids) + sum(generated),
+        )
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=req.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=lm.fingerprint,
+        )
 
     def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         lm, adapter, prompt_ids, params, grammar, rules = self.prepare(req)  # errors here are still plain 4xx responses
@@ -147,7 +182,14 @@ class ChatHandler:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices, usage=None) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+            c = ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=choices,
+                usage=usage,
+                system_fingerprint=lm.fingerprint,
+            )
             return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
 
         for i in range(n):
@@ -166,9 +208,25 @@ class ChatHandler:
                         if content:
                             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=content))])
                         for j, c in enumerate(calls):  # OpenAI's shape: id, type and name first, then arguments
-                            head = {"index": j, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"], "arguments": ""}}
+                            head = {
+                                "index": j,
+                                "id": c["id"],
+                                "type": "function",
+                                "function": {"name": c["function"]["name"], "arguments": ""},
+                            }
                             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[head]))])
-                            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(tool_calls=[{"index": j, "function": {"arguments": c["function"]["arguments"]}}]))])
+                            yield chunk(
+                                [
+                                    ChatChunkChoice(
+                                        index=i,
+                                        delta=DeltaMessage(
+                                            tool_calls=[
+                                                {"index": j, "function": {"arguments": c["function"]["arguments"]}}
+                                            ]
+                                        ),
+                                    )
+                                ]
+                            )
                         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])
                     continue
                 if d.text or lp is not None and lp.content:
@@ -184,5 +242,7 @@ class ChatHandler:
             return
         if include_usage:
             total = sum(generated)
-            yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=total, total_tokens=len(prompt_ids) + total))
+            yield chunk(
+                [], Usage(prompt_tokens=len(prompt_ids), completion_tokens=total, total_tokens=len(prompt_ids) + total)
+            )
         yield "data: [DONE]\n\n"

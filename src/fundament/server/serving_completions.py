@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import AsyncIterator
 
 from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_grammar, regex_grammar
 from ..errors import InvalidRequestError, error_payload
-from ..registry import ServedGenerator, ModelRegistry
-from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
-from .structured import response_format_grammar
+from ..registry import ModelRegistry, ServedGenerator
 from .generation import Delta, merge, run_sequence, stop_list
 from .limits import check_capacity, check_prompt_length, completion_budget
+from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
+from .structured import response_format_grammar
 
 
 def _prompts(lm: ServedGenerator, prompt) -> list[list[int]]:
@@ -25,14 +25,18 @@ def _prompts(lm: ServedGenerator, prompt) -> list[list[int]]:
         ids = lm.tokenizer.encode(p) if isinstance(p, str) else list(p)
         bad = [t for t in ids if not 0 <= t < lm.tokenizer.vocab_size]
         if bad:
-            raise InvalidRequestError(f"prompt[{i}] has token id {bad[0]} outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})", "prompt")
+            raise InvalidRequestError(
+                f"prompt[{i}] has token id {bad[0]} outside the vocabulary (0..{lm.tokenizer.vocab_size - 1})", "prompt"
+            )
         out.append(ids)
     return out
 
 
 def _grammar(req: CompletionRequest) -> str | None:
     """At most one of response_format, guided_json, guided_regex, guided_choice."""
-    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None]
+    given = [
+        k for k in ("response_format", "guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None
+    ]
     if len(given) > 1:
         raise InvalidRequestError(f"Give at most one output constraint; got {', '.join(given)}.", given[1])
     if req.guided_json is not None:
@@ -43,7 +47,10 @@ def _grammar(req: CompletionRequest) -> str | None:
         return choice_grammar(req.guided_choice, "guided_choice")
     grammar, partial = response_format_grammar(req.response_format)
     if partial is not None:
-        raise InvalidRequestError("This schema cannot be fully enforced; plain completions accept only schemas the grammar engine enforces whole.", "response_format")
+        raise InvalidRequestError(
+            "This schema cannot be fully enforced; plain completions accept only schemas the grammar engine enforces whole.",
+            "response_format",
+        )
     return grammar
 
 
@@ -127,7 +134,14 @@ class CompletionHandler:
         ]
         n_prompt = sum(len(ids) for ids, _ in jobs[:: req.n or 1])
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated))
-        return Completion(id=new_id("cmpl"), created=now(), model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=req.model,
+            choices=choices,
+            usage=usage,
+            system_fingerprint=lm.fingerprint,
+        )
 
     def stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         lm, adapter, jobs = self.prepare(req)
@@ -139,7 +153,14 @@ class CompletionHandler:
         generated = [0] * len(jobs)
 
         def chunk(choices, usage=None):
-            c = Completion(id=cid, created=created, model=req.model, choices=choices, usage=usage, system_fingerprint=lm.fingerprint)
+            c = Completion(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=choices,
+                usage=usage,
+                system_fingerprint=lm.fingerprint,
+            )
             return f"data: {c.model_dump_json()}\n\n"
 
         try:
@@ -155,11 +176,20 @@ class CompletionHandler:
                     lps[i].offset = lp.offset
                 if texts[i]:  # the echoed prompt goes out with the first delta
                     text, texts[i] = texts[i] + text, ""
-                yield chunk([CompletionChoice(index=i, text=text, finish_reason=d.finish_reason, logprobs=lp.lp if lp else None)])
+                yield chunk(
+                    [
+                        CompletionChoice(
+                            index=i, text=text, finish_reason=d.finish_reason, logprobs=lp.lp if lp else None
+                        )
+                    ]
+                )
         except Exception as e:
             yield f"data: {json.dumps(error_payload(e))}\n\n"
             return
         if req.stream_options and req.stream_options.include_usage:
             n_prompt = sum(len(ids) for ids, _ in jobs[:: req.n or 1])
-            yield chunk([], Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated)))
+            yield chunk(
+                [],
+                Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated)),
+            )
         yield "data: [DONE]\n\n"

@@ -33,7 +33,9 @@ class EmbeddingHandler:
         if not inp:
             raise InvalidRequestError("input must not be empty.", "input")
         if len(inp) > MAX_INPUTS:
-            raise InvalidRequestError(f"input has {len(inp)} items; at most {MAX_INPUTS} are allowed per request.", "input")
+            raise InvalidRequestError(
+                f"input has {len(inp)} items; at most {MAX_INPUTS} are allowed per request.", "input"
+            )
         token_input = all(isinstance(x, int) for x in inp)
         if token_input:
             inp = [inp]
@@ -54,9 +56,15 @@ class EmbeddingHandler:
                 n_tokens += n
         data = []
         for i, v in enumerate(vecs):
-            value = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if req.encoding_format == "base64" else v
+            value = (
+                base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else v
+            )
             data.append(Embedding(index=i, embedding=value))
-        return CreateEmbeddingResponse(data=data, model=req.model, usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens))
+        return CreateEmbeddingResponse(
+            data=data, model=req.model, usage=EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)
+        )
 
     @staticmethod
     def _embed_texts(em, texts):

@@ -39,8 +39,14 @@ def content_disposition(filename: str) -> str:
 
 
 def file_object(row: dict) -> FileObject:
-    return FileObject(id=row["id"], bytes=row["bytes"], created_at=row["created_at"], filename=row["filename"],
-                      purpose=row["purpose"], status=row["status"])
+    return FileObject(
+        id=row["id"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        status=row["status"],
+    )
 
 
 class _Form:
@@ -59,9 +65,14 @@ class _Form:
 
     def callbacks(self) -> dict:
         return {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field, "on_header_value": self._header_value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data, "on_part_end": self._part_end, "on_end": self._end,
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
         }
 
     def _end(self):
@@ -98,7 +109,9 @@ class _Form:
         else:
             self._buf += data[start:end]
             if len(self._buf) > MAX_FIELD_BYTES:
-                raise InvalidRequestError(f"The form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes.", self._name)
+                raise InvalidRequestError(
+                    f"The form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes.", self._name
+                )
 
     def _part_end(self):
         if self._buf is not None:
@@ -114,7 +127,9 @@ class FilesHandler:
     async def create(self, request: Request) -> FileObject:
         ctype, opts = parse_options_header(request.headers.get("content-type", ""))
         if ctype != b"multipart/form-data" or b"boundary" not in opts:
-            raise InvalidRequestError("Upload files as multipart/form-data with the fields 'file' and 'purpose'.", "file")
+            raise InvalidRequestError(
+                "Upload files as multipart/form-data with the fields 'file' and 'purpose'.", "file"
+            )
         form = _Form(self.files)
         parser = MultipartParser(opts[b"boundary"], form.callbacks())
         try:
@@ -122,21 +137,29 @@ class FilesHandler:
                 parser.write(chunk)
             parser.finalize()
             if not form.ended:
-                raise InvalidRequestError("The multipart body ended before its closing boundary; nothing was stored.", "file")
+                raise InvalidRequestError(
+                    "The multipart body ended before its closing boundary; nothing was stored.", "file"
+                )
             purpose = form.fields.get("purpose")
             if form.upload is None:
                 raise InvalidRequestError("Missing required parameter: 'file'.", "file")
             if purpose is None:
                 raise InvalidRequestError("Missing required parameter: 'purpose'.", "purpose")
             if purpose not in UPLOAD_PURPOSES:
-                raise InvalidRequestError(f"Invalid purpose {purpose!r}: use one of {', '.join(UPLOAD_PURPOSES)}.", "purpose")
+                raise InvalidRequestError(
+                    f"Invalid purpose {purpose!r}: use one of {', '.join(UPLOAD_PURPOSES)}.", "purpose"
+                )
             if form.upload.bytes == 0:
                 raise InvalidRequestError("The file is empty.", "file")
             row = await asyncio.to_thread(form.upload.commit, form.filename, purpose)
         except (ClientDisconnect, FormParserError) as e:
             if form.upload is not None:
                 form.upload.abort()
-            why = "was cut off before its end" if isinstance(e, ClientDisconnect) else f"is not valid multipart/form-data ({e})"
+            why = (
+                "was cut off before its end"
+                if isinstance(e, ClientDisconnect)
+                else f"is not valid multipart/form-data ({e})"
+            )
             raise InvalidRequestError(f"The upload {why}; nothing was stored.", "file") from None
         except BaseException:
             if form.upload is not None:
@@ -151,7 +174,9 @@ class FilesHandler:
             raise InvalidRequestError(f"order must be 'asc' or 'desc', got {order!r}.", "order")
         rows, more = self.store.list_files(after, limit, order, purpose)
         data = [file_object(r) for r in rows]
-        return FileList(data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+        return FileList(
+            data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+        )
 
     def get_row(self, file_id: str) -> dict:
         row = self.store.get_file(file_id)
@@ -164,8 +189,11 @@ class FilesHandler:
 
     def content(self, file_id: str) -> FileResponse:
         row = self.get_row(file_id)
-        return FileResponse(self.files.path(file_id), media_type="application/octet-stream",
-                            headers={"content-disposition": content_disposition(row["filename"])})
+        return FileResponse(
+            self.files.path(file_id),
+            media_type="application/octet-stream",
+            headers={"content-disposition": content_disposition(row["filename"])},
+        )
 
     def delete(self, file_id: str) -> FileDeleted:
         if not self.files.delete(file_id):

@@ -34,11 +34,23 @@ from .protocol_fine_tuning import (
 def job_object(row: dict) -> FineTuningJob:
     hp = JobHyperparameters(**row["hyperparameters"])
     return FineTuningJob(
-        id=row["id"], created_at=row["created_at"], error=FineTuningJobError(**row["error"]) if row["error"] else None,
-        fine_tuned_model=row["fine_tuned_model"], finished_at=row["finished_at"], hyperparameters=hp, model=row["model"],
-        organization_id=ORGANIZATION_ID, result_files=row["result_files"], seed=row["seed"], status=row["status"],
-        trained_tokens=row["trained_tokens"], training_file=row["training_file"], validation_file=row["validation_file"],
-        estimated_finish=row["estimated_finish"], integrations=[], metadata=row["metadata"],
+        id=row["id"],
+        created_at=row["created_at"],
+        error=FineTuningJobError(**row["error"]) if row["error"] else None,
+        fine_tuned_model=row["fine_tuned_model"],
+        finished_at=row["finished_at"],
+        hyperparameters=hp,
+        model=row["model"],
+        organization_id=ORGANIZATION_ID,
+        result_files=row["result_files"],
+        seed=row["seed"],
+        status=row["status"],
+        trained_tokens=row["trained_tokens"],
+        training_file=row["training_file"],
+        validation_file=row["validation_file"],
+        estimated_finish=row["estimated_finish"],
+        integrations=[],
+        metadata=row["metadata"],
         method=JobMethod(type="supervised", supervised=JobSupervisedMethod(hyperparameters=hp)),
     )
 
@@ -61,9 +73,15 @@ class FineTuningHandler:
         if key in reg.generators:
             return key
         if key in reg.embedders:
-            raise InvalidRequestError(f"'{name}' is an embedding model; it cannot be fine-tuned. Fine-tune a generation model such as {next(iter(reg.generators), 'smollm2-135m-instruct')}.", "model")
+            raise InvalidRequestError(
+                f"'{name}' is an embedding model; it cannot be fine-tuned. Fine-tune a generation model such as {next(iter(reg.generators), 'smollm2-135m-instruct')}.",
+                "model",
+            )
         if key in reg.adapters or reg.is_fine_tuned(key):
-            raise InvalidRequestError(f"'{name}' is itself a fine-tuned model; fine-tuning it again is not supported yet. Fine-tune its base model.", "model")
+            raise InvalidRequestError(
+                f"'{name}' is itself a fine-tuned model; fine-tuning it again is not supported yet. Fine-tune its base model.",
+                "model",
+            )
         raise ModelNotFoundError(name)
 
     def _training_file(self, file_id: str | None, param: str) -> dict | None:
@@ -71,9 +89,14 @@ class FineTuningHandler:
             return None
         row = self.store.get_file(file_id)
         if row is None:
-            raise InvalidRequestError(f"invalid {param}: no file with id {file_id!r}. Upload it with POST /v1/files first.", param)
+            raise InvalidRequestError(
+                f"invalid {param}: no file with id {file_id!r}. Upload it with POST /v1/files first.", param
+            )
         if row["purpose"] != "fine-tune":
-            raise InvalidRequestError(f"invalid {param}: {file_id} was uploaded with purpose {row['purpose']!r}; fine-tuning needs purpose 'fine-tune'.", param)
+            raise InvalidRequestError(
+                f"invalid {param}: {file_id} was uploaded with purpose {row['purpose']!r}; fine-tuning needs purpose 'fine-tune'.",
+                param,
+            )
         return row
 
     def create(self, req: CreateFineTuningJobRequest) -> FineTuningJob:
@@ -81,14 +104,30 @@ class FineTuningHandler:
         self._training_file(req.training_file, "training_file")
         self._training_file(req.validation_file, "validation_file")
         if req.integrations:
-            raise InvalidRequestError("integrations (Weights & Biases) are not supported: fundament runs offline. The job's events and result file hold its metrics.", "integrations")
+            raise InvalidRequestError(
+                "integrations (Weights & Biases) are not supported: fundament runs offline. The job's events and result file hold its metrics.",
+                "integrations",
+            )
         if req.method is not None and req.method.type != "supervised":
-            raise InvalidRequestError(f"method type {req.method.type!r} is not supported; use 'supervised'.", "method.type")
-        in_method = req.method is not None and req.method.supervised is not None and req.method.supervised.hyperparameters is not None
+            raise InvalidRequestError(
+                f"method type {req.method.type!r} is not supported; use 'supervised'.", "method.type"
+            )
+        in_method = (
+            req.method is not None
+            and req.method.supervised is not None
+            and req.method.supervised.hyperparameters is not None
+        )
         if in_method and req.hyperparameters is not None:
-            raise InvalidRequestError("Give hyperparameters once, in method.supervised.hyperparameters (the top-level field is deprecated).", "hyperparameters")
-        hp = (req.method.supervised.hyperparameters if in_method else req.hyperparameters)
-        requested = hp.model_dump() if hp is not None else {"batch_size": "auto", "learning_rate_multiplier": "auto", "n_epochs": "auto"}
+            raise InvalidRequestError(
+                "Give hyperparameters once, in method.supervised.hyperparameters (the top-level field is deprecated).",
+                "hyperparameters",
+            )
+        hp = req.method.supervised.hyperparameters if in_method else req.hyperparameters
+        requested = (
+            hp.model_dump()
+            if hp is not None
+            else {"batch_size": "auto", "learning_rate_multiplier": "auto", "n_epochs": "auto"}
+        )
         prefix = "method.supervised." if in_method else ""
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         extensions = req.extensions()
@@ -101,16 +140,27 @@ class FineTuningHandler:
         try:
             for param, file_id in file_ids.items():
                 if file_id and param not in kept:
-                    raise InvalidRequestError(f"invalid {param}: {file_id} was deleted while the job was being created. Upload it again.", param)
+                    raise InvalidRequestError(
+                        f"invalid {param}: {file_id} was deleted while the job was being created. Upload it again.",
+                        param,
+                    )
             # Resolve now (with the file's line count standing in for its example count) so that
             # bad values are a 400 here, not a failed job later.
             with open(kept["training_file"], "rb") as f:
                 n_lines = sum(1 for line in f if line.strip())
             self._resolve(requested, max(n_lines, 1), extensions, seed, prefix)
             row = self.store.create_job(
-                model=req.model, base_model=base, training_file=req.training_file, validation_file=req.validation_file,
-                suffix=req.suffix, seed=seed, metadata=req.metadata, hyperparameters=requested, extensions=extensions,
-                out_root=self.out_root, job_id=job_id,
+                model=req.model,
+                base_model=base,
+                training_file=req.training_file,
+                validation_file=req.validation_file,
+                suffix=req.suffix,
+                seed=seed,
+                metadata=req.metadata,
+                hyperparameters=requested,
+                extensions=extensions,
+                out_root=self.out_root,
+                job_id=job_id,
             )
         except BaseException:
             drop_job_files(out_dir)
@@ -124,8 +174,14 @@ class FineTuningHandler:
             resolve_hyperparameters(requested, n_examples, extensions, seed=seed)
         except InvalidRequestError as e:
             param = e.param or ""
-            param = prefix + param if param.startswith("hyperparameters") else ("training_type" if param == "method" else param)
-            raise InvalidRequestError(prefix + e.message if e.message.startswith("hyperparameters.") else e.message, param or None) from None
+            param = (
+                prefix + param
+                if param.startswith("hyperparameters")
+                else ("training_type" if param == "method" else param)
+            )
+            raise InvalidRequestError(
+                prefix + e.message if e.message.startswith("hyperparameters.") else e.message, param or None
+            ) from None
 
     # ---- read ----------------------------------------------------------------------------------
 
@@ -147,7 +203,17 @@ class FineTuningHandler:
         self.get_row(job_id)
         _check_limit(limit, 1000)
         rows, more = self.store.list_events(job_id, after, limit)
-        data = [FineTuningJobEvent(id=r["id"], created_at=r["created_at"], level=r["level"], message=r["message"], data=r["data"], type=r["type"]) for r in rows]
+        data = [
+            FineTuningJobEvent(
+                id=r["id"],
+                created_at=r["created_at"],
+                level=r["level"],
+                message=r["message"],
+                data=r["data"],
+                type=r["type"],
+            )
+            for r in rows
+        ]
         return FineTuningJobEventList(data=data, has_more=more)
 
     def checkpoints(self, job_id: str, after: str | None, limit: int) -> FineTuningJobCheckpointList:
@@ -155,11 +221,19 @@ class FineTuningHandler:
         _check_limit(limit, 100)
         rows, more = self.store.list_checkpoints(job_id, after, limit)
         data = [
-            FineTuningJobCheckpoint(id=r["id"], created_at=r["created_at"], fine_tuned_model_checkpoint=r["model_id"], fine_tuning_job_id=job_id,
-                                    metrics=CheckpointMetrics(**r["metrics"]), step_number=r["step_number"])
+            FineTuningJobCheckpoint(
+                id=r["id"],
+                created_at=r["created_at"],
+                fine_tuned_model_checkpoint=r["model_id"],
+                fine_tuning_job_id=job_id,
+                metrics=CheckpointMetrics(**r["metrics"]),
+                step_number=r["step_number"],
+            )
             for r in rows
         ]
-        return FineTuningJobCheckpointList(data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+        return FineTuningJobCheckpointList(
+            data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+        )
 
     # ---- state changes -------------------------------------------------------------------------
 
@@ -168,7 +242,10 @@ class FineTuningHandler:
         self.get_row(job_id)
         if not transition(self.store, job_id):
             status, sources = self.get_row(job_id)["status"], lifecycle.TRANSITIONS[verb].sources
-            raise InvalidRequestError(f"Cannot {verb} the job {job_id}: it is {status}; only a job that is {' or '.join(sources)} can be.", "fine_tuning_job_id")
+            raise InvalidRequestError(
+                f"Cannot {verb} the job {job_id}: it is {status}; only a job that is {' or '.join(sources)} can be.",
+                "fine_tuning_job_id",
+            )
         return job_object(self.get_row(job_id))
 
     def cancel(self, job_id: str) -> FineTuningJob:

@@ -9,6 +9,7 @@ import torch
 
 from .config import LlamaConfig
 
+
 class KVCache:
     """One sequence's keys and values for every layer, grown in blocks as the sequence lengthens,
     never past `limit` tokens (what the engine reserved for it), so the engine's memory bound is

@@ -26,7 +26,7 @@ class LlamaConfig:
     attention_bias: bool
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
         arch = (cfg.get("architectures") or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise InvalidRequestError(

@@ -38,7 +38,13 @@ class Linear:
     that is exact (weights from a 4-bit GGUF), else weight-only int8 with per-row scales (torch's
     `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`, the kernels gpt-fast uses)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False, source: torch.Tensor | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        int8: bool = False,
+        source: torch.Tensor | None = None,
+    ):
         """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
         int4 is exact; without it only int8 is considered."""
         self.weight, self.bias = weight, bias
@@ -57,7 +63,13 @@ class Linear:
                 self.q8[i : i + 4096] = torch.round(w / scale[i : i + 4096, None]).clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(weight.dtype)
 
-    def __call__(self, x: torch.Tensor, n_decode: int = 0, lora_rows: list[tuple[int, torch.Tensor]] = (), splits: list[int] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        n_decode: int = 0,
+        lora_rows: list[tuple[int, torch.Tensor]] = (),
+        splits: list[int] | None = None,
+    ) -> torch.Tensor:
         """x: (N, in). The first n_decode rows are decode tokens: they take the int4/int8 path
         (those kernels compute each row alone, whatever the number of rows). The rest are prompt
         rows, in runs of `splits` rows (one per sequence; None: one run): each run is its own
@@ -68,7 +80,9 @@ class Linear:
         parts = []
         if quantized:
             if self.q4 is not None:
-                parts.append(torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1]))
+                parts.append(
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
+                )
             else:
                 parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
             if self.bias is not None:
@@ -77,7 +91,9 @@ class Linear:
         if x.shape[0] > n_decode:
             runs += list(splits) if splits else [x.shape[0] - n_decode]
         parts += [F.linear(rows, self.weight, self.bias) for rows in x[n_decode if quantized else 0 :].split(runs)]
-        y = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)  # no rows at all
+        y = (
+            torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)
+        )  # no rows at all
         # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
         for slot, rows in lora_rows:
             ab = self.lora.get(slot)

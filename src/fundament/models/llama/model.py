@@ -22,8 +22,16 @@ NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 = 0, 1, 2  # csrc/decode.cpp's kDense, kI
 class LlamaModel:
     LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # the fused projections, in the native kernel's order
 
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, device="cpu", int8_decode: bool = True,
-                 native_decode: bool = True, batch_invariant: bool = True):
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        weights: dict[str, torch.Tensor],
+        dtype=torch.float32,
+        device="cpu",
+        int8_decode: bool = True,
+        native_decode: bool = True,
+        batch_invariant: bool = True,
+    ):
         """`native_decode`: run decode rows through the native kernel (models/native.py) when this
         machine can build it; on a CPU only, in bfloat16 or float32. `batch_invariant`: each
         segment's prompt rows get matmuls of their own (see Linear)."""
@@ -37,7 +45,9 @@ class LlamaModel:
         def lin(*names, bias=False):
             source = torch.cat([weights.pop(n + ".weight") for n in names])  # as stored (float32 from a GGUF)
             b = torch.cat([w(n + ".bias") for n in names]) if bias else None
-            return Linear(source.to(dtype=dtype, device=self.device).contiguous(), b, int8=int8, source=source if int8 else None)
+            return Linear(
+                source.to(dtype=dtype, device=self.device).contiguous(), b, int8=int8, source=source if int8 else None
+            )
 
         self.embed = w("model.embed_tokens.weight")  # (V, C)
         head = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in weights else None
@@ -46,15 +56,17 @@ class LlamaModel:
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            self.layers.append({
-                "in_norm": w(p + "input_layernorm.weight"),
-                "post_norm": w(p + "post_attention_layernorm.weight"),
-                # Fused projections: one matmul for q,k,v and one for gate,up.
-                "qkv": lin(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=cfg.attention_bias),
-                "o": lin(p + "self_attn.o_proj"),
-                "gate_up": lin(p + "mlp.gate_proj", p + "mlp.up_proj"),
-                "down": lin(p + "mlp.down_proj"),
-            })
+            self.layers.append(
+                {
+                    "in_norm": w(p + "input_layernorm.weight"),
+                    "post_norm": w(p + "post_attention_layernorm.weight"),
+                    # Fused projections: one matmul for q,k,v and one for gate,up.
+                    "qkv": lin(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=cfg.attention_bias),
+                    "o": lin(p + "self_attn.o_proj"),
+                    "gate_up": lin(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    "down": lin(p + "mlp.down_proj"),
+                }
+            )
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
@@ -88,15 +100,29 @@ class LlamaModel:
                 self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
 
     @classmethod
-    def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu", int8_decode: bool = True, native_decode: bool = True,
-                 batch_invariant: bool = True) -> "LlamaModel":
+    def from_dir(
+        cls,
+        path: str | Path,
+        dtype=torch.float32,
+        device="cpu",
+        int8_decode: bool = True,
+        native_decode: bool = True,
+        batch_invariant: bool = True,
+    ) -> LlamaModel:
         path = Path(path)
         cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
-        return cls(cfg, _LazyWeights(files), dtype=dtype, device=device, int8_decode=int8_decode, native_decode=native_decode,
-                   batch_invariant=batch_invariant)
+        return cls(
+            cfg,
+            _LazyWeights(files),
+            dtype=dtype,
+            device=device,
+            int8_decode=int8_decode,
+            native_decode=native_decode,
+            batch_invariant=batch_invariant,
+        )
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
         """Load a PEFT LoRA directory into adapter slot `slot` (replacing what was there)."""
@@ -104,7 +130,12 @@ class LlamaModel:
 
         c = self.cfg
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        sizes = {"qkv": [q, kv, kv], "o": [c.hidden_size], "gate_up": [c.intermediate_size] * 2, "down": [c.hidden_size]}
+        sizes = {
+            "qkv": [q, kv, kv],
+            "o": [c.hidden_size],
+            "gate_up": [c.intermediate_size] * 2,
+            "down": [c.hidden_size],
+        }
         layers = load_lora(path, sizes, c.num_hidden_layers, self.dtype, self.device)
         self.remove_adapter(slot)
         for layer, weights in zip(self.layers, layers):
@@ -226,9 +257,20 @@ class LlamaModel:
                         counts[k] += 1
         index = torch.tensor(positions)
         return torch.ops.fundament.decode_layers(
-            self.embed[input_ids], self.cos[index], self.sin[index], self._native_norms, self._native_lin, self._native_kinds,
-            lora, counts, [s.cache.k for s in segments], [s.cache.v for s in segments], positions,
-            self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.rms_norm_eps,
+            self.embed[input_ids],
+            self.cos[index],
+            self.sin[index],
+            self._native_norms,
+            self._native_lin,
+            self._native_kinds,
+            lora,
+            counts,
+            [s.cache.k for s in segments],
+            [s.cache.v for s in segments],
+            positions,
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.rms_norm_eps,
         )
 
     def _layers(self, input_ids: torch.Tensor, segments: list[Segment], n_dec: int) -> torch.Tensor:
@@ -239,12 +281,22 @@ class LlamaModel:
         if all(s.is_decode for s in segments):
             positions = torch.tensor([s.start for s in segments])
         else:
-            positions = torch.cat([s.positions if s.positions is not None else torch.arange(s.start, s.start + s.length) for s in segments])
+            positions = torch.cat(
+                [
+                    s.positions if s.positions is not None else torch.arange(s.start, s.start + s.length)
+                    for s in segments
+                ]
+            )
         positions = positions.to(self.device, non_blocking=True)
         # Per decode row, across layers: where this step's key/value go (L, KVH, hd) and the keys
         # and values attended to (L, 1, KVH, len, hd).
         dec_views = [
-            (c.k[:, :, s.start], c.v[:, :, s.start], c.k[:, :, : s.start + 1].unsqueeze(1), c.v[:, :, : s.start + 1].unsqueeze(1))
+            (
+                c.k[:, :, s.start],
+                c.v[:, :, s.start],
+                c.k[:, :, : s.start + 1].unsqueeze(1),
+                c.v[:, :, : s.start + 1].unsqueeze(1),
+            )
             for s in segments[:n_dec]
             for c in (s.cache,)
         ]
@@ -253,7 +305,9 @@ class LlamaModel:
         N = input_ids.shape[0]
         x = self.embed[input_ids]  # (N, C)
         q_dim, kv_dim = H * hd, KVH * hd
-        splits = [s.length for s in segments[n_dec:]] if self.batch_invariant else None  # each prompt's rows: matmuls of their own
+        splits = (
+            [s.length for s in segments[n_dec:]] if self.batch_invariant else None
+        )  # each prompt's rows: matmuls of their own
         for li, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer["in_norm"])
             qkv = layer["qkv"](h, n_dec, lora_rows, splits)  # (N, q_dim + 2 kv_dim)
