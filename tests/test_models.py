@@ -149,3 +149,13 @@ def test_full_queue_is_429_with_retry_after(by_path_server):
     assert c.chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": "hi"}]
     ).choices  # the client's retries get through
+
+
+def test_an_adapter_on_a_model_not_served_is_a_config_error():
+    """A --lora/adapters entry is the server's configuration: its mistake is not a request's 400."""
+    from fundament.config import ServeConfig
+    from fundament.errors import ConfigError, InvalidRequestError
+
+    with pytest.raises(ConfigError, match="base model 'nope' is not served here") as e:
+        ModelRegistry(ServeConfig(models=[])).add_adapter("mine", "/no/such/dir", "nope")
+    assert not isinstance(e.value, InvalidRequestError) and e.value.param == "adapters.base"

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from .models.device import resolve_device, resolve_dtype
 from .models.embedder import Embedder
 from .models.llama import LlamaModel
@@ -122,12 +122,13 @@ class ModelRegistry:
         self.aliases = {a: t for a, t in self.aliases.items() if t in names and a not in names}
 
     def add_adapter(self, name: str, path, base: str) -> None:
-        """Serve a PEFT LoRA directory as model `name` on top of the generation model `base`."""
+        """Serve a PEFT LoRA directory as model `name` on top of the generation model `base` (from
+        the server's configuration: a mistake here is a ConfigError, not a request's 400)."""
         base = self.canonical(base)
         if base not in self.generators:
-            raise InvalidRequestError(f"adapter '{name}': base model '{base}' is not served here", "base")
+            raise ConfigError(f"adapter '{name}': base model '{base}' is not served here", "adapters.base")
         if name in self.generators or name in self.embedders:
-            raise InvalidRequestError(f"adapter name '{name}' is already a base model's name", "name")
+            raise ConfigError(f"adapter name '{name}' is already a base model's name", "adapters.name")
         self.generators[base].engine.load_adapter(name, path)
         self.adapters[name] = (base, int(time.time()))
 
