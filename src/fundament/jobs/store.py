@@ -120,10 +120,15 @@ def _statements(script: str) -> list[str]:
     return out
 
 
-def _row(r: sqlite3.Row | None) -> dict | None:
-    if r is None:
-        return None
+def _row(r: sqlite3.Row) -> dict:
     return {k: (json.loads(r[k]) if k in _JSON and r[k] is not None else r[k]) for k in r.keys()}
+
+
+def _inserted(c: sqlite3.Connection, table: str, id_: str) -> dict:
+    """The row this transaction has just inserted."""
+    r = c.execute(f"SELECT * FROM {table} WHERE id = ?", (id_,)).fetchone()
+    assert r is not None  # inserted by the caller in the same transaction
+    return _row(r)
 
 
 class JobStore:
@@ -176,7 +181,8 @@ class JobStore:
 
     def _one(self, sql: str, args=()) -> dict | None:
         with self._conn() as c:
-            return _row(c.execute(sql, args).fetchone())
+            r = c.execute(sql, args).fetchone()
+            return None if r is None else _row(r)
 
     def _all(self, sql: str, args=()) -> list[dict]:
         with self._conn() as c:
@@ -198,7 +204,7 @@ class JobStore:
                 "INSERT INTO files (id, created_at, bytes, filename, purpose, status) VALUES (?, ?, ?, ?, ?, ?)",
                 (file_id, int(time.time()), nbytes, filename, purpose, status),
             )
-        return self.get_file(file_id)
+            return _inserted(c, "files", file_id)
 
     def get_file(self, file_id: str) -> dict | None:
         return self._one("SELECT * FROM files WHERE id = ? AND deleted = 0", (file_id,))
@@ -212,7 +218,8 @@ class JobStore:
         self, after: str | None = None, limit: int = 10000, order: str = "desc", purpose: str | None = None
     ) -> tuple[list[dict], bool]:
         """One page of files and whether more follow."""
-        where, args = ["deleted = 0"], []
+        where = ["deleted = 0"]
+        args: list[str | int] = []
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
@@ -270,7 +277,7 @@ class JobStore:
                 ),
             )
             self.insert_event(c, job_id, f"Created fine-tuning job: {job_id}")
-        return self.get_job(job_id)
+            return _inserted(c, "jobs", job_id)
 
     def get_job(self, job_id: str) -> dict | None:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -283,7 +290,8 @@ class JobStore:
         null_metadata: bool = False,
     ) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them; `metadata` keeps jobs whose metadata holds every k=v."""
-        where, args = ["1"], []
+        where = ["1"]
+        args: list[str | int] = []
         if after:
             where.append("seq < ?")
             args.append(self._seq("jobs", after))
@@ -370,7 +378,8 @@ class JobStore:
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first, as OpenAI lists them; `after` pages towards older events."""
-        where, args = "job_id = ?", [job_id]
+        where = "job_id = ?"
+        args: list[str | int] = [job_id]
         if after:
             where += " AND seq < ?"
             args.append(self._seq("events", after, where="AND job_id = ?", args=(job_id,)))
@@ -388,14 +397,15 @@ class JobStore:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, model_id: str, path: Path) -> dict:
+        ckpt_id = new_id("ftckpt", "_")
         with self.transaction() as c:
             c.execute("DELETE FROM checkpoints WHERE model_id = ?", (model_id,))  # a step redone after a resume
             c.execute(
                 "INSERT INTO checkpoints (id, job_id, created_at, step_number, metrics, model_id, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (new_id("ftckpt", "_"), job_id, int(time.time()), step, json.dumps(metrics), model_id, str(path)),
+                (ckpt_id, job_id, int(time.time()), step, json.dumps(metrics), model_id, str(path)),
             )
             self.insert_event(c, job_id, f"Checkpoint created at step {step}")
-        return self._one("SELECT * FROM checkpoints WHERE model_id = ?", (model_id,))
+            return _inserted(c, "checkpoints", ckpt_id)
 
     def add_checkpoint_metrics(self, job_id: str, step: int, metrics: dict) -> None:
         """Merge metrics known only after the run (full validation) into a checkpoint's."""
@@ -411,7 +421,8 @@ class JobStore:
 
     def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
         """Newest step first; checkpoints whose model was deleted, and those of a failed job, are left out."""
-        where, args = f"job_id = ? AND deleted = 0 AND {_NOT_FAILED}", [job_id]
+        where = f"job_id = ? AND deleted = 0 AND {_NOT_FAILED}"
+        args: list[str | int] = [job_id]
         if after:
             where += " AND seq < ?"
             args.append(self._seq("checkpoints", after, where="AND job_id = ?", args=(job_id,)))

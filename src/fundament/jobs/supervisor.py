@@ -79,9 +79,11 @@ class WorkerProcess:
     def _supervise(self) -> None:
         while not self._stopping.wait(self.restart_delay_s):
             with self._lock:
-                if self._stopping.is_set() or self.proc.poll() is None:
+                proc = self.proc
+                assert proc is not None  # start() spawned it before starting this thread
+                if self._stopping.is_set() or proc.poll() is None:
                     continue
-                log.warning("the fine-tuning worker exited with %s; starting another", self.proc.returncode)
+                log.warning("the fine-tuning worker exited with %s; starting another", proc.returncode)
                 self._spawn()
 
     def stop(self, timeout_s: float = 30.0) -> None:

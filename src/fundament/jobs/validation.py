@@ -156,29 +156,8 @@ def validate_file(
             continue
         n += 1
         problems = _line_problems(line)
-        record = None
         if not problems:
-            record = json.loads(line)
-            fmt = record_format(record)
-            ds.format = ds.format or fmt
-            if fmt != ds.format:
-                problems = [
-                    f"this example is in {fmt.replace('_', '/')} format but earlier ones are in {ds.format.replace('_', '/')} format; use one format per file"
-                ]
-            else:
-                problems = chat_problems(record) if fmt == "chat" else prompt_completion_problems(record)
-        if not problems:
-            try:
-                ex = encode(record)
-            except ValueError as e:
-                problems = [str(e)]
-            else:
-                if ex.n_tokens > max_len:
-                    problems = [
-                        f"the example is {ex.n_tokens} tokens long; the limit is {max_len} (the context window)"
-                    ]
-                else:
-                    ds.examples.append(ex)
+            problems = _record_problems(ds, json.loads(line), encode, max_len)
         ds.problems += [Problem(lineno, p) for p in problems]
     if n == 0:
         ds.problems.append(Problem(None, "the file is empty"))
@@ -187,6 +166,28 @@ def validate_file(
             Problem(None, f"the file has {n} example{'s' * (n != 1)}; at least {min_examples} are required")
         )
     return ds
+
+
+def _record_problems(ds: Dataset, record: dict, encode: Callable[[dict], Any], max_len: int) -> list[str]:
+    """A well-formed line's problems; an example without any is appended to `ds.examples`."""
+    fmt = record_format(record)
+    assert fmt is not None  # _line_problems rejected records in neither format
+    ds.format = ds.format or fmt
+    if fmt != ds.format:
+        return [
+            f"this example is in {fmt.replace('_', '/')} format but earlier ones are in {ds.format.replace('_', '/')} format; use one format per file"
+        ]
+    problems = chat_problems(record) if fmt == "chat" else prompt_completion_problems(record)
+    if problems:
+        return problems
+    try:
+        ex = encode(record)
+    except ValueError as e:
+        return [str(e)]
+    if ex.n_tokens > max_len:
+        return [f"the example is {ex.n_tokens} tokens long; the limit is {max_len} (the context window)"]
+    ds.examples.append(ex)
+    return []
 
 
 def _line_problems(line: bytes) -> list[str]:

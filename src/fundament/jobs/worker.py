@@ -55,6 +55,13 @@ def _pid_gone(pid: int) -> bool:
         return False
 
 
+def _current(store: JobStore, job_id: str) -> dict:
+    """A job's row as it is now."""
+    row = store.get_job(job_id)
+    assert row is not None, f"job {job_id} has no row"  # rows of jobs are never deleted
+    return row
+
+
 def worker_is_dead(job: dict) -> bool:
     host = (job["worker"] or "").partition(":")[0]
     return host == socket.gethostname() and job["worker_pid"] is not None and _pid_gone(job["worker_pid"])
@@ -66,7 +73,8 @@ class JobHooks(TuneHooks):
     def __init__(self, worker: Worker, job: dict):
         self.worker, self.store, self.job = worker, worker.store, job
         self.model_id = fine_tuned_model_id(job)
-        self.t0, self.first_step = time.monotonic(), None
+        self.t0 = time.monotonic()
+        self.first_step: int | None = None
         self.pending_checkpoint: tuple[int, Path] | None = None
         self.last_step, self.total_steps = 0, 0
 
@@ -105,6 +113,9 @@ class JobHooks(TuneHooks):
         self.pending_checkpoint = (step, Path(path))
 
     def record_checkpoint(self, data: dict) -> None:
+        """Record the pending checkpoint, if any, with the metrics known (from `data`)."""
+        if self.pending_checkpoint is None:
+            return
         step, path = self.pending_checkpoint
         self.pending_checkpoint = None
         metrics = {
@@ -119,7 +130,7 @@ class JobHooks(TuneHooks):
     def should_stop(self) -> str | None:
         if self.worker.stopping.is_set():
             return "pause"
-        row = self.store.get_job(self.job["id"])
+        row = _current(self.store, self.job["id"])
         if row["status"] == Status.CANCELLED:
             return "cancel"
         if row["status"] != Status.RUNNING or row["worker"] != self.worker.identity:
@@ -171,8 +182,8 @@ class Worker:
 
     def train_next(self) -> bool:
         """Queue again what dead workers left running, then claim and train the oldest queued job."""
-        for job in lifecycle.requeue_orphans(self.store, STALE_S, worker_is_dead):
-            log.warning("job %s lost its worker; queued again", job["id"])
+        for orphan in lifecycle.requeue_orphans(self.store, STALE_S, worker_is_dead):
+            log.warning("job %s lost its worker; queued again", orphan["id"])
         job = lifecycle.claim(self.store, self.identity, self.pid, STALE_S)
         if job is None:
             return False
@@ -291,7 +302,7 @@ class Worker:
     def _drop_data_if_ended(self, job: dict) -> None:
         """The job's copy of its files goes when the job has ended, never while it may resume (paused).
         (The transition that ended it dropped it; this drops what a read racing that cancel made again.)"""
-        if self.store.get_job(job["id"])["status"] in FINISHED:
+        if _current(self.store, job["id"])["status"] in FINISHED:
             drop_job_files(job["out_dir"])
 
     # ---- training ------------------------------------------------------------------------------
@@ -314,20 +325,23 @@ class Worker:
             train, valid = cached or self._read_data(job)
             bad = next((ds for ds in (train, valid) if ds is not None and not ds.ok), None)
             if bad is not None:  # the job's copy is gone (a job from before there were copies, say)
-                return self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
+                self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
+                return
             hp = resolve_hyperparameters(
                 job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"]
             )
             if hooks.should_stop():
                 return self._after_stop(
-                    job, hooks, "cancel" if self.store.get_job(jid)["status"] == Status.CANCELLED else "pause"
+                    job, hooks, "cancel" if _current(self.store, jid)["status"] == Status.CANCELLED else "pause"
                 )
             result = fine_tune(base_dir, train.examples, valid.examples if valid else None, hp, out_dir, hooks)
         except FundamentError as e:  # bad values from an older version's job, or a run that diverged
-            return self._fail(job, e.code or "invalid_request", e.message, e.param)
+            self._fail(job, e.code or "invalid_request", e.message, e.param)
+            return
         except Exception as e:
             log.exception("training %s", jid)
-            return self._fail(job, "training_error", f"Training failed: {type(e).__name__}: {e}", None)
+            self._fail(job, "training_error", f"Training failed: {type(e).__name__}: {e}", None)
+            return
         finally:
             done.set()
         if hooks.pending_checkpoint:
@@ -348,7 +362,7 @@ class Worker:
             f"The worker shut down at step {step}; the job is queued and resumes from there when a worker starts.",
         ):
             return
-        row = self.store.get_job(jid)
+        row = _current(self.store, jid)
         if row["status"] == Status.PAUSED:
             self.store.update_job(
                 jid,
