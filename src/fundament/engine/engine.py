@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +58,7 @@ class ScoreOutput:
 class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    on_output: Callable[[EngineOutput | ScoreOutput | BaseException], None]
+    on_output: Callable[[EngineOutput | ScoreOutput | BaseException], object]  # its return value is ignored
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     adapter: str | None = None  # a LoRA adapter loaded with Engine.load_adapter, or the base model
     # Set: a scoring request. It prefills this tree (prompt + continuations), sends one
@@ -165,7 +165,7 @@ class Engine:
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
-    ) -> AsyncIterator[EngineOutput]:
+    ) -> AsyncGenerator[EngineOutput, None]:
         """Submit one sequence and yield its outputs; closing the iterator aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -375,7 +375,9 @@ class Engine:
         for req, toks in work:
             start, n = req.num_computed, len(toks)
             plan.append((req, len(tokens), n))
-            seg = Segment(req.cache, start, n, self.adapters.get(req.adapter))
+            assert req.cache is not None  # a running request holds its cache until it is released
+            slot = None if req.adapter is None else self.adapters.get(req.adapter)
+            seg = Segment(req.cache, start, n, slot)
             if req.tree is not None:
                 seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
             segments.append(seg)
@@ -404,7 +406,7 @@ class Engine:
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:
         """One request's share of a step: its n tokens were computed, `mine` are its logit rows."""
         if req.tree is not None:
-            self._record_scores(req, mine, n)
+            self._record_scores(req, req.tree, mine, n)
             return
         if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
             self._record_prompt_logprobs(req, mine, n)
@@ -413,8 +415,7 @@ class Engine:
             return  # more prompt to prefill
         self._sample(req, mine[-1])
 
-    def _record_scores(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
-        tree = req.tree
+    def _record_scores(self, req: EngineRequest, tree: TokenTree, logits: torch.Tensor, n: int) -> None:
         if logits.shape[0]:
             lp = torch.log_softmax(logits, dim=-1)  # (rows read, V)
             for j, r in enumerate(tree.read_rows(req.num_computed, n)):

@@ -54,14 +54,15 @@ class TokenTree:
         m[prompt_rows] = torch.arange(end)[None, :] <= rows[prompt_rows, None]
         if end > P:
             m[max(start, P) - start :, :P] = True
-            rows, cols = [], []
+            node_rows: list[int] = []
+            cols: list[int] = []
             for r in range(max(start, P), end):  # a node, then its parents up to the prompt
                 a = r
                 while a >= P:
-                    rows.append(r - start)
+                    node_rows.append(r - start)
                     cols.append(a)
                     a = self.parent[a - P]
-            m[rows, cols] = True
+            m[node_rows, cols] = True
         return m
 
     def read_rows(self, start: int, length: int) -> list[int]:

@@ -18,7 +18,7 @@ class Embedder:
             raise InvalidRequestError(f"{path} is not a sentence-transformers directory (no modules.json)", "model")
         self.st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.dimensions = self.st.get_embedding_dimension()
-        self.max_tokens = self.st.max_seq_length
+        self.max_tokens: int | None = self.st.max_seq_length  # None: the model states no limit
         self.tokenizer = self.st.tokenizer
         self.vocab_size = len(self.tokenizer)
 
@@ -31,7 +31,7 @@ class Embedder:
         n_tokens = 0
         for i, t in enumerate(texts):
             n = self.count_tokens(t)
-            if n > self.max_tokens:
+            if self.max_tokens is not None and n > self.max_tokens:
                 raise ContextLengthExceededError(
                     f"input[{i}] has {n} tokens; this model reads at most {self.max_tokens}. Shorten the text.",
                     "input",
@@ -63,7 +63,7 @@ class Embedder:
                 )
             if ids and cls_id is not None and ids[0] != cls_id:
                 ids = [cls_id] + ids + [sep_id]
-            if len(ids) > self.max_tokens:
+            if self.max_tokens is not None and len(ids) > self.max_tokens:
                 raise ContextLengthExceededError(
                     f"input[{i}] has {len(ids)} tokens; this model reads at most {self.max_tokens}.", "input"
                 )

@@ -8,6 +8,14 @@ from pathlib import Path
 from ..errors import InvalidRequestError
 
 
+def _one_text(out: object) -> str:
+    """transformers types decode and apply_chat_template(tokenize=False) as `str | list[str]`
+    (they take batches too); one id list or one conversation gives one string."""
+    if not isinstance(out, str):
+        raise TypeError(f"the tokenizer returned {type(out).__name__} where one string was expected")
+    return out
+
+
 class ChatTokenizer:
     def __init__(self, path: str | Path):
         from transformers import AutoTokenizer
@@ -39,17 +47,22 @@ class ChatTokenizer:
         return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+        return _one_text(self.hf.decode(ids, skip_special_tokens=True))
 
     def piece(self, token_id: int) -> str:
         p = self._pieces.get(token_id)
         if p is None:
-            p = self._pieces[token_id] = self.hf.decode([token_id])
+            p = self._pieces[token_id] = _one_text(self.hf.decode([token_id]))
         return p
 
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation as the chat template writes it."""
+        return _one_text(
+            self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+        )
+
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-        return self.encode(text)
+        return self.encode(self.chat_text(messages, **kwargs))
 
 
 class IncrementalDetokenizer:

@@ -19,8 +19,13 @@ class KVCache:
 
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device: torch.device, limit: int):
         self.cfg, self.dtype, self.device, self.limit = cfg, dtype, device, limit
-        self.k = self.v = None  # (L, KVH, cap, hd)
         self.capacity = 0
+        # (L, KVH, cap, hd): nothing allocated until the first reserve
+        self.k = self.v = torch.empty(self._shape(0), dtype=dtype, device=device)
+
+    def _shape(self, cap: int) -> tuple[int, int, int, int]:
+        c = self.cfg
+        return (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
 
     @staticmethod
     def bytes_per_token(cfg: LlamaConfig, dtype: torch.dtype) -> int:
@@ -31,8 +36,7 @@ class KVCache:
             return
         cap = min(self.limit, -(-max(n_tokens, int(self.capacity * 1.5)) // self.BLOCK) * self.BLOCK)
         assert cap >= n_tokens, "a sequence outgrew its reservation"
-        c = self.cfg
-        shape = (c.num_hidden_layers, c.num_key_value_heads, cap, c.head_dim)
+        shape = self._shape(cap)
         # empty, not zeros: attention reads only written positions, and untouched capacity then
         # stays out of resident memory.
         k = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -43,7 +47,7 @@ class KVCache:
         self.k, self.v, self.capacity = k, v, cap
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 @dataclass

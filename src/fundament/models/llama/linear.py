@@ -3,13 +3,15 @@ exact, else int8) whose kernels compute each decode row alone; LoRA adapters rid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32
 
 
-def _int4_if_lossless(weight: torch.Tensor):
+def _int4_if_lossless(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Packed int4 (groups of 32 along the input, scale and offset per group) for torch's
     `_weight_int4pack_mm_for_cpu`, but only if it represents `weight` exactly: true of weights
     that came from a Q4_0/Q4_1 GGUF, where a group's min and max are its lowest and highest
@@ -48,7 +50,9 @@ class Linear:
         """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
         int4 is exact; without it only int8 is considered."""
         self.weight, self.bias = weight, bias
-        self.q8 = self.scale = self.q4 = None
+        self.q4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed int4, scales and zeros)
+        self.q8: torch.Tensor | None = None  # int8 weight, with per-row `scale`
+        self.scale: torch.Tensor | None = None
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
         if int8 and source is not None:
             self.q4 = _int4_if_lossless(source)
@@ -67,7 +71,7 @@ class Linear:
         self,
         x: torch.Tensor,
         n_decode: int = 0,
-        lora_rows: list[tuple[int, torch.Tensor]] = (),
+        lora_rows: Sequence[tuple[int, torch.Tensor]] = (),
         splits: list[int] | None = None,
     ) -> torch.Tensor:
         """x: (N, in). The first n_decode rows are decode tokens: they take the int4/int8 path

@@ -14,7 +14,7 @@ from ...errors import InvalidRequestError
 from .cache import KVCache, Segment
 from .config import LlamaConfig
 from .linear import Linear
-from .weights import _LazyWeights
+from .weights import Weights, _LazyWeights
 
 NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 = 0, 1, 2  # csrc/decode.cpp's kDense, kInt8, kInt4
 
@@ -25,7 +25,7 @@ class LlamaModel:
     def __init__(
         self,
         cfg: LlamaConfig,
-        weights: dict[str, torch.Tensor],
+        weights: Weights,
         dtype=torch.float32,
         device="cpu",
         int8_decode: bool = True,
@@ -89,10 +89,11 @@ class LlamaModel:
         self._native_lin, self._native_kinds = [], []
         for layer in self.layers:
             for name in self.LORA_TARGETS:
-                lin = layer[name]
+                lin: Linear = layer[name]
                 if lin.q4 is not None:
                     kind, a, b = NATIVE_INT4, *lin.q4
                 elif lin.q8 is not None:
+                    assert lin.scale is not None  # Linear sets q8 and its scale together
                     kind, a, b = NATIVE_INT8, lin.q8, lin.scale
                 else:
                     kind, a, b = NATIVE_DENSE, lin.weight, none

@@ -3,9 +3,11 @@ checkpoint never sits in memory beside its converted copy."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -20,6 +22,14 @@ _ST_DTYPES = {
 }
 
 
+class Weights(Protocol):
+    """What a model takes its tensors from, each once: a dict of tensors, or _LazyWeights."""
+
+    def pop(self, name: str, /) -> torch.Tensor: ...
+
+    def __contains__(self, name: str, /) -> bool: ...
+
+
 class _LazyWeights:
     """Safetensors tensors read one at a time (`pop`) with plain file reads. safe_open would mmap
     the file, and every page it touches counts toward the process's resident memory until the
@@ -27,7 +37,7 @@ class _LazyWeights:
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, tuple[Path, int, torch.dtype, list[int]]] = {}
-        self._files: dict[Path, object] = {}  # open handles, one per file, closed after its last tensor
+        self._files: dict[Path, io.BufferedReader] = {}  # open handles, one per file, closed after its last tensor
         for f in files:
             with open(f, "rb") as fh:
                 n = struct.unpack("<Q", fh.read(8))[0]
@@ -44,7 +54,7 @@ class _LazyWeights:
         fh = self._files.get(f) or self._files.setdefault(f, open(f, "rb"))
         t = torch.empty(shape, dtype=dtype)
         fh.seek(offset)
-        fh.readinto(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        fh.readinto(t.view(torch.uint8).numpy().data.cast("B"))
         if not any(w[0] == f for w in self._where.values()):
             self._files.pop(f).close()  # last tensor of this file read
         return t
