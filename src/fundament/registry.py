@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
@@ -75,7 +75,7 @@ def load_embedder(spec: ModelSpec) -> ServedEmbedder:
     return ServedEmbedder(spec.name, spec, Embedder(resolve_path(spec)), int(time.time()))
 
 
-def spec_from_path(path: str, task: str | None = None) -> ModelSpec:
+def spec_from_path(path: str, task: Literal["generate", "embed"] | None = None) -> ModelSpec:
     """A model entry for `fundament serve --model PATH`: the name is the file or directory name."""
     p = Path(path).expanduser()
     if task is None:
@@ -176,7 +176,8 @@ class ModelRegistry:
     def model_ids(self) -> list[tuple[str, int]]:
         """Every id a client may use, served names first, then aliases, then fine-tuned models
         (read from the source on every call, so a job that just succeeded is listed at once)."""
-        created = {n: m.created for n, m in {**self.generators, **self.embedders}.items()}
+        served: dict[str, ServedGenerator | ServedEmbedder] = {**self.generators, **self.embedders}
+        created = {n: m.created for n, m in served.items()}
         created.update({n: c for n, (_, c) in self.adapters.items() if n not in self._fine_tuned_loaded})
         ids = list(created.items())
         ids += [(a, created[t]) for a, t in self.aliases.items()]
@@ -229,8 +230,9 @@ class ModelRegistry:
                 else "a base model"
             )
             raise InvalidRequestError(f"'{name}' is {kind}; only fine-tuned models (ft:...) can be deleted.", "model")
-        m = self.fine_tuned.delete_fine_tuned_model(name) if self.fine_tuned is not None else None
-        if m is None:
+        source = self.fine_tuned
+        m = source.delete_fine_tuned_model(name) if source is not None else None
+        if source is None or m is None:
             raise ModelNotFoundError(name)
         with self._lock:
             gone = [
@@ -239,5 +241,5 @@ class ModelRegistry:
             for a in gone:
                 self.remove_adapter(a)
                 self._fine_tuned_loaded.discard(a)
-        self.fine_tuned.discard_fine_tuned_files(m)  # unloaded first: nothing reads them any more
+        source.discard_fine_tuned_files(m)  # unloaded first: nothing reads them any more
         return name

@@ -29,7 +29,8 @@ def render_chat(messages: list[dict], tools: list[dict] | None = None, tool_choi
     tool_choice is 'none'). Raises InvalidRequestError naming the field to fix."""
     funcs = functions(tools)
     choice = resolve_choice(tool_choice, funcs)
-    out, learned = [], []
+    out: list[dict] = []
+    learned: list[int] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'.", f"messages[{i}]")

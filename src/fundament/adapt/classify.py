@@ -166,7 +166,6 @@ class Classifier:
         selection; adapter: a LoRA adapter loaded in lm's engine (an ft: model), or the base model;
         pool_cache: example pools' vectors shared between Classifiers (the server keeps one)."""
         self.lm, self.embedder, self.adapter, self.pool_cache = lm, embedder, adapter, pool_cache
-        self._slots: asyncio.Semaphore | None = None
         self._pool: tuple[list[str], np.ndarray] | None = None  # the last example pool's vectors
 
     def _vectors(self, texts: list[str]) -> np.ndarray:
@@ -230,7 +229,7 @@ class Classifier:
         return chosen
 
     async def _label_logprobs(
-        self, prompts: list[list[int]], label_ids: list[list[int]], param: str
+        self, prompts: list[list[int]], label_ids: list[list[int]], param: str, slots: asyncio.Semaphore
     ) -> tuple[np.ndarray, int]:
         """log P(label | prompt) for every prompt and label, (prompts, labels), from one engine
         scoring request: the prompts' common prefix and each prompt are prefilled once, whatever
@@ -244,7 +243,7 @@ class Classifier:
                     param,
                 )
         conts = [p[shared:] + ids for p in prompts for ids in label_ids]
-        async with self._slots:
+        async with slots:
             try:
                 lps = await self.lm.engine.score(prompts[0][:shared], conts, adapter=self.adapter)
             except ContextLengthExceededError as e:
@@ -267,7 +266,7 @@ class Classifier:
         """Every label's probability for every input, from one pass: one engine request per input
         scores each prompt of the ensemble (one per k) and, with `content_free`, the same prompts
         with the content-free input. Combine with `LabelScores.probabilities(calibrate)`."""
-        self._slots = asyncio.Semaphore(self.MAX_IN_FLIGHT)
+        slots = asyncio.Semaphore(self.MAX_IN_FLIGHT)  # this call's requests in flight
         labels = _labels(labels)
         names = [l.name for l in labels]
         if not inputs:
@@ -327,7 +326,7 @@ class Classifier:
                 for ki in ks  # an ensemble member with the ki examples nearest the input (the last ki)
                 for t in ([text, CONTENT_FREE] if content_free else [text])
             ]
-            ll, used = await self._label_logprobs(prompts, label_ids, "input")
+            ll, used = await self._label_logprobs(prompts, label_ids, "input", slots)
             if progress is not None:
                 progress(1)
             return _softmax(ll).reshape(len(ks), texts_per_input, len(names)), used
@@ -374,7 +373,7 @@ class Classifier:
             probs = dict(zip(scores.names, map(float, final[i])))
             results.append(
                 ClassificationResult(
-                    max(probs, key=probs.get),
+                    max(probs, key=probs.__getitem__),
                     probs,
                     scores.examples[i],
                     scores.prompt_tokens[i],

@@ -49,15 +49,11 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
             raise ValueError("the example has no assistant message")
         if not learn:
             raise ValueError("every assistant message has weight 0: there is nothing to learn")
-        hf, eot = tokenizer.hf, set(tokenizer.eos_token_ids)
+        eot = set(tokenizer.eos_token_ids)
         done = ""
         for j, m in enumerate(msgs):
-            before = (
-                hf.apply_chat_template(msgs[:j], add_generation_prompt=m["role"] == "assistant", tokenize=False)
-                if j
-                else ""
-            )
-            after = hf.apply_chat_template(msgs[: j + 1], tokenize=False)
+            before = tokenizer.chat_text(msgs[:j], add_generation_prompt=m["role"] == "assistant") if j else ""
+            after = tokenizer.chat_text(msgs[: j + 1], add_generation_prompt=False)
             if not (before.startswith(done) and after.startswith(before)):
                 raise ValueError("the model's chat template cannot render this conversation turn by turn")
             head, body = tokenizer.encode(before[len(done) :]), tokenizer.encode(after[len(before) :])

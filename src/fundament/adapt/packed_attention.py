@@ -15,7 +15,9 @@ def packed_layout(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, 
     each batch slot the row position it takes (padding repeats its example's first token), and
     for each row position its slot."""
     S, L = len(lengths), max(lengths)
-    take, slots, start = [], [], 0
+    take: list[int] = []
+    slots: list[int] = []
+    start = 0
     for s, n in enumerate(lengths):
         take += list(range(start, start + n)) + [start] * (L - n)
         slots += range(s * L, s * L + n)

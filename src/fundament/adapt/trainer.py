@@ -76,8 +76,8 @@ class Trainer:
         self.autocast = cpu_supports_bf16() if bf16 is None else bf16
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        inner = self.model.base_model.model
-        self.body, self.head = inner.model, inner.lm_head
+        # PEFT put the LoRA layers into `base` in place (self.model.base_model.model is base).
+        self.body, self.head = base.model, base.lm_head
         self.compiled = False
         if self.autocast:
             self._frozen_to_bf16()
@@ -94,7 +94,8 @@ class Trainer:
         # straight back to bf16: exact, and an eighth of a step. Off (peft.helpers documents it).
         for m in self.model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
-                m.cast_input_dtype_enabled = False
+                # torch types Module.__setattr__ as taking tensors and modules only; this is a plain flag
+                m.cast_input_dtype_enabled = False  # type: ignore[assignment]
 
     def compile(self) -> bool:
         """torch.compile each decoder layer (one graph serves all: the layers share their code).

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..engine import EngineOutput, SamplingParams
 from ..models.tokenizer import IncrementalDetokenizer
 from ..registry import ServedGenerator
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,12 +65,16 @@ async def run_sequence(
         await gen.aclose()
 
 
-async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
-    """Interleave several async iterators, yielding (stream index, item) as items arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
+class _End:
+    """A stream's end, in merge's queue."""
 
-    async def pump(i, it):
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators, yielding (stream index, item) as items arrive."""
+    queue: asyncio.Queue[tuple[int, T | BaseException | _End]] = asyncio.Queue()
+    done = _End()
+
+    async def pump(i: int, it: AsyncIterator[T]) -> None:
         try:
             async for item in it:
                 await queue.put((i, item))
@@ -81,7 +88,7 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
     try:
         while remaining:
             i, item = await queue.get()
-            if item is done:
+            if isinstance(item, _End):
                 remaining -= 1
             elif isinstance(item, BaseException):
                 raise item

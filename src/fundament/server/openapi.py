@@ -87,7 +87,7 @@ def install(app: FastAPI, config: ServeConfig) -> None:
             cached.update(build_openapi(app, config))
         return cached
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to replace the schema
 
 
 def upload_body(max_file_bytes: int) -> dict:

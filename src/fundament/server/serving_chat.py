@@ -138,7 +138,9 @@ class ChatHandler:
     async def create(self, req: ChatCompletionRequest) -> ChatCompletion:
         lm, adapter, prompt_ids, params, grammar, rules = self.prepare(req)
         n = req.n or 1
-        texts, finish, logprobs, generated = [""] * n, [None] * n, [[] for _ in range(n)], [0] * n
+        texts, generated = [""] * n, [0] * n
+        finish: list[str | None] = [None] * n
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         async for i, d in merge(self._streams(lm, adapter, prompt_ids, params, grammar, req)):
             texts[i] += d.text
             finish[i] = d.finish_reason or finish[i]

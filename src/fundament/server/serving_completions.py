@@ -119,18 +119,20 @@ class CompletionHandler:
     async def create(self, req: CompletionRequest) -> Completion:
         lm, adapter, jobs = self.prepare(req)
         texts, lps, streams = self._start(lm, adapter, req, jobs)
-        finish, generated = [None] * len(jobs), [0] * len(jobs)
+        finish: list[str | None] = [None] * len(jobs)
+        generated = [0] * len(jobs)
         async for i, d in merge(streams):
-            if lps[i] is not None:
+            mine = lps[i]
+            if mine is not None:
                 if req.echo:
-                    self._add_echo_logprobs(lm, lps[i], jobs[i][0], d)
-                lps[i].add_delta(d)
+                    self._add_echo_logprobs(lm, mine, jobs[i][0], d)
+                mine.add_delta(d)
             texts[i] += d.text
             finish[i] = d.finish_reason or finish[i]
             generated[i] = d.num_generated
         choices = [
-            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], logprobs=lps[i].lp if lps[i] else None)
-            for i in range(len(jobs))
+            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], logprobs=lp.lp if lp else None)
+            for i, lp in enumerate(lps)
         ]
         n_prompt = sum(len(ids) for ids, _ in jobs[:: req.n or 1])
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=sum(generated), total_tokens=n_prompt + sum(generated))
@@ -168,12 +170,13 @@ class CompletionHandler:
                 generated[i] = d.num_generated
                 text = d.text
                 lp = None
-                if lps[i] is not None:
-                    lp = _Logprobs(lm, lps[i].offset)
+                sent = lps[i]  # what this sequence's earlier chunks carried (its text offset)
+                if sent is not None:
+                    lp = _Logprobs(lm, sent.offset)
                     if req.echo:
                         self._add_echo_logprobs(lm, lp, jobs[i][0], d)
                     lp.add_delta(d)
-                    lps[i].offset = lp.offset
+                    sent.offset = lp.offset
                 if texts[i]:  # the echoed prompt goes out with the first delta
                     text, texts[i] = texts[i] + text, ""
                 yield chunk(

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..registry import ModelRegistry
+from ..registry import ModelRegistry, ServedEmbedder
 from .protocol import MAX_INPUTS, CreateEmbeddingResponse, Embedding, EmbeddingRequest, EmbeddingUsage
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 SLICE = 256  # inputs embedded per thread hand-off (a multiple of the encoder's batch of 32)
+
+
+def _token_array(items: list[str] | list[int] | list[list[int]]) -> TypeIs[list[int]]:
+    return all(isinstance(x, int) for x in items)
+
+
+def _texts(items: list[str] | list[list[int]]) -> TypeIs[list[str]]:
+    return all(isinstance(x, str) for x in items)
 
 
 class EmbeddingHandler:
@@ -27,32 +39,25 @@ class EmbeddingHandler:
                 f"truncated; omit dimensions or set it to {em.embedder.dimensions}.",
                 "dimensions",
             )
-        inp = req.input
-        if isinstance(inp, str):
-            inp = [inp]
+        inp = [req.input] if isinstance(req.input, str) else req.input
         if not inp:
             raise InvalidRequestError("input must not be empty.", "input")
         if len(inp) > MAX_INPUTS:
             raise InvalidRequestError(
                 f"input has {len(inp)} items; at most {MAX_INPUTS} are allowed per request.", "input"
             )
-        token_input = all(isinstance(x, int) for x in inp)
-        if token_input:
-            inp = [inp]
-        for i, x in enumerate(inp):
+        batch: list[str] | list[list[int]] = [inp] if _token_array(inp) else inp  # one token array: one input
+        for i, x in enumerate(batch):
             if (isinstance(x, str) and not x.strip()) or (isinstance(x, list) and not x):
                 raise InvalidRequestError(f"input[{i}] is empty; every input must have some text or tokens.", "input")
-        vecs, n_tokens = [], 0
+        vecs: list[list[float]] = []
+        n_tokens = 0
         async with self._lock:
             # In slices, each awaited: a request cancelled (its client gone, or shutdown) stops
             # after the slice in progress instead of embedding all 2,048 inputs for nobody.
-            for start in range(0, len(inp), SLICE):
-                part = inp[start : start + SLICE]
-                if isinstance(inp[0], str):
-                    v, n = await asyncio.to_thread(self._embed_texts, em, part)
-                else:
-                    v, n = await asyncio.to_thread(em.embedder.embed_token_ids, part, start)
-                vecs += v
+            for start in range(0, len(batch), SLICE):
+                part, n = await asyncio.to_thread(self._embed, em, batch[start : start + SLICE], start)
+                vecs += part
                 n_tokens += n
         data = []
         for i, v in enumerate(vecs):
@@ -67,7 +72,10 @@ class EmbeddingHandler:
         )
 
     @staticmethod
-    def _embed_texts(em, texts):
-        if not all(isinstance(t, str) for t in texts):
+    def _embed(em: ServedEmbedder, part: list[str] | list[list[int]], start: int) -> tuple[list[list[float]], int]:
+        """Vectors and tokens for inputs start, start + 1, ... of the request."""
+        if _texts(part):
+            return em.embedder.embed_texts(part)
+        if any(isinstance(x, str) for x in part):
             raise InvalidRequestError("input mixes strings and token arrays; send one kind.", "input")
-        return em.embedder.embed_texts(texts)
+        return em.embedder.embed_token_ids(part, start)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from fastapi import Request
@@ -19,6 +20,9 @@ from starlette.requests import ClientDisconnect
 from ..errors import InvalidRequestError, NotFoundError
 from ..jobs.files import FileStore, Upload
 from .protocol_fine_tuning import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks  # a TypedDict defined for type checkers only
 
 MAX_FIELD_BYTES = 4096  # form fields besides the file (purpose, expires_after[...]) are short
 
@@ -59,11 +63,11 @@ class _Form:
         self.fields: dict[str, str] = {}
         self._headers: dict[bytes, bytes] = {}
         self._field, self._value = b"", b""
-        self._name: str | None = None
+        self._name = ""  # the current part's name
         self._buf: bytearray | None = None
         self.ended = False  # the closing boundary was seen: nothing was cut off
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -75,23 +79,23 @@ class _Form:
             "on_end": self._end,
         }
 
-    def _end(self):
+    def _end(self) -> None:
         self.ended = True
 
-    def _part_begin(self):
+    def _part_begin(self) -> None:
         self._headers, self._field, self._value = {}, b"", b""
 
-    def _header_field(self, data, start, end):
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
 
-    def _header_value(self, data, start, end):
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
         self._value += data[start:end]
 
-    def _header_end(self):
+    def _header_end(self) -> None:
         self._headers[self._field.lower()] = self._value
         self._field, self._value = b"", b""
 
-    def _headers_finished(self):
+    def _headers_finished(self) -> None:
         _, opts = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = opts.get(b"name", b"").decode("utf-8", "replace")
         if self._name == "file":
@@ -103,8 +107,9 @@ class _Form:
         else:
             self._buf = bytearray()
 
-    def _part_data(self, data, start, end):
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._buf is None:
+            assert self.upload is not None  # begun by _headers_finished of this 'file' part
             self.upload.write(data[start:end])
         else:
             self._buf += data[start:end]
@@ -113,7 +118,7 @@ class _Form:
                     f"The form field '{self._name}' is longer than {MAX_FIELD_BYTES} bytes.", self._name
                 )
 
-    def _part_end(self):
+    def _part_end(self) -> None:
         if self._buf is not None:
             self.fields[self._name] = self._buf.decode("utf-8", "replace")
             self._buf = None
@@ -151,6 +156,7 @@ class FilesHandler:
                 )
             if form.upload.bytes == 0:
                 raise InvalidRequestError("The file is empty.", "file")
+            assert form.filename is not None  # set with form.upload
             row = await asyncio.to_thread(form.upload.commit, form.filename, purpose)
         except (ClientDisconnect, FormParserError) as e:
             if form.upload is not None:

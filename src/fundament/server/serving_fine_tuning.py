@@ -112,17 +112,14 @@ class FineTuningHandler:
             raise InvalidRequestError(
                 f"method type {req.method.type!r} is not supported; use 'supervised'.", "method.type"
             )
-        in_method = (
-            req.method is not None
-            and req.method.supervised is not None
-            and req.method.supervised.hyperparameters is not None
-        )
-        if in_method and req.hyperparameters is not None:
+        supervised = req.method.supervised if req.method is not None else None
+        in_method = supervised.hyperparameters if supervised is not None else None
+        if in_method is not None and req.hyperparameters is not None:
             raise InvalidRequestError(
                 "Give hyperparameters once, in method.supervised.hyperparameters (the top-level field is deprecated).",
                 "hyperparameters",
             )
-        hp = req.method.supervised.hyperparameters if in_method else req.hyperparameters
+        hp = in_method if in_method is not None else req.hyperparameters
         requested = (
             hp.model_dump()
             if hp is not None
