@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from ..adapt.prompt import PromptFormat
 from ..config import fundament_home
@@ -17,6 +18,10 @@ from ..jobs.lifecycle import FINISHED, Status
 from .measure import Outcome, PeakMemory, dir_size
 from .prompting import classify, request_body
 from .tasks import Example, Task
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types.fine_tuning import FineTuningJob
 
 MIN_EXAMPLES = 10  # the jobs API's minimum, as OpenAI's
 
@@ -44,20 +49,20 @@ class LoRA:
     def settings(self, cfg) -> dict:
         return {"model": cfg.model, "n_epochs": cfg.lora_epochs, "lora_r": cfg.lora_r}
 
-    def _wait(self, client, job, progress) -> object:
+    def _wait(self, client: OpenAI, job: FineTuningJob, progress) -> FineTuningJob:
         seen_step = 0
         while job.status not in FINISHED:
             time.sleep(2)
             job = client.fine_tuning.jobs.retrieve(job.id)
             if progress and job.status == Status.RUNNING:
                 events = client.fine_tuning.jobs.list_events(job.id, limit=20).data
-                m = next((e.data for e in events if e.type == "metrics" and e.data), None)
+                m = next((e.data for e in events if e.type == "metrics" and isinstance(e.data, dict) and e.data), None)
                 if m and m.get("step", 0) > seen_step:
                     seen_step = m["step"]
                     progress(m["step"], m["total_steps"], "training")
         return job
 
-    def _train_seconds(self, client, job, wall_s: float) -> float:
+    def _train_seconds(self, client: OpenAI, job: FineTuningJob, wall_s: float) -> float:
         """From the job's "started" event to its finish (what training took, queue and validation
         left out); our own clock where the events do not say."""
         events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
@@ -97,6 +102,8 @@ class LoRA:
             why = job.error.message if job.error else job.status
             raise FundamentError(f"fine-tuning job {job.id} {job.status}: {why}", "lora")
         model = job.fine_tuned_model
+        if model is None:
+            raise FundamentError(f"fine-tuning job {job.id} succeeded without a fine_tuned_model", "lora")
         adapter = fundament_home() / "fine_tuning" / job.id / "adapter"  # where a server on this machine keeps it
         size = dir_size(adapter) if adapter.is_dir() else None
         saved = adapter / "fundament_tune.json"

@@ -39,7 +39,7 @@ def predict(model, X, classes: list[str]) -> tuple[list[str], list[dict[str, flo
     p = model.predict_proba(X)  # (N, classes seen in training)
     seen = [str(c) for c in model.classes_]
     probs = [{c: float(row[seen.index(c)]) if c in seen else 0.0 for c in classes} for row in p]
-    return [max(d, key=d.get) for d in probs], probs
+    return [max(d, key=d.__getitem__) for d in probs], probs
 
 
 def save(model, path: Path) -> int:

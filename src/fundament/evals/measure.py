@@ -46,7 +46,9 @@ class PeakMemory:
     libraries, models loaded earlier) is not counted. `mb` stays None where /proc cannot tell."""
 
     def __init__(self, pid: int | str = "self", baseline_kb: int | None = None):
-        self.pid, self.mb, self._start, self.baseline_kb = pid, None, None, baseline_kb
+        self.pid, self.baseline_kb = pid, baseline_kb
+        self.mb: float | None = None
+        self._start: int | None = None
 
     def __enter__(self) -> PeakMemory:
         try:

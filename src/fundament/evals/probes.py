@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from . import linear
 from .measure import Outcome, PeakMemory, time_each
 from .splits import fingerprint
 from .tasks import Example, Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HIDDEN_MAX_TOKENS = 256  # longer texts are cut: SMS messages and reviews fit
 BATCH = 32
@@ -94,9 +98,9 @@ class HiddenStateFeatures:
             )
         self.path = hf_dir_for(spec)
         self.key = f"hidden-mean:{model_name}:{fingerprint(str(self.path))}"
-        self._model = None
+        self._model: PreTrainedModel | None = None
 
-    def _load(self):
+    def _load(self) -> PreTrainedModel:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -104,15 +108,15 @@ class HiddenStateFeatures:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self._model = AutoModel.from_pretrained(self.path, dtype=torch.float32).eval()
+        return self._model
 
     def compute(self, texts: list[str]) -> list[np.ndarray]:
         import torch
 
-        if self._model is None:
-            self._load()
+        model = self._model if self._model is not None else self._load()
         enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=HIDDEN_MAX_TOKENS)
         with torch.inference_mode():
-            h = self._model(**enc).last_hidden_state  # (B, T, C)
+            h = model(**enc).last_hidden_state  # (B, T, C)
         mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
         pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, C)
         return list(pooled.numpy())

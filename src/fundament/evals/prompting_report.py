@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 from .metrics import accuracy, expected_calibration_error, macro_f1
 from .tasks import TASKS, Task, load_task
@@ -147,7 +148,7 @@ def run(
                             labels,
                             options,
                             content_free=True,
-                            progress=lambda n, job=job: bar.advance(job, n),
+                            progress=partial(bar.advance, job),
                         )
                     )
                     seconds = time.perf_counter() - t

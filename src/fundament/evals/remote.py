@@ -12,12 +12,17 @@ import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from ..adapt.classify import Classifier
 from ..adapt.prompt import PromptFormat
 from .measure import Outcome, time_each
 from .server import openai_client
 from .tasks import Example, Task
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+    from openai.types.chat import ChatCompletion
 
 TOP_LOGPROBS = 20  # OpenAI's most
 CONCURRENCY = 4  # requests in flight on the batched pass
@@ -86,7 +91,7 @@ class Remote:
         self.max_size = 0 if selection is None else None
         self.at_zero = None if selection is None else "remote-zero-shot"
         self.uses_server = selection == "nearest"  # fundament's embeddings pick the nearest examples
-        self._client = None
+        self._client: OpenAI | None = None
         self._logprobs = True
 
     def settings(self, cfg) -> dict:
@@ -99,16 +104,16 @@ class Remote:
             "example_format": cfg.example_format if self.selection else None,
         }
 
-    def _chat(self, cfg, messages: list[dict]):
-        kw = {"model": cfg.remote_model, "messages": messages, "temperature": 0, "max_tokens": 16}
+    def _chat(self, client: OpenAI, cfg, messages: list[dict]) -> ChatCompletion:
+        kw: dict[str, Any] = {"model": cfg.remote_model, "messages": messages, "temperature": 0, "max_tokens": 16}
         if self._logprobs:
             import openai
 
             try:
-                return self._client.chat.completions.create(**kw, logprobs=True, top_logprobs=TOP_LOGPROBS)
+                return client.chat.completions.create(**kw, logprobs=True, top_logprobs=TOP_LOGPROBS)
             except openai.BadRequestError:  # a server without logprobs refuses them: parse labels only
                 self._logprobs = False
-        return self._client.chat.completions.create(**kw)
+        return client.chat.completions.create(**kw)
 
     def run(self, ctx, task: Task, train: list[Example], test: list[Example], seed: int) -> Outcome:
         from ..errors import InvalidRequestError
@@ -119,7 +124,7 @@ class Remote:
                 "remote strategies need --remote-base-url and --remote-model (and a key: --remote-api-key-env).",
                 "remote_base_url",
             )
-        self._client = self._client or openai_client(cfg.remote_base_url, cfg.remote_api_key, timeout=120)
+        client = self._client = self._client or openai_client(cfg.remote_base_url, cfg.remote_api_key, timeout=120)
         fmt = PromptFormat(task.instruction, task.answer_prefix, task.input_prefix, example_format=cfg.example_format)
         d = task.descriptions or {}
         labels = [(c, d.get(c, "")) for c in task.classes]
@@ -137,7 +142,7 @@ class Remote:
         messages = [fmt.messages(labels, [pool[j] for j in chosen[i]], e.text) for i, e in enumerate(test)]
 
         def one(i: int):
-            r = self._chat(cfg, messages[i])
+            r = self._chat(client, cfg, messages[i])
             reply = r.choices[0].message.content or ""
             label, at = parse_label(reply, task.classes, task.answer_prefix)
             lp = r.choices[0].logprobs

@@ -40,12 +40,13 @@ def plan(cfg: EvalConfig, tasks: list) -> tuple[list, list[tuple], dict]:
     A strategy whose 0-example point is another's (few-shot, LoRA: zero-shot) brings that
     strategy's cell along when the sizes hold 0."""
     names = expand(cfg.strategies)
-    for n in list(names):
-        anchor = make(n).at_zero
+    for name in list(names):
+        anchor = make(name).at_zero
         if anchor and 0 in cfg.sizes and anchor not in names:
             names.insert(0, anchor)
     strategies = [make(n) for n in names]
-    cells, skipped = [], {}
+    cells: list[tuple] = []
+    skipped: dict[str, dict[str, list[int]]] = {}
     for task in tasks:
         for s in strategies:
             run, skip = sizes_for(s, cfg.sizes, len(task.train))

@@ -12,14 +12,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import FundamentError
 from .measure import child_pids, resident_kb
 
+if TYPE_CHECKING:
+    from openai import OpenAI
+
 log = logging.getLogger(__name__)
 
 
-def openai_client(base_url: str, api_key: str | None, timeout: float = 600):
+def openai_client(base_url: str, api_key: str | None, timeout: float = 600) -> OpenAI:
     try:
         from openai import OpenAI
     except ImportError:
@@ -110,11 +114,11 @@ class Fundament:
     def __init__(self, base_url: str | None, api_key: str | None, log_path: Path):
         self.base_url, self.api_key, self.log_path = base_url, api_key, log_path
         self.server: LocalServer | None = None
-        self._client = None
+        self._client: OpenAI | None = None
         self._worker_idle: tuple[int, int | None] | None = None
 
     @property
-    def client(self):
+    def client(self) -> OpenAI:
         if self._client is None:
             if self.base_url is None:
                 self.server = LocalServer(self.log_path)
@@ -125,9 +129,9 @@ class Fundament:
     def worker(self) -> tuple[int, int | None] | None:
         """(pid, idle resident kB) of the fine-tuning worker where this run started the server
         (else unknown: None). The idle size is read the first time, before any job of this run."""
-        if self.server is None or self.server.worker_pid() is None:
+        pid = None if self.server is None else self.server.worker_pid()  # asked once: it may die meanwhile
+        if pid is None:
             return None
-        pid = self.server.worker_pid()
         if self._worker_idle is None or self._worker_idle[0] != pid:  # a restarted worker: measured again
             self._worker_idle = (pid, resident_kb(pid))
         return self._worker_idle

@@ -66,7 +66,8 @@ def sizes_for(strategy, sizes: list[int], train_size: int) -> tuple[list[int], l
     that strategy's cell, and other strategies need examples to train on."""
     if strategy.max_size == 0:
         return [0], []
-    run, skipped = [], []
+    run: list[int] = []
+    skipped: list[int] = []
     for n in sorted({min(n, train_size) for n in sizes if n > 0}):
         (run if n >= strategy.min_size else skipped).append(n)
     return run, skipped

@@ -5,6 +5,8 @@ Plain data in, plain data out: what results.json holds and the report prints.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .metrics import accuracy, expected_calibration_error, macro_f1, per_class_f1
@@ -51,7 +53,7 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 
-def summarize(cells: list[dict], classes: list[str]) -> dict:
+def summarize(cells: list[dict], classes: list[str]) -> list[dict]:
     """One row per (strategy, size): the mean and standard deviation over seeds of every number,
     and the mean per-class F1."""
     groups: dict[tuple[str, int], list[dict]] = {}
@@ -59,7 +61,7 @@ def summarize(cells: list[dict], classes: list[str]) -> dict:
         groups.setdefault((c["strategy"], c["size"]), []).append(c)
     rows = []
     for (strategy, size), cs in groups.items():
-        row = {
+        row: dict[str, Any] = {
             "strategy": strategy,
             "size": size,
             "seeds": sorted(c["seed"] for c in cs),
@@ -119,7 +121,7 @@ def verdict(rows: list[dict]) -> dict:
     key = lambda r: (r["accuracy"], -(r["latency_p50_ms"] or float("inf")))  # noqa: E731  ties: the faster
     pick = lambda r: {k: r[k] for k in ("strategy", "size", "accuracy", "latency_p50_ms", "train_s")}  # noqa: E731
     best = max(rows, key=key)
-    families = {}
+    families: dict[str, dict] = {}
     for r in rows:
         f = FAMILIES.get(r["strategy"], r["strategy"])
         if f not in families or key(r) > key(families[f]):
