@@ -259,3 +259,16 @@ def test_a_classification_the_client_gives_up_on_stops_in_the_engine(server):
     t0 = time.perf_counter()
     r = post(server, "/chat/completions", CHAT)
     assert r.status_code == 200 and time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/embeddings", {"model": "text-embedding-3-small", "input": [False]}, "input"),
+        ("/completions", {**COMPLETION, "max_tokens": True}, "max_tokens"),
+        ("/chat/completions", {**CHAT, "n": "2"}, "n"),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_400_not_coerced(server, path, body, param):
+    """Found by fuzzing: `[false]` was read as the token array [0] and embedded."""
+    err(post(server, path, body), 400, param)

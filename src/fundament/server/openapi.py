@@ -70,8 +70,11 @@ def build_openapi(app: FastAPI, config: ServeConfig) -> dict:
                 responses[status] = _error(status, limit)
             if path in STREAMS and method == "post":
                 responses["200"].setdefault("content", {})["text/event-stream"] = {
+                    # each event, as SSE parsers read it: its `data` a chunk object as JSON, or [DONE]
                     "schema": {
-                        "type": "string",
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
                         "description": "Server-sent events, one chunk object per `data:` line, then `data: [DONE]`.",
                     }
                 }

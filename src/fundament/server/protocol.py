@@ -54,7 +54,8 @@ class RequestPart(BaseModel):
     """A nested object of a request. Unknown keys are dropped: clients send back the messages
     they were given, with fields such as `refusal` or `annotations`."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON `true` is not the number 1, nor "3" the number 3, as OpenAI's schema says.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -71,7 +72,7 @@ class RequestBody(RequestPart):
     """A request body: a field that is neither OpenAI's nor one of our documented extensions is
     an error, as at OpenAI, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---- chat -------------------------------------------------------------------------------------
