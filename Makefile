@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test
+.PHONY: install serve test lint
 
 # torch exact and first (pyproject.toml asks only torch>=2.6): pip takes this CPU build from the
 # machine's disk and keeps it when it installs the project; left to resolve alone, it pulls CUDA's.
@@ -24,3 +24,9 @@ serve: install
 
 test: install
 	$(PY) -m pytest tests
+
+# CI's gates beside the tests: lint and format (ruff) over the code, types (mypy) over the package.
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
