@@ -50,13 +50,10 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
         if not learn:
             raise ValueError("every assistant message has weight 0: there is nothing to learn")
         eot = set(tokenizer.eos_token_ids)
-        done = ""
-        for j, m in enumerate(msgs):
-            before = tokenizer.chat_text(msgs[:j], add_generation_prompt=m["role"] == "assistant") if j else ""
-            after = tokenizer.chat_text(msgs[: j + 1], add_generation_prompt=False)
-            if not (before.startswith(done) and after.startswith(before)):
-                raise ValueError("the model's chat template cannot render this conversation turn by turn")
-            head, body = tokenizer.encode(before[len(done) :]), tokenizer.encode(after[len(before) :])
+        turns = tokenizer.encode_turns(msgs)  # as the server prompts with it (encode_prompt)
+        if turns is None:
+            raise ValueError("the model's chat template cannot render this conversation turn by turn")
+        for j, (head, body) in enumerate(turns):
             ids += head + body
             learn_mask += [False] * len(head)
             if j in learn:  # the answer and its end-of-turn token; what follows it is the next turn's
@@ -64,7 +61,6 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
                 learn_mask += [True] * end + [False] * (len(body) - end)
             else:
                 learn_mask += [False] * len(body)
-            done = after
     elif "prompt" in record or "completion" in record:
         p, c = record.get("prompt"), record.get("completion")
         if not isinstance(p, str) or not isinstance(c, str) or not c:

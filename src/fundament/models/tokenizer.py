@@ -64,6 +64,35 @@ class ChatTokenizer:
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         return self.encode(self.chat_text(messages, **kwargs))
 
+    def encode_turns(self, messages: list[dict]) -> list[tuple[list[int], list[int]]] | None:
+        """The conversation tokenized turn by turn, as the trainer learns it and the server prompts
+        with it: per message, (ids of what comes before its text: the template up to an assistant
+        turn's header, else nothing), (ids of the rest of the turn). Tokenizing the pieces apart
+        matters where BPE would merge across them (an answer that begins with whitespace after the
+        header's newline): a model tuned on its turns must be prompted with the same ids. None if
+        the template cannot be rendered turn by turn (each render must extend the previous)."""
+        out, done = [], ""
+        for j, m in enumerate(messages):
+            before = self.chat_text(messages[:j], add_generation_prompt=m["role"] == "assistant") if j else ""
+            after = self.chat_text(messages[: j + 1], add_generation_prompt=False)
+            if not (before.startswith(done) and after.startswith(before)):
+                return None
+            out.append((self.encode(before[len(done) :]), self.encode(after[len(before) :])))
+            done = after
+        return out
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """A chat prompt ending in the assistant's header, tokenized turn by turn (encode_turns); a
+        template that cannot be rendered so is tokenized whole."""
+        turns = self.encode_turns(messages)
+        if turns is None:
+            return self.apply_chat_template(messages)
+        done = self.chat_text(messages, add_generation_prompt=False) if messages else ""
+        full = self.chat_text(messages, add_generation_prompt=True)
+        if not full.startswith(done):
+            return self.apply_chat_template(messages)
+        return [t for head, body in turns for t in head + body] + self.encode(full[len(done) :])
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting multi-byte characters.

@@ -97,7 +97,7 @@ class ChatHandler:
         chat = render_chat([m.model_dump(exclude_none=True) for m in req.messages], req.tools, req.tool_choice)
         funcs, choice = chat.functions, chat.tool_choice
         try:
-            prompt_ids = lm.tokenizer.apply_chat_template(chat.messages)
+            prompt_ids = lm.tokenizer.encode_prompt(chat.messages)  # turn by turn, as the trainer learns
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", "messages") from e
         check_prompt_length(lm, len(prompt_ids), "messages")
