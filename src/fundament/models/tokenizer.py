@@ -71,6 +71,21 @@ class ChatTokenizer:
         matters where BPE would merge across them (an answer that begins with whitespace after the
         header's newline): a model tuned on its turns must be prompted with the same ids. None if
         the template cannot be rendered turn by turn (each render must extend the previous)."""
+        rendered = self._turns(messages)
+        return None if rendered is None else rendered[0]
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """A chat prompt ending in the assistant's header, tokenized turn by turn (encode_turns); a
+        template that cannot be rendered so is tokenized whole."""
+        rendered = self._turns(messages)
+        full = self.chat_text(messages, add_generation_prompt=True)
+        if rendered is None or not full.startswith(rendered[1]):
+            return self.encode(full)
+        turns, done = rendered
+        return [t for head, body in turns for t in head + body] + self.encode(full[len(done) :])
+
+    def _turns(self, messages: list[dict]) -> tuple[list[tuple[list[int], list[int]]], str] | None:
+        """encode_turns' pieces and the text of the whole conversation they cover (None: see there)."""
         out, done = [], ""
         for j, m in enumerate(messages):
             before = self.chat_text(messages[:j], add_generation_prompt=m["role"] == "assistant") if j else ""
@@ -79,19 +94,7 @@ class ChatTokenizer:
                 return None
             out.append((self.encode(before[len(done) :]), self.encode(after[len(before) :])))
             done = after
-        return out
-
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """A chat prompt ending in the assistant's header, tokenized turn by turn (encode_turns); a
-        template that cannot be rendered so is tokenized whole."""
-        turns = self.encode_turns(messages)
-        if turns is None:
-            return self.apply_chat_template(messages)
-        done = self.chat_text(messages, add_generation_prompt=False) if messages else ""
-        full = self.chat_text(messages, add_generation_prompt=True)
-        if not full.startswith(done):
-            return self.apply_chat_template(messages)
-        return [t for head, body in turns for t in head + body] + self.encode(full[len(done) :])
+        return out, done
 
 
 class IncrementalDetokenizer:
