@@ -42,6 +42,29 @@ class SamplingDefaults:
 
 
 @dataclass(config=SECTION)
+class VLLMSpec:
+    """A generation model served by vLLM instead of fundament's own engine (docs/scaling.md).
+    With `url`, an existing vLLM OpenAI server (a GPU machine, a cluster); without it, fundament
+    starts one on this machine with `python`, watches it and restarts it if it dies."""
+
+    url: Str | None = None  # http://gpu-box:8000 (with or without /v1)
+    served_model_name: Str | None = None  # the base model's name in that server; default: its first model
+    api_key: Str | None = None  # sent to that server as a bearer token
+    python: Str | None = (
+        None  # the supervised server's interpreter; default .venv-vllm/bin/python, then $FUNDAMENT_VLLM_PYTHON
+    )
+    port: Int | None = None  # the supervised server's port on 127.0.0.1; default: a free one
+    dtype: Str = "bfloat16"
+    max_model_len: Int | None = None  # default: the model's own context length
+    max_lora_rank: Int = 64  # the largest LoRA rank a fine-tuned model of this base may have here
+    max_loras: Int = 4  # adapters in one batch
+    args: list[Str] = field(default_factory=list)  # more api_server flags, as on its command line
+    env: dict[Str, Str] = field(default_factory=dict)  # e.g. VLLM_CPU_KVCACHE_SPACE: "4"
+    request_timeout_s: Float = 300.0  # the longest wait for vLLM's next bytes on one request
+    startup_timeout_s: Float = 1200.0  # a supervised start that takes longer is killed and retried
+
+
+@dataclass(config=SECTION)
 class ModelSpec:
     """One served model. `path` is a GGUF file, a Hugging Face directory or a sentence-transformers
     directory; `package`+`file` find weights shipped inside an installed Python package instead."""
@@ -53,6 +76,9 @@ class ModelSpec:
     file: Str | None = None
     description: Str = ""
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # Set: vLLM generates for this model (`vllm: {}` starts one here; `vllm: {url: ...}` uses one).
+    # The model's tokenizer and, for fine-tuning, its weights are still read from path or package.
+    vllm: VLLMSpec | None = None
 
 
 @dataclass(config=SECTION)
@@ -152,6 +178,7 @@ _SECTIONS: dict[str, Any] = {
     "adapters": AdapterSpec,
     "engine": EngineConfig,
     "sampling": SamplingDefaults,
+    "vllm": VLLMSpec,
 }
 
 

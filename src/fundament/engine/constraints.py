@@ -57,6 +57,7 @@ class GrammarConstraint:
     sequence: it follows the sequence's own output ids."""
 
     def __init__(self, ll_tokenizer: llguidance.LLTokenizer, grammar: str):
+        self.grammar = grammar  # what a vLLM backend is sent instead (engine/vllm.py)
         self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
         self.eos = ll_tokenizer.eos_token
         self.bitmask = llguidance.torch.allocate_token_bitmask(1, ll_tokenizer.vocab_size)

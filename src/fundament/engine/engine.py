@@ -109,6 +109,17 @@ class Engine:
         """KV cache tokens held for running sequences (0 when idle: nothing leaked)."""
         return self._reserved
 
+    def health(self) -> dict:
+        """What /health shows of this engine."""
+        return {
+            "backend": "fundament",
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "kv_reserved_tokens": self.reserved_tokens,
+            "native_decode": self.model.native,
+        }
+
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
         """ContextLengthExceededError (its `param` left to the caller, who knows the request's
         field names) if a prompt and its completion cannot fit the context or the KV cache."""

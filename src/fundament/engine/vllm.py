@@ -1,0 +1,436 @@
+"""vLLM as fundament's engine: the `Engine` interface (generate, score, adapters) over a vLLM
+OpenAI server, so chat templates, tools, stop strings, structured output, classification and the
+`ft:` models all stay fundament's while vLLM does the forward passes.
+
+Requests go to vLLM's /v1/completions as token ids and stream back token ids
+(`return_token_ids`), so the tokens vLLM generates are the tokens fundament's own engine would
+see. A grammar travels as `structured_outputs` (its llguidance form; the server must run the
+guidance backend). Scoring (classification) asks for the log-probability of each continuation
+token at a generated position (`logprob_token_ids`) rather than `prompt_logprobs`, which kills
+vLLM 0.32's CPU engine when LoRA is enabled. Adapters are registered with vLLM's runtime LoRA
+endpoints and registered again whenever the server comes back.
+Knows token ids and vLLM's HTTP API; knows nothing of chat messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..config import EngineConfig, VLLMSpec
+from ..errors import (
+    ContextLengthExceededError,
+    FundamentError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+from .constraints import GrammarConstraint
+from .engine import LOGPROB_FLOOR, EngineOutput
+from .sampling import SamplingParams
+from .vllm_server import VLLMServer
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to vLLM is noise in the server log
+_ids = itertools.count()
+
+
+def structured_outputs(grammar: str) -> dict:
+    """vLLM's `structured_outputs` for one of fundament's llguidance grammars: a JSON schema as
+    `json` (its x-guidance settings inside, so the guidance backend compiles the same grammar),
+    Lark (regex, choice, tools) as `grammar`."""
+    if grammar.lstrip().startswith("{"):
+        spec = json.loads(grammar)["grammars"][0]
+        if spec.get("json_schema") is not None:
+            return {"json": spec["json_schema"]}
+        return {"grammar": spec["lark_grammar"]}
+    return {"grammar": grammar}
+
+
+def backend_error(status: int, body: Any, model: str) -> FundamentError:
+    """vLLM's error response as fundament's error of the same kind (one OpenAI envelope)."""
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    message = (err.get("message") if isinstance(err, dict) else None) or str(body)[:500]
+    param = err.get("param") if isinstance(err, dict) else None
+    if status == 400 and "maximum context length" in message:
+        return ContextLengthExceededError(message, param)
+    if status in (400, 422):
+        return InvalidRequestError(f"vLLM refused the request: {message}", param)
+    if status == 404:
+        return NotFoundError(f"vLLM: {message}", param)
+    if status == 429:
+        return QueueFullError(f"vLLM is busy: {message}")
+    return ServiceUnavailableError(f"model '{model}': its vLLM backend failed ({status}): {message}")
+
+
+class VLLMEngine:
+    """One model on a vLLM server, started here (`VLLMServer`) or reached by URL."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        name: str,
+        spec: VLLMSpec,
+        config: EngineConfig,
+        eos_token_ids: list[int],
+        max_context: int,
+        model_dir: Path,
+    ):
+        self.name, self.spec, self.config = name, spec, config
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_context = spec.max_model_len or max_context
+        self.server = None if spec.url else VLLMServer(name, model_dir, spec, on_ready=self._register_adapters)
+        base = spec.url or self.server.url  # type: ignore[union-attr]
+        self.url = base.rstrip("/").removesuffix("/v1")
+        self.served_model = spec.served_model_name or (None if spec.url else name)
+        self.waiting: deque = deque()  # vLLM queues; nothing waits here
+        self.running: dict[str, str | None] = {}  # request id -> adapter, while vLLM works on it
+        self.steps = 0  # streamed chunks received (a step may carry several tokens)
+        self.reserved_tokens = 0
+        self.adapters: dict[str, str] = {}  # adapter name -> its directory, as vLLM must see it
+        self._loaded: set[str] = set()  # adapters vLLM has now
+        self._adapter_lock = threading.Lock()
+        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        self._headers = headers
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.server is not None:
+            self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        for client in self._clients.values():
+            try:
+                asyncio.run_coroutine_threadsafe(client.aclose(), client._loop)  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        self._clients.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self.server is None or self.server.state == "ready"
+
+    def health(self) -> dict:
+        out: dict[str, Any] = {"backend": "vllm", "url": self.url, "running": len(self.running), "waiting": 0}
+        out["adapters"] = sorted(self._loaded)
+        if self.server is not None:
+            out.update(state=self.server.state, pid=self.server.pid, restarts=self.server.restarts)
+            out["log"] = str(self.server.log_path)
+        return out
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        total = n_prompt + max_tokens
+        if total > self.max_context:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                "Reduce the length of the prompt or of max_completion_tokens."
+            )
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path) -> None:
+        """Serve a PEFT LoRA directory as `name` through vLLM's runtime LoRA loading. Recorded
+        even while vLLM is down: it is registered as soon as the server is back."""
+        with self._adapter_lock:
+            self.adapters[name] = str(Path(path).resolve())
+            if self.ready:
+                self._register(name)
+
+    def remove_adapter(self, name: str) -> None:
+        with self._adapter_lock:
+            self.adapters.pop(name, None)
+            if name in self._loaded:
+                self._loaded.discard(name)
+                try:
+                    r = httpx.post(self.url + "/v1/unload_lora_adapter", json={"lora_name": name}, **self._sync_kw())
+                    if r.status_code >= 400 and r.status_code != 404:
+                        log.warning("vLLM did not unload %s: %s", name, r.text[:300])
+                except httpx.HTTPError as e:
+                    log.warning("vLLM did not unload %s: %s", name, e)
+
+    def _register_adapters(self) -> None:
+        """After a (re)start: vLLM remembers no adapter, so every recorded one is loaded again."""
+        with self._adapter_lock:
+            self._loaded.clear()
+            for name in list(self.adapters):
+                try:
+                    self._register(name)
+                except FundamentError as e:
+                    log.error("adapter %s could not be registered with vLLM: %s", name, e.message)
+
+    def _register(self, name: str) -> None:
+        body = {"lora_name": name, "lora_path": self.adapters[name]}
+        try:
+            r = httpx.post(self.url + "/v1/load_lora_adapter", json=body, **self._sync_kw())
+        except httpx.HTTPError as e:
+            raise ServiceUnavailableError(f"model '{name}': vLLM at {self.url} could not be reached: {e}") from e
+        if r.status_code >= 400 and "already" not in r.text:
+            self.adapters.pop(name, None)
+            raise InvalidRequestError(f"vLLM could not load the adapter '{name}': {_message(r)}", "model")
+        self._loaded.add(name)
+        log.info("vLLM at %s serves adapter %s", self.url, name)
+
+    def _sync_kw(self) -> dict:
+        return {"timeout": httpx.Timeout(self.spec.request_timeout_s, connect=5.0), "headers": self._headers}
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            timeout = httpx.Timeout(self.spec.request_timeout_s, connect=5.0)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            client = httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, headers=self._headers)
+            self._clients[loop] = client
+        return client
+
+    async def _model_for(self, adapter: str | None) -> str:
+        if not self.ready:
+            raise ServiceUnavailableError(
+                f"model '{self.name}': its vLLM server {self.server.describe()}. Retry shortly."  # type: ignore[union-attr]
+            )
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise ModelNotFoundError(adapter)
+            if adapter not in self._loaded:
+                await asyncio.to_thread(self.load_adapter, adapter, self.adapters[adapter])
+            return adapter
+        if self.served_model is None:
+            self.served_model = await self._discover_model()
+        return self.served_model
+
+    async def _discover_model(self) -> str:
+        r = await self._send("GET", "/v1/models")
+        models = [m for m in r.json().get("data", []) if not m.get("parent")]
+        if not models:
+            raise ServiceUnavailableError(f"model '{self.name}': vLLM at {self.url} serves no model")
+        if models[0].get("max_model_len"):
+            self.max_context = min(self.max_context, int(models[0]["max_model_len"]))
+        return models[0]["id"]
+
+    def _unreachable(self, e: Exception) -> ServiceUnavailableError:
+        if self.server is None:
+            state = "its vLLM backend"
+        elif self.ready:  # it died a moment ago: the supervisor restarts it
+            state = f"its vLLM server (pid {self.server.pid}, restarted when it exits)"
+        else:
+            state = f"its vLLM server {self.server.describe()}"
+        if isinstance(e, httpx.TimeoutException):
+            return ServiceUnavailableError(
+                f"model '{self.name}': {state} at {self.url} did not answer within "
+                f"{self.spec.request_timeout_s:.0f} s (vllm.request_timeout_s). Retry shortly."
+            )
+        return ServiceUnavailableError(
+            f"model '{self.name}': {state} at {self.url} is not reachable ({type(e).__name__}: {e}). Retry shortly."
+        )
+
+    async def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        try:
+            r = await self._client().request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from e
+        if r.status_code >= 400:
+            raise backend_error(r.status_code, _json(r), self.name)
+        return r
+
+    def _body(self, prompt_ids: list[int], params: SamplingParams, model: str) -> dict:
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": list(prompt_ids),
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stop_token_ids": sorted(stops),
+            "ignore_eos": params.ignore_eos,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+        }
+        if params.top_k > 0:
+            body["top_k"] = params.top_k
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.logit_bias:
+            body["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
+        if params.logprobs is not None:
+            body["logprobs"] = params.logprobs
+            body["return_tokens_as_token_ids"] = True
+        grammars = [p for p in params.logits_processors if isinstance(p, GrammarConstraint)]
+        if len(grammars) != len(params.logits_processors) or len(grammars) > 1:
+            raise InvalidRequestError(
+                f"model '{self.name}' is served by vLLM, which takes no custom logits processors."
+            )
+        if grammars:
+            body["structured_outputs"] = structured_outputs(grammars[0].grammar)
+        return body
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Stream one sequence from vLLM as EngineOutputs, one per token; closing the iterator
+        closes the connection, which aborts the request in vLLM."""
+        model = await self._model_for(adapter)
+        if len(self.running) >= self.config.max_num_seqs + self.config.max_queue:
+            raise QueueFullError(f"The server is busy: {len(self.running)} requests are in flight. Retry shortly.")
+        prompt_lp = None
+        if params.prompt_logprobs:
+            prompt_lp = await self._prompt_logprobs(prompt_ids, model)
+        body = {**self._body(prompt_ids, params, model), "stream": True}
+        rid = f"fvllm-{next(_ids)}"
+        self.running[rid] = adapter
+        last: EngineOutput | None = None
+        try:
+            async with self._client().stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    raise backend_error(r.status_code, _json(r), self.name)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise backend_error(int(chunk["error"].get("code") or 500), chunk, self.name)
+                    self.steps += 1
+                    for out in _outputs(chunk["choices"][0], params.logprobs):
+                        if prompt_lp is not None:
+                            out.prompt_logprobs, prompt_lp = prompt_lp, None
+                        last = out
+                        yield out
+                        if out.finish_reason:
+                            return
+            if last is None or last.finish_reason is None:
+                raise ServiceUnavailableError(f"model '{self.name}': the vLLM stream ended before the sequence did.")
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from e
+        finally:
+            self.running.pop(rid, None)
+
+    async def _prompt_logprobs(self, prompt_ids: list[int], model: str) -> list[float | None]:
+        """log P(token | earlier tokens) for each prompt token (None for the first)."""
+        if len(prompt_ids) < 2:
+            return [None] * len(prompt_ids)
+        lps = await self._next_token_logprobs(
+            [prompt_ids[:i] for i in range(1, len(prompt_ids))], prompt_ids[1:], model
+        )
+        return [None, *lps]
+
+    async def score(
+        self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None
+    ) -> list[list[float]]:
+        """log P(token | prompt, the continuation's earlier tokens) for every continuation token:
+        one vLLM request with one prompt per token position (vLLM's prefix cache computes the
+        shared prompt once)."""
+        model = await self._model_for(adapter)
+        prefixes, targets, owners = [], [], []
+        for i, c in enumerate(continuations):
+            for j, tok in enumerate(c):
+                prefixes.append([*prompt_ids, *c[:j]])
+                targets.append(tok)
+                owners.append(i)
+        for p in prefixes:
+            self.check_fits(len(p), 1)
+        lps = await self._next_token_logprobs(prefixes, targets, model) if prefixes else []
+        out: list[list[float]] = [[] for _ in continuations]
+        for i, lp in zip(owners, lps):
+            out[i].append(lp)
+        return out
+
+    async def _next_token_logprobs(self, prefixes: list[list[int]], targets: list[int], model: str) -> list[float]:
+        """log P(targets[i] | prefixes[i]) from the model's raw distribution, in one request."""
+        body = {
+            "model": model,
+            "prompt": prefixes,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": 1,
+            "logprob_token_ids": sorted(set(targets)),
+            "return_tokens_as_token_ids": True,
+        }
+        rid = f"fvllm-{next(_ids)}"
+        self.running[rid] = model
+        try:
+            r = await self._send("POST", "/v1/completions", body)
+        finally:
+            self.running.pop(rid, None)
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        out = []
+        for choice, target in zip(choices, targets):
+            top = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
+            lp = top[0].get(f"token_id:{target}")
+            if lp is None:
+                raise ServiceUnavailableError(
+                    f"model '{self.name}': vLLM returned no log-probability for token {target}"
+                )
+            out.append(max(float(lp), LOGPROB_FLOOR))
+        return out
+
+
+def _outputs(choice: dict, k: int | None) -> list[EngineOutput]:
+    """One streamed choice as one EngineOutput per token; the finish reason on the last."""
+    ids = choice.get("token_ids") or []
+    lp = choice.get("logprobs") or {}
+    lps, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    outs = []
+    for j, tid in enumerate(ids):
+        out = EngineOutput(int(tid))
+        if k is not None:
+            out.logprob = _finite(lps[j]) if j < len(lps) else None
+            if k and j < len(tops) and tops[j]:
+                ranked = sorted(
+                    ((int(t.split(":", 1)[1]), float(v)) for t, v in tops[j].items() if v is not None and v > -1e30),
+                    key=lambda x: -x[1],
+                )
+                out.top_logprobs = [(t, max(v, LOGPROB_FLOOR)) for t, v in ranked[:k]]
+            elif k:
+                out.top_logprobs = []
+        outs.append(out)
+    finish = choice.get("finish_reason")
+    if finish is not None:
+        if finish not in ("stop", "length"):
+            raise ServiceUnavailableError(f"vLLM ended the sequence with finish_reason {finish!r}")
+        if not outs:  # a finish with no token of its own: vLLM stopped without emitting one
+            raise ServiceUnavailableError("vLLM ended a sequence without a final token")
+        outs[-1].finish_reason = finish
+    return outs
+
+
+def _finite(v) -> float:
+    return LOGPROB_FLOOR if v is None or v < LOGPROB_FLOOR else float(v)
+
+
+def _json(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return {"message": r.text[:500]}
+
+
+def _message(r: httpx.Response) -> str:
+    body = _json(r)
+    err = body.get("error", body) if isinstance(body, dict) else body
+    return err.get("message", str(err)) if isinstance(err, dict) else str(err)
