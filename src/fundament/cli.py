@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from .config import AdapterSpec, ServeConfig
+from .config import AdapterSpec, ServeConfig, VLLMSpec
 from .errors import FundamentError
 
 SHUTDOWN_GRACE_S = 3  # seconds `fundament serve` lets requests in flight finish after SIGTERM
@@ -43,6 +43,7 @@ def _serve(args) -> None:
             raise FundamentError(f"--lora must look like NAME=PATH, got {spec!r}", "lora")
         base = next((m.name for m in cfg.models if m.task == "generate"), None)
         cfg.adapters.append(AdapterSpec(name=name, path=path, base=base or ""))
+    _vllm_flags(cfg, args)
     if args.max_body_bytes:
         cfg.max_body_bytes = args.max_body_bytes
     if args.max_file_bytes:
@@ -63,6 +64,21 @@ def _serve(args) -> None:
     # On SIGTERM uvicorn waits for requests in flight; past this it cancels them (their engine work
     # is aborted with them), so a server with long generations running still stops within seconds.
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+
+def _vllm_flags(cfg: ServeConfig, args) -> None:
+    """--vllm / --vllm-url: the generation models are served by vLLM (docs/scaling.md)."""
+    if not (args.vllm or args.vllm_url or args.vllm_python or args.vllm_arg):
+        return
+    gen = [m for m in cfg.models if m.task == "generate"]
+    if args.vllm_url and len(gen) > 1:
+        raise FundamentError(
+            f"--vllm-url names one server but {len(gen)} generation models are served; give each its "
+            "`vllm: {url: ...}` in a config file instead",
+            "vllm-url",
+        )
+    for m in gen:
+        m.vllm = VLLMSpec(url=args.vllm_url, python=args.vllm_python, args=list(args.vllm_arg or []))
 
 
 def _worker(args) -> int:
@@ -252,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument(
         "--no-worker", action="store_true", help="do not start the fine-tuning worker (run `fundament worker` apart)"
+    )
+    s.add_argument("--vllm", action="store_true", help="serve the generation models on vLLM servers started here")
+    s.add_argument("--vllm-url", help="serve the generation model on the vLLM server at this URL")
+    s.add_argument("--vllm-python", help="the Python of vLLM's environment (default .venv-vllm, `make vllm-env`)")
+    s.add_argument(
+        "--vllm-arg",
+        action="append",
+        help="one more flag for the vLLM server started here, as --vllm-arg=--enforce-eager (repeatable)",
     )
     s.add_argument("--log-level", default="info")
     w = sub.add_parser(

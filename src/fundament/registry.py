@@ -9,6 +9,7 @@ model's engine the first time a request names them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Literal, Protocol
 
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
+from .engine.vllm import VLLMEngine
 from .errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from .models.device import resolve_device, resolve_dtype
 from .models.embedder import Embedder
@@ -35,7 +37,7 @@ class ServedGenerator:
     name: str
     spec: ModelSpec
     tokenizer: ChatTokenizer
-    engine: Engine
+    engine: Engine | VLLMEngine  # fundament's own, or a vLLM server's (spec.vllm)
     created: int
     fingerprint: str
 
@@ -57,6 +59,11 @@ class ServedEmbedder:
 def load_generator(spec: ModelSpec, engine_config: EngineConfig) -> ServedGenerator:
     path = hf_dir_for(spec)
     tokenizer = ChatTokenizer(path)
+    fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
+    if spec.vllm is not None:  # vLLM runs the weights; fundament keeps the tokenizer and the API
+        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings", 2048)
+        vllm = VLLMEngine(spec.name, spec.vllm, engine_config, tokenizer.eos_token_ids, context, path)
+        return ServedGenerator(spec.name, spec, tokenizer, vllm, int(time.time()), fp)
     device = resolve_device(engine_config.device)
     model = LlamaModel.from_dir(
         path,
@@ -67,7 +74,6 @@ def load_generator(spec: ModelSpec, engine_config: EngineConfig) -> ServedGenera
         batch_invariant=engine_config.batch_invariant,
     )
     engine = Engine(model, engine_config, tokenizer.eos_token_ids)
-    fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
     return ServedGenerator(spec.name, spec, tokenizer, engine, int(time.time()), fp)
 
 
@@ -144,6 +150,9 @@ class ModelRegistry:
         for g in self.generators.values():
             g.engine.stop()
 
+    def serves_vllm(self) -> bool:
+        return any(isinstance(g.engine, VLLMEngine) for g in self.generators.values())
+
     def canonical(self, name: str) -> str:
         return self.aliases.get(name, name)
 
@@ -194,6 +203,21 @@ class ModelRegistry:
             for m in self.fine_tuned.fine_tuned_models()
             if m["base_model"] in self.generators and Path(m["path"]).is_dir()
         ]
+
+    def sync_fine_tuned(self) -> list[str]:
+        """Load every fine-tuned model (not checkpoints) of a vLLM-served base that is not loaded
+        yet, so vLLM serves it the moment its job succeeds and again after a restart of either
+        server; fundament's own engine loads adapters on first use instead. The ids loaded."""
+        loaded = []
+        for m in self._servable_fine_tuned():
+            base = self.generators[m["base_model"]].engine
+            if m["kind"] == "model" and isinstance(base, VLLMEngine) and base.ready and m["id"] not in self.adapters:
+                try:
+                    if self._load_fine_tuned(m["id"]):
+                        loaded.append(m["id"])
+                except Exception as e:  # a bad adapter must not stop the others; a request names it
+                    log.error("fine-tuned model %s could not be loaded into vLLM: %s", m["id"], e)
+        return loaded
 
     def is_fine_tuned(self, name: str) -> bool:
         return self.fine_tuned is not None and self.fine_tuned.fine_tuned_model(self.canonical(name)) is not None

@@ -181,6 +181,16 @@ async def _until_disconnect(request: Request, coro):
             raise asyncio.CancelledError()
 
 
+async def _sync_fine_tuned(reg: ModelRegistry, every_s: float = 1.0) -> None:
+    """Fine-tuned models of vLLM-served bases are loaded into vLLM as their jobs succeed."""
+    while True:
+        try:
+            await asyncio.to_thread(reg.sync_fine_tuned)
+        except Exception:
+            log.exception("loading fine-tuned models into vLLM failed")
+        await asyncio.sleep(every_s)
+
+
 def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worker=None) -> FastAPI:
     """The app; it loads the configured models at startup unless a loaded registry is passed in.
     `worker` (a jobs.supervisor.WorkerProcess) is started and stopped with the app."""
@@ -195,7 +205,10 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         worker = app.state.worker
         if worker is not None:
             worker.start()
+        sync = asyncio.create_task(_sync_fine_tuned(reg)) if reg.serves_vllm() else None
         yield
+        if sync is not None:
+            sync.cancel()
         if worker is not None:  # here, not after uvicorn returns: it re-raises SIGTERM on its way out
             await asyncio.to_thread(worker.stop)
         reg.stop()
@@ -261,16 +274,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
 
     @app.get("/health")
     async def health():
-        engines = {
-            n: {
-                "running": len(g.engine.running),
-                "waiting": len(g.engine.waiting),
-                "steps": g.engine.steps,
-                "kv_reserved_tokens": g.engine.reserved_tokens,
-                "native_decode": g.engine.model.native,
-            }
-            for n, g in reg.generators.items()
-        }
+        engines = {n: g.engine.health() for n, g in reg.generators.items()}
         return {"status": "ok", "engines": engines}
 
     @app.get("/v1/models", dependencies=v1)
