@@ -77,8 +77,12 @@ def _vllm_flags(cfg: ServeConfig, args) -> None:
             "`vllm: {url: ...}` in a config file instead",
             "vllm-url",
         )
-    for m in gen:
-        m.vllm = VLLMSpec(url=args.vllm_url, python=args.vllm_python, args=list(args.vllm_arg or []))
+    for m in gen:  # over what a config file's vllm: section says, not instead of it
+        spec = m.vllm or VLLMSpec()
+        spec.url = args.vllm_url or spec.url
+        spec.python = args.vllm_python or spec.python
+        spec.args = [*spec.args, *(args.vllm_arg or [])]
+        m.vllm = spec
 
 
 def _worker(args) -> int:
@@ -240,7 +244,7 @@ def _eval(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fundament", description="Serve, adapt and measure foundation models offline."
     )
@@ -321,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             "eval", help="prompting vs fine-tuning vs small models on a task: a report with tables and plots"
         )
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "worker":
         return _worker(args)
     quiet = args.command in ("jobs", "tune", "eval")  # client commands: their output is the answer, not logs

@@ -41,6 +41,9 @@ class SamplingDefaults:
     max_completion_tokens: Int = 1024
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as --max-lora-rank
+
+
 @dataclass(config=SECTION)
 class VLLMSpec:
     """A generation model served by vLLM instead of fundament's own engine (docs/scaling.md).
@@ -50,9 +53,8 @@ class VLLMSpec:
     url: Str | None = None  # http://gpu-box:8000 (with or without /v1)
     served_model_name: Str | None = None  # the base model's name in that server; default: its first model
     api_key: Str | None = None  # sent to that server as a bearer token
-    python: Str | None = (
-        None  # the supervised server's interpreter; default .venv-vllm/bin/python, then $FUNDAMENT_VLLM_PYTHON
-    )
+    # The supervised server's interpreter; default $FUNDAMENT_VLLM_PYTHON, then .venv-vllm/bin/python.
+    python: Str | None = None
     port: Int | None = None  # the supervised server's port on 127.0.0.1; default: a free one
     dtype: Str = "bfloat16"
     max_model_len: Int | None = None  # default: the model's own context length
@@ -62,6 +64,13 @@ class VLLMSpec:
     env: dict[Str, Str] = field(default_factory=dict)  # e.g. VLLM_CPU_KVCACHE_SPACE: "4"
     request_timeout_s: Float = 300.0  # the longest wait for vLLM's next bytes on one request
     startup_timeout_s: Float = 1200.0  # a supervised start that takes longer is killed and retried
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_vllm_takes(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:  # any other value and vLLM refuses to start
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (vLLM's LoRA ranks)")
+        return value
 
 
 @dataclass(config=SECTION)

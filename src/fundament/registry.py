@@ -113,6 +113,7 @@ class ModelRegistry:
         self.fine_tuned = fine_tuned
         self._fine_tuned_loaded: set[str] = set()  # adapters loaded from the source (deletable)
         self._lock = threading.Lock()
+        self._sync_failed: dict[str, float] = {}  # fine-tuned model -> when vLLM may be asked again
 
     def load_all(self) -> None:
         for spec in self.config.models:
@@ -211,12 +212,16 @@ class ModelRegistry:
         loaded = []
         for m in self._servable_fine_tuned():
             base = self.generators[m["base_model"]].engine
-            if m["kind"] == "model" and isinstance(base, VLLMEngine) and base.ready and m["id"] not in self.adapters:
-                try:
-                    if self._load_fine_tuned(m["id"]):
-                        loaded.append(m["id"])
-                except Exception as e:  # a bad adapter must not stop the others; a request names it
-                    log.error("fine-tuned model %s could not be loaded into vLLM: %s", m["id"], e)
+            if m["kind"] != "model" or not isinstance(base, VLLMEngine) or not base.ready or m["id"] in self.adapters:
+                continue
+            if time.time() < self._sync_failed.get(m["id"], 0.0):
+                continue
+            try:
+                if self._load_fine_tuned(m["id"]):
+                    loaded.append(m["id"])
+            except Exception as e:  # a bad adapter must not stop the others; a request names it
+                self._sync_failed[m["id"]] = time.time() + 60.0  # tried again in a minute, not every second
+                log.error("fine-tuned model %s could not be loaded into vLLM: %s", m["id"], e)
         return loaded
 
     def is_fine_tuned(self, name: str) -> bool:

@@ -95,6 +95,7 @@ class VLLMEngine:
         base = spec.url or self.server.url  # type: ignore[union-attr]
         self.url = base.rstrip("/").removesuffix("/v1")
         self.served_model = spec.served_model_name or (None if spec.url else name)
+        self._discovered = False  # vLLM's model list read (its max_model_len)
         self.waiting: deque = deque()  # vLLM queues; nothing waits here
         self.running: dict[str, str | None] = {}  # request id -> adapter, while vLLM works on it
         self.steps = 0  # streamed chunks received (a step may carry several tokens)
@@ -151,7 +152,10 @@ class VLLMEngine:
         with self._adapter_lock:
             self.adapters[name] = str(Path(path).resolve())
             if self.ready:
-                self._register(name)
+                try:
+                    self._register(name)
+                except ServiceUnavailableError as e:  # registered on first use, or when it is back
+                    log.warning("%s", e.message)
 
     def remove_adapter(self, name: str) -> None:
         with self._adapter_lock:
@@ -213,18 +217,20 @@ class VLLMEngine:
             if adapter not in self._loaded:
                 await asyncio.to_thread(self.load_adapter, adapter, self.adapters[adapter])
             return adapter
-        if self.served_model is None:
-            self.served_model = await self._discover_model()
-        return self.served_model
+        if not self._discovered:
+            found = await self._discover_model()
+            self.served_model, self._discovered = self.served_model or found, True
+        return self.served_model  # type: ignore[return-value]
 
     async def _discover_model(self) -> str:
         r = await self._send("GET", "/v1/models")
         models = [m for m in r.json().get("data", []) if not m.get("parent")]
-        if not models:
+        mine = [m for m in models if m["id"] == self.served_model] or models
+        if not mine:
             raise ServiceUnavailableError(f"model '{self.name}': vLLM at {self.url} serves no model")
-        if models[0].get("max_model_len"):
-            self.max_context = min(self.max_context, int(models[0]["max_model_len"]))
-        return models[0]["id"]
+        if mine[0].get("max_model_len"):  # vLLM's own limit, where the config gave none
+            self.max_context = min(self.max_context, int(mine[0]["max_model_len"]))
+        return mine[0]["id"]
 
     def _unreachable(self, e: Exception) -> ServiceUnavailableError:
         if self.server is None:
@@ -301,34 +307,53 @@ class VLLMEngine:
         rid = f"fvllm-{next(_ids)}"
         self.running[rid] = adapter
         last: EngineOutput | None = None
+        r = None
         try:
-            async with self._client().stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code >= 400:
-                    await r.aread()
-                    raise backend_error(r.status_code, _json(r), self.name)
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise backend_error(int(chunk["error"].get("code") or 500), chunk, self.name)
-                    self.steps += 1
-                    for out in _outputs(chunk["choices"][0], params.logprobs):
-                        if prompt_lp is not None:
-                            out.prompt_logprobs, prompt_lp = prompt_lp, None
-                        last = out
-                        yield out
-                        if out.finish_reason:
-                            return
+            r = await self._open(body, adapter)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise backend_error(int(chunk["error"].get("code") or 500), chunk, self.name)
+                self.steps += 1
+                for out in _outputs(chunk["choices"][0], params.logprobs):
+                    if prompt_lp is not None:
+                        out.prompt_logprobs, prompt_lp = prompt_lp, None
+                    last = out
+                    yield out
+                    if out.finish_reason:
+                        return
             if last is None or last.finish_reason is None:
                 raise ServiceUnavailableError(f"model '{self.name}': the vLLM stream ended before the sequence did.")
         except httpx.HTTPError as e:
             raise self._unreachable(e) from e
         finally:
             self.running.pop(rid, None)
+            if r is not None:
+                await r.aclose()  # mid-stream: vLLM sees the connection go and aborts the request
+
+    async def _open(self, body: dict, adapter: str | None) -> httpx.Response:
+        """POST a streamed completion; the response, its status checked. A vLLM that restarted
+        without fundament (a remote one) has forgotten the adapters: a 404 for one registers it
+        again and the request is sent once more."""
+        client = self._client()
+        for attempt in (0, 1):
+            r = await client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+            if r.status_code < 400:
+                return r
+            await r.aread()
+            await r.aclose()
+            if r.status_code == 404 and adapter is not None and attempt == 0:
+                with self._adapter_lock:
+                    self._loaded.discard(adapter)
+                await asyncio.to_thread(self.load_adapter, adapter, self.adapters.get(adapter, ""))
+                continue
+            break
+        raise backend_error(r.status_code, _json(r), self.name)
 
     async def _prompt_logprobs(self, prompt_ids: list[int], model: str) -> list[float | None]:
         """log P(token | earlier tokens) for each prompt token (None for the first)."""
@@ -354,7 +379,15 @@ class VLLMEngine:
                 owners.append(i)
         for p in prefixes:
             self.check_fits(len(p), 1)
-        lps = await self._next_token_logprobs(prefixes, targets, model) if prefixes else []
+        try:
+            lps = await self._next_token_logprobs(prefixes, targets, model) if prefixes else []
+        except NotFoundError:
+            if adapter is None:
+                raise
+            with self._adapter_lock:  # a restarted remote vLLM forgot it: register it once more
+                self._loaded.discard(adapter)
+            await asyncio.to_thread(self.load_adapter, adapter, self.adapters.get(adapter, ""))
+            lps = await self._next_token_logprobs(prefixes, targets, model)
         out: list[list[float]] = [[] for _ in continuations]
         for i, lp in zip(owners, lps):
             out[i].append(lp)

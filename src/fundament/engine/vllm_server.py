@@ -157,6 +157,7 @@ class VLLMServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: the engine core goes with it
+                preexec_fn=_die_with_parent,
             )
         log.info("started vLLM for %s: pid %d, %s, log %s", self.name, self.proc.pid, self.url, self.log_path)
         ready_at = None
@@ -209,3 +210,14 @@ class VLLMServer:
             except (ProcessLookupError, PermissionError):
                 pass
             break
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it ends (fundament killed
+    with SIGKILL, say), so no vLLM outlives the server that supervised it (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..adapt.hyperparameters import resolve_hyperparameters
+from ..adapt.hyperparameters import TuneConfig, resolve_hyperparameters
 from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from ..jobs import lifecycle
@@ -128,6 +128,14 @@ class FineTuningHandler:
         prefix = "method.supervised." if in_method else ""
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         extensions = req.extensions()
+        served = self.registry.generators[base].spec.vllm
+        rank = extensions.get("lora_r", TuneConfig.lora_r)
+        if served is not None and isinstance(rank, int) and rank > served.max_lora_rank:
+            raise InvalidRequestError(  # it would train, then vLLM could not serve it
+                f"lora_r {rank} is more than the {served.max_lora_rank} that '{base}' is served with on vLLM "
+                "(vllm.max_lora_rank). Use a smaller rank or raise that setting.",
+                "lora_r",
+            )
         # The job's own copy of its files, before its row exists: from here on it never reads the
         # uploaded files, so deleting them (as OpenAI allows) cannot hurt it.
         job_id = new_id("ftjob")
