@@ -28,6 +28,7 @@ class EvalConfig:
     model: str = "smollm2-135m-instruct"  # prompted, fine-tuned and probed
     embedding_model: str = "all-minilm-l6-v2"  # nearest examples and the embedding probe
     base_url: str | None = None  # a running fundament server; None: start one on 127.0.0.1
+    vllm: bool = False  # the server this run starts serves the model on vLLM (`fundament serve --vllm`)
     api_key_env: str = "FUNDAMENT_API_KEY"  # where its key is, if it needs one
     remote_base_url: str | None = None  # any OpenAI-compatible server, for the remote-* strategies
     remote_model: str | None = None
@@ -53,6 +54,11 @@ class EvalConfig:
         if self.example_format not in ("list", "turns"):
             raise InvalidRequestError(
                 f"example_format must be 'list' or 'turns', got {self.example_format!r}.", "example_format"
+            )
+        if self.vllm and self.base_url:
+            raise InvalidRequestError(
+                "--vllm starts a server on vLLM; with --base-url, start that server with `fundament serve --vllm`.",
+                "vllm",
             )
         if self.lora_epochs != "auto":
             try:
@@ -119,6 +125,11 @@ def add_arguments(p) -> None:
         help="a running fundament server (default: start one on 127.0.0.1 and stop it after)",
     )
     p.add_argument(
+        "--vllm",
+        action="store_true",
+        help="the server this run starts serves the model on vLLM (fundament serve --vllm; docs/scaling.md)",
+    )
+    p.add_argument(
         "--remote-base-url",
         default=None,
         help="an OpenAI-compatible API for the remote-* strategies, e.g. https://api.openai.com/v1",
@@ -154,6 +165,7 @@ def from_args(args) -> EvalConfig:
         model=args.model,
         embedding_model=args.embedding_model,
         base_url=args.base_url,
+        vllm=args.vllm,
         remote_base_url=args.remote_base_url,
         remote_model=args.remote_model,
         remote_api_key_env=args.remote_api_key_env,

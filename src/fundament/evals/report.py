@@ -41,6 +41,8 @@ def command(cfg: dict) -> str:
     ]
     if cfg["limit"]:
         parts.append(f"--limit {cfg['limit']}")
+    if cfg.get("vllm"):
+        parts.append("--vllm")
     for flag, key, default in (
         ("--k", "k", 8),
         ("--example-format", "example_format", "list"),

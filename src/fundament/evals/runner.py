@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import FundamentError
 from .cache import ResultCache
@@ -20,13 +21,16 @@ from .strategies import DESCRIPTIONS, expand, make, sizes_for
 from .summary import cell_metrics, curves, majority_baseline, summarize, verdict
 from .taskfile import resolve_task
 
+if TYPE_CHECKING:
+    from .server import Fundament
+
 
 @dataclass
 class Context:
     """What a strategy's run may use besides its examples."""
 
     config: EvalConfig
-    fundament: object  # server.Fundament
+    fundament: Fundament
     features: object  # probes.FeatureCache
     artifacts: Path
     progress: object = None  # progress(done, total, phase="") for the current cell
@@ -76,6 +80,7 @@ def _run_cell(ctx: Context, cache: ResultCache, task, strategy, size: int, seed:
         strategy.settings(cfg),
         cfg.latency_sample,
         *prefix,
+        *(["vllm"] if ctx.fundament.backend(cfg.model) == "vllm" else []),  # not fundament's engine's cells
     )
     cell = (task.name, strategy.name, size, seed, key)
     record = cache.get(*cell)
@@ -133,7 +138,7 @@ def evaluate(cfg: EvalConfig, console=None) -> dict:
     strategies, cells, skipped = plan(cfg, tasks)
     root = cfg.cache_root
     cache = ResultCache(root)
-    fundament = Fundament(cfg.base_url, cfg.api_key, root / "server.log")
+    fundament = Fundament(cfg.base_url, cfg.api_key, root / "server.log", ["--vllm"] if cfg.vllm else [])
     ctx = Context(cfg, fundament, FeatureCache(root / "features.sqlite"), root / "artifacts")
     tests = {t.name: held_out(t, cfg.limit) for t in tasks}
     records, errors = [], []

@@ -80,9 +80,13 @@ class LocalServer:
                     f"the evaluation's server exited with {self.proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}"
                 )
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                # a model on vLLM answers once its vLLM server is up (state "ready"), a minute or so later
+                if r.status_code == 200 and all(
+                    e.get("state", "ready") == "ready" for e in r.json().get("engines", {}).values()
+                ):
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
         self.stop()
@@ -94,7 +98,7 @@ class LocalServer:
 
     def worker_pid(self) -> int | None:
         """The fine-tuning worker the server started (its only child process)."""
-        kids = child_pids(self.proc.pid)
+        kids = [p for p in child_pids(self.proc.pid) if b"jobs.worker" in _cmdline(p)]  # not a vLLM server
         return kids[0] if kids else None
 
     def stop(self) -> None:
@@ -108,11 +112,20 @@ class LocalServer:
         self._log.close()
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class Fundament:
     """The fundament server of a run, started the first time a strategy asks for it."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, log_path: Path):
+    def __init__(self, base_url: str | None, api_key: str | None, log_path: Path, serve_args: list[str] | None = None):
         self.base_url, self.api_key, self.log_path = base_url, api_key, log_path
+        self.serve_args = list(serve_args or [])  # for the server this run starts
+        self._backends: dict[str, str | None] = {}
         self.server: LocalServer | None = None
         self._client: OpenAI | None = None
         self._worker_idle: tuple[int, int | None] | None = None
@@ -121,10 +134,27 @@ class Fundament:
     def client(self) -> OpenAI:
         if self._client is None:
             if self.base_url is None:
-                self.server = LocalServer(self.log_path)
+                self.server = LocalServer(self.log_path, extra_args=self.serve_args)
                 self.base_url = self.server.base_url
             self._client = openai_client(self.base_url, self.api_key)
         return self._client
+
+    def backend(self, model: str) -> str | None:
+        """What generates for `model`: "vllm", "fundament", or None where the server does not say
+        (not a fundament server). A server this run starts is asked nothing: its flags tell."""
+        if self.base_url is None or self.server is not None:
+            return "vllm" if "--vllm" in self.serve_args else "fundament"
+        if model not in self._backends:
+            import httpx
+
+            try:
+                root = self.base_url.rstrip("/").removesuffix("/v1")
+                engines = httpx.get(root + "/health", timeout=10).json().get("engines", {})
+                served = engines.get(model) or (next(iter(engines.values())) if len(engines) == 1 else None)
+                self._backends[model] = (served or {}).get("backend", "fundament" if served else None)
+            except (httpx.HTTPError, ValueError, AttributeError):
+                self._backends[model] = None
+        return self._backends[model]
 
     def worker(self) -> tuple[int, int | None] | None:
         """(pid, idle resident kB) of the fine-tuning worker where this run started the server
