@@ -40,6 +40,7 @@ from fundament.engine.vllm_server import vllm_python
 MODEL = DEFAULT_MODELS[0].name  # vLLM serves it under the same name
 SYSTEMS = ("fundament", "vllm", "proxy")
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+QUIET_S = 2.0  # between two measured loads
 _runs = iter(range(10_000))  # every measured load gets prompts of its own (below)
 
 
@@ -173,6 +174,9 @@ def measure(urls: dict[str, str], c: int, max_tokens: int, reps: int) -> dict:
     for r in range(reps):
         order = list(urls)[r % len(urls) :] + list(urls)[: r % len(urls)]  # no system always goes first
         for s in order:
+            # vLLM's worker spins on its queue for 1 s after its last step (shm_broadcast busy_loop_s);
+            # the next load must not share the cores with that.
+            time.sleep(QUIET_S)
             runs[s].append(asyncio.run(load(urls[s], MODEL, c, max_tokens, prompts(c))))
     out: dict = {s: {k: statistics.median(x[k] for x in v) for k in v[0]} | {"reps": v} for s, v in runs.items()}
     a, b, p = (out[s]["tokens_per_s"] for s in SYSTEMS)
