@@ -76,7 +76,7 @@ def test_the_vllm_section_is_checked_like_the_rest_of_the_config(tmp_path):
         spec is not None
         and spec.url == "http://gpu:8000"
         and spec.request_timeout_s == 30.0
-        and spec.max_lora_rank == 64
+        and spec.max_lora_rank == 16
     )
     for text, where, what in [
         ("vllm: {urll: x}", "models[0].vllm.urll", "did you mean 'url'"),

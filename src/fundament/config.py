@@ -58,7 +58,9 @@ class VLLMSpec:
     port: Int | None = None  # the supervised server's port on 127.0.0.1; default: a free one
     dtype: Str = "bfloat16"
     max_model_len: Int | None = None  # default: the model's own context length
-    max_lora_rank: Int = 64  # the largest LoRA rank a fine-tuned model of this base may have here
+    # The largest LoRA rank a fine-tuned model of this base may have here. vLLM's CPU LoRA kernels
+    # cost in proportion to it on every token, so it stays at the trainer's default rank.
+    max_lora_rank: Int = 16
     max_loras: Int = 4  # adapters in one batch
     args: list[Str] = field(default_factory=list)  # more api_server flags, as on its command line
     env: dict[Str, Str] = field(default_factory=dict)  # e.g. VLLM_CPU_KVCACHE_SPACE: "4"

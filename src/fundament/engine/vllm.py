@@ -44,6 +44,7 @@ from .vllm_server import VLLMServer
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to vLLM is noise in the server log
 _ids = itertools.count()
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.32's bound on logprob_token_ids in one request
 
 
 def structured_outputs(grammar: str) -> dict:
@@ -116,12 +117,7 @@ class VLLMEngine:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
-        for client in self._clients.values():
-            try:
-                asyncio.run_coroutine_threadsafe(client.aclose(), client._loop)  # type: ignore[attr-defined]
-            except Exception:
-                pass
-        self._clients.clear()
+        self._clients.clear()  # their connections close with the event loops that own them
 
     @property
     def ready(self) -> bool:
@@ -233,6 +229,8 @@ class VLLMEngine:
         return mine[0]["id"]
 
     def _unreachable(self, e: Exception) -> ServiceUnavailableError:
+        if self.server is not None:
+            self.server.check()
         if self.server is None:
             state = "its vLLM backend"
         elif self.ready:  # it died a moment ago: the supervisor restarts it
@@ -359,9 +357,7 @@ class VLLMEngine:
         """log P(token | earlier tokens) for each prompt token (None for the first)."""
         if len(prompt_ids) < 2:
             return [None] * len(prompt_ids)
-        lps = await self._next_token_logprobs(
-            [prompt_ids[:i] for i in range(1, len(prompt_ids))], prompt_ids[1:], model
-        )
+        (lps,) = await self.score(prompt_ids[:1], [prompt_ids[1:]], None if model == self.served_model else model)
         return [None, *lps]
 
     async def score(
@@ -371,55 +367,59 @@ class VLLMEngine:
         one vLLM request with one prompt per token position (vLLM's prefix cache computes the
         shared prompt once)."""
         model = await self._model_for(adapter)
-        prefixes, targets, owners = [], [], []
-        for i, c in enumerate(continuations):
-            for j, tok in enumerate(c):
-                prefixes.append([*prompt_ids, *c[:j]])
-                targets.append(tok)
-                owners.append(i)
+        # One prompt per distinct prefix: every label's first token is read off the same prompt,
+        # and labels that begin alike share their later prefixes too.
+        prefixes: dict[tuple[int, ...], int] = {}
+        where: list[list[int]] = []  # per continuation token: the index of its prefix
+        for c in continuations:
+            where.append([prefixes.setdefault((*prompt_ids, *c[:j]), len(prefixes)) for j in range(len(c))])
         for p in prefixes:
             self.check_fits(len(p), 1)
+        targets = sorted({t for c in continuations for t in c})
         try:
-            lps = await self._next_token_logprobs(prefixes, targets, model) if prefixes else []
+            table = await self._next_token_logprobs([list(p) for p in prefixes], targets, model) if prefixes else []
         except NotFoundError:
             if adapter is None:
                 raise
             with self._adapter_lock:  # a restarted remote vLLM forgot it: register it once more
                 self._loaded.discard(adapter)
             await asyncio.to_thread(self.load_adapter, adapter, self.adapters.get(adapter, ""))
-            lps = await self._next_token_logprobs(prefixes, targets, model)
-        out: list[list[float]] = [[] for _ in continuations]
-        for i, lp in zip(owners, lps):
-            out[i].append(lp)
-        return out
+            table = await self._next_token_logprobs([list(p) for p in prefixes], targets, model)
+        return [[table[k][t] for k, t in zip(ks, c)] for ks, c in zip(where, continuations)]
 
-    async def _next_token_logprobs(self, prefixes: list[list[int]], targets: list[int], model: str) -> list[float]:
-        """log P(targets[i] | prefixes[i]) from the model's raw distribution, in one request."""
-        body = {
-            "model": model,
-            "prompt": prefixes,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": 1,
-            "logprob_token_ids": sorted(set(targets)),
-            "return_tokens_as_token_ids": True,
-        }
-        rid = f"fvllm-{next(_ids)}"
-        self.running[rid] = model
-        try:
-            r = await self._send("POST", "/v1/completions", body)
-        finally:
-            self.running.pop(rid, None)
-        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
-        out = []
-        for choice, target in zip(choices, targets):
-            top = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
-            lp = top[0].get(f"token_id:{target}")
-            if lp is None:
-                raise ServiceUnavailableError(
-                    f"model '{self.name}': vLLM returned no log-probability for token {target}"
-                )
-            out.append(max(float(lp), LOGPROB_FLOOR))
+    async def _next_token_logprobs(
+        self, prefixes: list[list[int]], targets: list[int], model: str
+    ) -> list[dict[int, float]]:
+        """Per prefix, log P(t | prefix) for every t in targets, from the model's raw distribution
+        (vLLM's `logprob_token_ids`): one request per 128 targets, vLLM's most."""
+        out: list[dict[int, float]] = [{} for _ in prefixes]
+        for i in range(0, len(targets), MAX_LOGPROB_TOKEN_IDS):
+            chunk = targets[i : i + MAX_LOGPROB_TOKEN_IDS]
+            body = {
+                "model": model,
+                "prompt": prefixes,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": 1,
+                "logprob_token_ids": chunk,
+                "return_tokens_as_token_ids": True,
+            }
+            rid = f"fvllm-{next(_ids)}"
+            self.running[rid] = model
+            try:
+                r = await self._send("POST", "/v1/completions", body)
+            finally:
+                self.running.pop(rid, None)
+            for choice in r.json()["choices"]:
+                top = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0] or {}
+                row = out[choice["index"]]
+                for t in chunk:
+                    lp = top.get(f"token_id:{t}")
+                    if lp is None:
+                        raise ServiceUnavailableError(
+                            f"model '{self.name}': vLLM returned no log-probability for token {t}"
+                        )
+                    row[t] = max(float(lp), LOGPROB_FLOOR)
         return out
 
 

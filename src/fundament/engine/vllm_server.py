@@ -110,6 +110,14 @@ class VLLMServer:
             self._thread = None
         self.state = "stopped"
 
+    def check(self) -> None:
+        """A request found the server unreachable: if its process is gone, say so now rather than
+        at the supervisor's next look (it restarts it)."""
+        proc = self.proc
+        if self.state == "ready" and proc is not None and proc.poll() is not None:
+            self.state = "restarting"
+            self.last_exit = self.last_exit or "its process ended"
+
     def describe(self) -> str:
         """What a request that cannot be served now is told."""
         if self.state == "starting":
