@@ -342,14 +342,21 @@ def test_prompts_introduce_the_input_as_the_task_does_and_that_enters_only_their
             keys[(cell[1], task.input_prefix)] = cell[4]
             return {"cached": True}
 
+    backend = {"m": "fundament"}
     ctx = SimpleNamespace(
-        config=SimpleNamespace(latency_sample=1, model="m", k=8, embedding_model="e", example_format="list")
+        config=SimpleNamespace(latency_sample=1, model="m", k=8, embedding_model="e", example_format="list"),
+        fundament=SimpleNamespace(backend=lambda model: backend[model]),
     )
+    monkeypatch.setattr(runner, "train_subset", lambda task, size, seed: train)
     for prefix in ("Review:", "Text:"):
         task.input_prefix = prefix
         for name in ("zero-shot", "few-shot-nearest", "tfidf"):
-            monkeypatch.setattr(runner, "train_subset", lambda task, size, seed: train)
             runner._run_cell(ctx, Cache(), task, make(name), 8, 0, train)
     assert keys[("zero-shot", "Review:")] != keys[("zero-shot", "Text:")]
     assert keys[("few-shot-nearest", "Review:")] != keys[("few-shot-nearest", "Text:")]
     assert keys[("tfidf", "Review:")] == keys[("tfidf", "Text:")]
+    # A model served by vLLM scores differently from fundament's engine: its cells are its own
+    on_engine = keys[("zero-shot", "Text:")]
+    backend["m"] = "vllm"
+    runner._run_cell(ctx, Cache(), task, make("zero-shot"), 8, 0, train)
+    assert keys[("zero-shot", "Text:")] != on_engine
