@@ -205,6 +205,7 @@ def _classify(args) -> None:
     registry.load_all()
     registry.start()
     try:
+        registry.wait_ready()  # a model on vLLM: its server started above
         lm, _ = registry.resolve_generator(args.model)
         embedder = next(iter(registry.embedders.values())).embedder if registry.embedders else None
         options = PromptOptions(

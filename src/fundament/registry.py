@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
 from .engine.vllm import VLLMEngine
-from .errors import ConfigError, InvalidRequestError, ModelNotFoundError
+from .errors import ConfigError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from .models.device import resolve_device, resolve_dtype
 from .models.embedder import Embedder
 from .models.llama import LlamaModel
@@ -146,6 +146,24 @@ class ModelRegistry:
     def start(self) -> None:
         for g in self.generators.values():
             g.engine.start()
+
+    def wait_ready(self, timeout_s: float = 1200.0) -> None:
+        """Block until every engine serves: a vLLM server started here takes a minute or so. For
+        in-process use (`fundament classify`); the HTTP server answers 503 meanwhile instead."""
+        deadline = time.time() + timeout_s
+        for g in self.generators.values():
+            while isinstance(g.engine, VLLMEngine) and not g.engine.ready:
+                server = g.engine.server
+                if server is not None and server.restarts >= 2:  # it cannot start: say why, not wait
+                    raise ServiceUnavailableError(
+                        f"model '{g.name}': its vLLM server exited {server.restarts} times ({server.last_exit}); "
+                        f"see {server.log_path}"
+                    )
+                if time.time() > deadline:
+                    raise ServiceUnavailableError(
+                        f"model '{g.name}': its vLLM server is not ready after {timeout_s:.0f} s"
+                    )
+                time.sleep(0.5)
 
     def stop(self) -> None:
         for g in self.generators.values():

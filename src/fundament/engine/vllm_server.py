@@ -124,7 +124,7 @@ class VLLMServer:
             since = time.time() - self.started_at
             return f"is starting (pid {self.pid}, {since:.0f} s so far; vLLM compiles on its first start)"
         if self.state == "restarting":
-            return f"is restarting after it exited ({self.last_exit})"
+            return f"is restarting after it exited ({self.last_exit}; its log: {self.log_path})"
         return f"is {self.state}"
 
     def log_tail(self, n: int = 12) -> str:
