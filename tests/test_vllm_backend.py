@@ -16,7 +16,8 @@ from conftest import free_port
 from fundament.config import EngineConfig, ServeConfig, VLLMSpec
 from fundament.engine.constraints import choice_grammar, json_schema_grammar, regex_grammar
 from fundament.engine.sampling import SamplingParams
-from fundament.engine.vllm import VLLMEngine, backend_error, structured_outputs
+from fundament.engine.vllm import VLLMEngine
+from fundament.engine.vllm_wire import backend_error, structured_outputs
 from fundament.errors import (
     ConfigError,
     ContextLengthExceededError,

@@ -85,6 +85,19 @@ class EngineRequest:
         return len(self.tree) if self.tree is not None else len(self.prompt_ids) + self.params.max_tokens
 
 
+def check_context(max_context: int, n_prompt: int, max_tokens: int) -> int:
+    """The request's total tokens, or ContextLengthExceededError if they exceed the context
+    (shared by fundament's engine and the vLLM one)."""
+    total = n_prompt + max_tokens
+    if total > max_context:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_context} tokens. However, you requested "
+            f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+            "Reduce the length of the prompt or of max_completion_tokens."
+        )
+    return total
+
+
 class Engine:
     def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: list[int]):
         self.model, self.config = model, config
@@ -123,13 +136,7 @@ class Engine:
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
         """ContextLengthExceededError (its `param` left to the caller, who knows the request's
         field names) if a prompt and its completion cannot fit the context or the KV cache."""
-        total = n_prompt + max_tokens
-        if total > self.max_context:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Reduce the length of the prompt or of max_completion_tokens."
-            )
+        total = check_context(self.max_context, n_prompt, max_tokens)
         if total > self.config.kv_cache_tokens:
             raise ContextLengthExceededError(
                 f"The request needs {total} tokens of KV cache but the engine holds at most "

@@ -28,7 +28,6 @@ import httpx
 
 from ..config import EngineConfig, VLLMSpec
 from ..errors import (
-    ContextLengthExceededError,
     FundamentError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -37,42 +36,15 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from .constraints import GrammarConstraint
-from .engine import LOGPROB_FLOOR, EngineOutput
+from .engine import LOGPROB_FLOOR, EngineOutput, check_context
 from .sampling import SamplingParams
 from .vllm_server import VLLMServer
+from .vllm_wire import backend_error, chunk_outputs, error_message, json_body, structured_outputs
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request to vLLM is noise in the server log
 _ids = itertools.count()
 MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.32's bound on logprob_token_ids in one request
-
-
-def structured_outputs(grammar: str) -> dict:
-    """vLLM's `structured_outputs` for one of fundament's llguidance grammars: a JSON schema as
-    `json` (its x-guidance settings inside, so the guidance backend compiles the same grammar),
-    Lark (regex, choice, tools) as `grammar`."""
-    if grammar.lstrip().startswith("{"):
-        spec = json.loads(grammar)["grammars"][0]
-        if spec.get("json_schema") is not None:
-            return {"json": spec["json_schema"]}
-        return {"grammar": spec["lark_grammar"]}
-    return {"grammar": grammar}
-
-
-def backend_error(status: int, body: Any, model: str) -> FundamentError:
-    """vLLM's error response as fundament's error of the same kind (one OpenAI envelope)."""
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    message = (err.get("message") if isinstance(err, dict) else None) or str(body)[:500]
-    param = err.get("param") if isinstance(err, dict) else None
-    if status == 400 and "maximum context length" in message:
-        return ContextLengthExceededError(message, param)
-    if status in (400, 422):
-        return InvalidRequestError(f"vLLM refused the request: {message}", param)
-    if status == 404:
-        return NotFoundError(f"vLLM: {message}", param)
-    if status == 429:
-        return QueueFullError(f"vLLM is busy: {message}")
-    return ServiceUnavailableError(f"model '{model}': its vLLM backend failed ({status}): {message}")
 
 
 class VLLMEngine:
@@ -132,13 +104,7 @@ class VLLMEngine:
         return out
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        total = n_prompt + max_tokens
-        if total > self.max_context:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Reduce the length of the prompt or of max_completion_tokens."
-            )
+        check_context(self.max_context, n_prompt, max_tokens)  # vLLM holds its own KV cache
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -183,7 +149,7 @@ class VLLMEngine:
             raise ServiceUnavailableError(f"model '{name}': vLLM at {self.url} could not be reached: {e}") from e
         if r.status_code >= 400 and "already" not in r.text:
             self.adapters.pop(name, None)
-            raise InvalidRequestError(f"vLLM could not load the adapter '{name}': {_message(r)}", "model")
+            raise InvalidRequestError(f"vLLM could not load the adapter '{name}': {error_message(r)}", "model")
         self._loaded.add(name)
         log.info("vLLM at %s serves adapter %s", self.url, name)
 
@@ -252,7 +218,7 @@ class VLLMEngine:
         except httpx.HTTPError as e:
             raise self._unreachable(e) from e
         if r.status_code >= 400:
-            raise backend_error(r.status_code, _json(r), self.name)
+            raise backend_error(r.status_code, json_body(r), self.name)
         return r
 
     def _body(self, prompt_ids: list[int], params: SamplingParams, model: str) -> dict:
@@ -318,7 +284,7 @@ class VLLMEngine:
                 if "error" in chunk:
                     raise backend_error(int(chunk["error"].get("code") or 500), chunk, self.name)
                 self.steps += 1
-                for out in _outputs(chunk["choices"][0], params.logprobs):
+                for out in chunk_outputs(chunk["choices"][0], params.logprobs):
                     if prompt_lp is not None:
                         out.prompt_logprobs, prompt_lp = prompt_lp, None
                     last = out
@@ -351,7 +317,7 @@ class VLLMEngine:
                 await asyncio.to_thread(self.load_adapter, adapter, self.adapters.get(adapter, ""))
                 continue
             break
-        raise backend_error(r.status_code, _json(r), self.name)
+        raise backend_error(r.status_code, json_body(r), self.name)
 
     async def _prompt_logprobs(self, prompt_ids: list[int], model: str) -> list[float | None]:
         """log P(token | earlier tokens) for each prompt token (None for the first)."""
@@ -421,49 +387,3 @@ class VLLMEngine:
                         )
                     row[t] = max(float(lp), LOGPROB_FLOOR)
         return out
-
-
-def _outputs(choice: dict, k: int | None) -> list[EngineOutput]:
-    """One streamed choice as one EngineOutput per token; the finish reason on the last."""
-    ids = choice.get("token_ids") or []
-    lp = choice.get("logprobs") or {}
-    lps, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
-    outs = []
-    for j, tid in enumerate(ids):
-        out = EngineOutput(int(tid))
-        if k is not None:
-            out.logprob = _finite(lps[j]) if j < len(lps) else None
-            if k and j < len(tops) and tops[j]:
-                ranked = sorted(
-                    ((int(t.split(":", 1)[1]), float(v)) for t, v in tops[j].items() if v is not None and v > -1e30),
-                    key=lambda x: -x[1],
-                )
-                out.top_logprobs = [(t, max(v, LOGPROB_FLOOR)) for t, v in ranked[:k]]
-            elif k:
-                out.top_logprobs = []
-        outs.append(out)
-    finish = choice.get("finish_reason")
-    if finish is not None:
-        if finish not in ("stop", "length"):
-            raise ServiceUnavailableError(f"vLLM ended the sequence with finish_reason {finish!r}")
-        if not outs:  # a finish with no token of its own: vLLM stopped without emitting one
-            raise ServiceUnavailableError("vLLM ended a sequence without a final token")
-        outs[-1].finish_reason = finish
-    return outs
-
-
-def _finite(v) -> float:
-    return LOGPROB_FLOOR if v is None or v < LOGPROB_FLOOR else float(v)
-
-
-def _json(r: httpx.Response) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return {"message": r.text[:500]}
-
-
-def _message(r: httpx.Response) -> str:
-    body = _json(r)
-    err = body.get("error", body) if isinstance(body, dict) else body
-    return err.get("message", str(err)) if isinstance(err, dict) else str(err)
