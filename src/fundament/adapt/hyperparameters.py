@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 
+PLACEMENT = ("nproc_per_node", "nnodes", "distributed")  # how a run is spread, not what it learns
 BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; learning_rate_multiplier scales it (OpenAI's knob)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,6 +36,10 @@ class TuneConfig:
     eval_every: int = 0  # steps between validation passes; 0: about ten per run
     row_tokens: int = 1024  # examples are packed into rows of at most this many tokens
     compile: bool | str = "auto"  # torch.compile the decoder layers: True, False, or "auto" (long runs)
+    # Where it runs (PLACEMENT): processes per node and nodes of a torchrun job, DDP or FSDP.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    distributed: str = "ddp"
 
     @property
     def learning_rate(self) -> float:
@@ -68,6 +73,8 @@ RANGES: dict[str, tuple[type, float, float]] = {
     "weight_decay": (float, 0.0, 1.0),
     "eval_every": (int, 0, 1_000_000),
     "row_tokens": (int, 64, 16384),
+    "nproc_per_node": (int, 1, 64),
+    "nnodes": (int, 1, 1024),
 }
 
 
@@ -125,6 +132,8 @@ def resolve_hyperparameters(
             f"target_modules must be a non-empty list drawn from {ALL_LINEAR}, got {cfg.target_modules!r}.",
             "target_modules",
         )
+    if cfg.distributed not in ("ddp", "fsdp"):
+        raise InvalidRequestError(f"distributed must be 'ddp' or 'fsdp', got {cfg.distributed!r}.", "distributed")
     if cfg.compile not in (True, False, "auto"):
         raise InvalidRequestError(f"compile must be true, false or 'auto', got {cfg.compile!r}.", "compile")
     return cfg

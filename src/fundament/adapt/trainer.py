@@ -1,6 +1,7 @@
-"""The trainer: a base model with LoRA layers, the loss over a packed row, evaluation, the learning
-rate schedule, torch.compile (and compiling before the first step without blocking a stop), and
-saving adapters and resume state atomically. Knows nothing of jobs, epochs or hooks.
+"""The trainer: a base model with LoRA layers on the device it is given (wrapped in DDP or sharded
+with FSDP when it is one rank of several), the loss over a packed row, evaluation, the learning rate
+schedule, torch.compile (and compiling before the first step without blocking a stop), and saving
+adapters and resume state atomically. Knows nothing of jobs, epochs or hooks.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from .examples import IGNORE, Example, pack
+from .examples import IGNORE, Example
 from .hyperparameters import TuneConfig
 from .packed_attention import PACKED_ATTENTION, packed_layout, register_packed_attention
+from .parallel import Parallel, supports_bf16
 
 # compile "auto": compile the decoder layers when the run trains at least this many tokens. The
 # compilation costs 15-45 s on 2 cores, and the compiled steps are ~1.25x faster: below this,
@@ -24,12 +27,26 @@ from .packed_attention import PACKED_ATTENTION, packed_layout, register_packed_a
 COMPILE_MIN_TOKENS = 50_000
 
 
-def _row_tensors(row: list[Example]):
-    ids = torch.tensor([t for ex in row for t in ex.input_ids]).unsqueeze(0)  # (1, T)
-    labels = torch.tensor([t for ex in row for t in ex.labels])  # (T,)
+def _row_tensors(row: list[Example], device: torch.device):
+    ids = torch.tensor([t for ex in row for t in ex.input_ids], device=device).unsqueeze(0)  # (1, T)
+    labels = torch.tensor([t for ex in row for t in ex.labels], device=device)  # (T,)
     # positions restart at 0 for each example (rotary positions); attention keeps examples apart
-    pos = torch.tensor([p for ex in row for p in range(ex.n_tokens)]).unsqueeze(0)  # (1, T)
+    pos = torch.tensor([p for ex in row for p in range(ex.n_tokens)], device=device).unsqueeze(0)  # (1, T)
     return ids, labels, pos
+
+
+class RowModel(torch.nn.Module):
+    """The decoder body and the vocabulary head as one module: the unit DDP wraps and FSDP shards
+    (a row's logits are taken at its labelled positions only, so the model's own forward, which
+    projects every position, is not the one trained)."""
+
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, ids, pos, packed, where):  # ids, pos (1, T); where (N,) -> logits (N, V)
+        hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False, packed=packed).last_hidden_state[0]
+        return self.head(hidden[where])
 
 
 def _save_dir_atomically(dest: Path, write) -> None:
@@ -50,16 +67,26 @@ def _save_dir_atomically(dest: Path, write) -> None:
 
 
 class Trainer:
-    def __init__(self, base_dir: Path, config: TuneConfig, bf16: bool | None = None):
+    def __init__(
+        self,
+        base_dir: Path,
+        config: TuneConfig,
+        bf16: bool | None = None,
+        device: str | torch.device | None = None,
+        parallel: Parallel | None = None,
+    ):
+        """`device`: where to train (default: the rank's GPU where there is one, else the CPU);
+        `bf16`: autocast to bfloat16 (default: where the device has fast bf16 matmuls)."""
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        from ..models.device import cpu_supports_bf16
-
         _wait_for_compiles()
         self.config = config
-        torch.manual_seed(config.seed)
+        self.parallel = parallel or Parallel()
+        self.device = torch.device(device) if device is not None else self.parallel.device
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+        base.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrower than torch
         self.max_len = base.config.max_position_embeddings
         lora = LoraConfig(
             r=config.lora_r,
@@ -72,15 +99,42 @@ class Trainer:
         register_packed_attention()
         base.config._attn_implementation = PACKED_ATTENTION
         self.model = get_peft_model(base, lora)
-        # bf16 matmuls where the CPU has them (AVX512-BF16/AMX); fp32 LoRA weights and loss.
-        self.autocast = cpu_supports_bf16() if bf16 is None else bf16
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # bf16 matmuls where the device has them (AVX512-BF16/AMX, Ampere+); fp32 LoRA weights and loss.
+        self.autocast = supports_bf16(self.device) if bf16 is None else bf16
         # PEFT put the LoRA layers into `base` in place (self.model.base_model.model is base).
         self.body, self.head = base.model, base.lm_head
+        self.net = RowModel(self.body, self.head)
+        self.sharded = self.parallel.distributed and self.parallel.strategy == "fsdp"
         self.compiled = False
-        if self.autocast:
+        if self.autocast and not self.sharded:  # FSDP casts by its own mixed-precision policy instead
             self._frozen_to_bf16()
+        self.wrapped: torch.nn.Module = self.net
+        if self.sharded:
+            self._shard()
+        elif self.parallel.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # No buffers to broadcast (rotary tables are computed alike everywhere): each forward
+            # stays free of collectives, and gradients are all-reduced once per step.
+            self.wrapped = DistributedDataParallel(
+                self.net,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    def _shard(self) -> None:
+        """FSDP (fully_shard): each decoder layer a unit of its own, the embeddings, norm and head
+        the root's. Parameters, gradients and optimizer state are split over the ranks and each
+        layer is gathered only for its forward and backward. bf16 compute where the device has it,
+        gradients reduced in fp32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.autocast else None, reduce_dtype=torch.float32)
+        for layer in self.body.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(self.net, mp_policy=policy)
 
     def _frozen_to_bf16(self) -> None:
         """Autocast caches its bf16 copies only of weights that require grad, so it re-casts every
@@ -127,27 +181,43 @@ class Trainer:
         """Summed cross-entropy over the row's learned tokens, their count, and how many the model
         predicts right. Logits only where there are labels: the vocabulary projection is a fifth
         of a small model's compute and most positions carry no loss."""
-        ids, labels, pos = _row_tensors(row)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            packed = packed_layout([ex.n_tokens for ex in row])
-            hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False, packed=packed).last_hidden_state[
-                0
-            ]  # (T, C)
-            where = (labels != IGNORE).nonzero().squeeze(1)
-            logits = self.head(hidden[where]).float()  # (N, V)
+        ids, labels, pos = _row_tensors(row, self.device)
+        take, slots, S, L = packed_layout([ex.n_tokens for ex in row])
+        packed = (take.to(self.device), slots.to(self.device), S, L)
+        where = (labels != IGNORE).nonzero().squeeze(1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.wrapped(ids, pos, packed, where).float()  # (N, V)
         target = labels[where]
         loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         correct = int((logits.argmax(-1) == target).sum())
         return loss, len(where), correct
 
+    def accumulating(self, last: bool):
+        """The context of one row's forward and backward in a step: with several ranks, gradients
+        are all-reduced (DDP) or reduce-scattered (FSDP) on the step's last row only."""
+        import contextlib
+
+        if self.sharded:
+            self.wrapped.set_requires_gradient_sync(last)  # type: ignore[operator]
+        elif self.parallel.distributed and not last:
+            return self.wrapped.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Clip the gradients' global norm (over every rank's shard) to max_norm; the norm before."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     @torch.no_grad()
     def evaluate(self, examples: list[Example]) -> tuple[float, float]:
+        """Mean loss and token accuracy over `examples` (every rank its share, summed)."""
         self.model.eval()
-        total, n, right = 0.0, 0, 0
-        for row in pack(examples, self.config.row_tokens):
+        total, n, right = 0.0, 0.0, 0.0
+        for row, weight in self.parallel.rows(examples, self.config.row_tokens):
             loss, k, c = self.row_loss(row)
-            total, n, right = total + float(loss), n + k, right + c
+            total, n, right = total + weight * float(loss), n + weight * k, right + weight * c
         self.model.train()
+        total, n, right = self.parallel.sum([total, n, right])
         return total / max(n, 1), right / max(n, 1)
 
     def lr_at(self, step: int, total: int) -> float:
@@ -159,37 +229,88 @@ class Trainer:
 
     @torch.no_grad()
     def weights_finite(self) -> bool:
-        """Whether every trained weight is finite (one flag per tensor, one sync)."""
-        return bool(torch.stack([p.isfinite().all() for p in self.params]).all())
+        """Whether every trained weight is finite (one flag per tensor, one sync; every rank's shard)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        ok = bool(torch.stack([p.isfinite().all() for p in local]).all())
+        return self.parallel.sum([float(not ok)])[0] == 0 if self.sharded else ok
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """The trained weights (keyed by RowModel's names) and the optimizer state, whole: gathered
+        from every rank's shard onto rank 0 (a collective every rank joins; the others get {})."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        if not self.sharded:  # already whole on every rank
+            opts = StateDictOptions(ignore_frozen_params=True)
+        weights = cast(dict[str, torch.Tensor], get_model_state_dict(self.wrapped, options=opts))
+        return {k: v.detach().cpu().clone() for k, v in weights.items()}, get_optimizer_state_dict(
+            self.wrapped, self.opt, options=opts
+        )
+
+    def _model_keyed(self) -> dict:
+        """The trained weights (whole, on rank 0) under the PEFT model's own names."""
+        weights, _ = self._full_state()
+        prefix = next(name for name, m in self.model.named_modules() if m is self.body) + "."
+        return {prefix + k.removeprefix("body."): v for k, v in weights.items() if k.startswith("body.")}
 
     def adapter_state(self) -> dict:
+        """The adapter's weights under the names PEFT saves them with (whole, on rank 0)."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return get_peft_model_state_dict(self.model, state_dict=self._model_keyed())
 
     def save_adapter(self, dest: Path, extra: dict) -> None:
+        """A PEFT directory at dest, written by rank 0 alone (every rank calls this: with FSDP the
+        weights are gathered from all of them first)."""
+        gathered = self._model_keyed() if self.sharded else None
+
         def write(tmp: Path):
-            self.model.save_pretrained(str(tmp))
+            if gathered is None:
+                self.model.save_pretrained(str(tmp))
+            else:
+                self.model.save_pretrained(str(tmp), state_dict=gathered)
             (tmp / "fundament_tune.json").write_text(json.dumps(extra, indent=2, default=str))
 
-        _save_dir_atomically(dest, write)
+        if self.parallel.is_main:
+            _save_dir_atomically(dest, write)
+        self.parallel.barrier()  # no rank goes on (and may be killed) before the checkpoint is whole
 
     def save_resume(self, out_dir: Path, state: dict) -> None:
-        def write(tmp: Path):
-            torch.save({"adapter": self.adapter_state(), "optimizer": self.opt.state_dict(), **state}, tmp / "state.pt")
+        """The weights and optimizer state, whole (so a run resumes on any number of ranks), written
+        by rank 0 alone into out_dir/resume, atomically: a kill mid-write leaves the last one."""
+        weights, optimizer = self._full_state()
 
-        _save_dir_atomically(out_dir / "resume", write)
+        def write(tmp: Path):
+            torch.save({"weights": weights, "optimizer": optimizer, **state}, tmp / "state.pt")
+
+        if self.parallel.is_main:
+            _save_dir_atomically(out_dir / "resume", write)
+        self.parallel.barrier()
 
     def load_resume(self, path: Path) -> dict:
-        from peft import set_peft_model_state_dict
+        """Every rank reads the whole state and keeps its part."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        state = torch.load(path / "state.pt", weights_only=False)
-        set_peft_model_state_dict(self.model, state.pop("adapter"))
-        self.opt.load_state_dict(state.pop("optimizer"))
+        state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        opts = StateDictOptions(full_state_dict=self.sharded, strict=False)
+        set_model_state_dict(self.wrapped, state.pop("weights"), options=opts)
+        set_optimizer_state_dict(self.wrapped, self.opt, state.pop("optimizer"), options=opts)
         return state
 
 
-def should_compile(config: TuneConfig, train: list[Example]) -> bool:
+def should_compile(config: TuneConfig, train: list[Example], distributed: bool = False) -> bool:
+    """Compile "auto": long one-process runs. A run of several ranks trains eagerly (a compile per
+    rank would cost each rank's core the same 15-45 s, and stop requests could not be heard)."""
+    if distributed:
+        return False
     if config.compile != "auto":
         return bool(config.compile)
     return config.n_epochs * sum(ex.n_tokens for ex in train) >= COMPILE_MIN_TOKENS

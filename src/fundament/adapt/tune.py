@@ -1,26 +1,29 @@
 """A fine-tuning run: examples in, a PEFT adapter directory out. Owns the loop over epochs and
-steps, checkpoints, resuming after a crash or a pause, and stopping a run that diverged. Knows
-nothing of jobs, SQLite or HTTP: the caller passes `TuneHooks` to hear progress and to ask it to stop.
+steps, checkpoints, resuming after a crash or a pause, and stopping a run that diverged, in one
+process or as one rank of a torchrun job (`Parallel`). Knows nothing of jobs, SQLite or HTTP: the
+caller passes `TuneHooks` to hear progress and to ask it to stop (rank 0's hooks speak for all ranks).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import FundamentError, InvalidRequestError
 from .examples import Example, pack
-from .hyperparameters import TuneConfig
+from .hyperparameters import PLACEMENT, TuneConfig
+from .parallel import Parallel
 from .trainer import Trainer, should_compile, warm_up
 
-RESUME_EVERY_S = 10.0  # how much training a crash may cost at most (plus one step)
+# How much training a crash may cost at most (plus one step); FUNDAMENT_RESUME_EVERY_S sets it
+# (for every rank of a torchrun job, which a setting in this process would not reach).
+RESUME_EVERY_S = float(os.environ.get("FUNDAMENT_RESUME_EVERY_S", "10"))
 
 
 class TuneHooks:
@@ -77,17 +80,21 @@ def fine_tune(
     config: TuneConfig,
     out_dir: Path,
     hooks: TuneHooks | None = None,
+    parallel: Parallel | None = None,
 ) -> TuneResult:
     """Train a LoRA adapter on `train`; write checkpoints (one per epoch, each a PEFT directory
     under out_dir/checkpoints/) and the final adapter (out_dir/adapter). Resumes by itself from
-    out_dir/resume if an earlier run of the same job stopped part-way (crash or pause). A run whose
-    loss, gradients or weights stop being finite raises FundamentError (code training_diverged)."""
+    out_dir/resume if an earlier run of the same job stopped part-way (crash or pause), on any
+    number of ranks. A run whose loss, gradients or weights stop being finite raises
+    FundamentError (code training_diverged). With `parallel` of several ranks, every rank calls
+    this with the same arguments; files are written by rank 0."""
     hooks = hooks or TuneHooks()
+    parallel = parallel or Parallel()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not train:
         raise InvalidRequestError("there are no training examples.", "training_file")
-    trainer = Trainer(Path(base_dir), config)
+    trainer = Trainer(Path(base_dir), config, parallel=parallel)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.n_epochs
     eval_every = config.eval_every or max(1, total // 10)
@@ -97,13 +104,14 @@ def fine_tune(
         "config": config.to_dict(),
         "train_examples": len(train),
         "valid_examples": len(valid or []),
+        "world_size": parallel.world_size,
     }
 
     step, trained_tokens, history = 0, 0, []
     resume = latest_checkpoint(out_dir)
     if resume is not None:
         state = trainer.load_resume(resume)
-        if state.get("config") != config.to_dict():
+        if _same_result(state.get("config")) != _same_result(config.to_dict()):
             raise InvalidRequestError(
                 "the run's saved state was made with other hyperparameters; cannot resume it.", "hyperparameters"
             )
@@ -115,7 +123,7 @@ def fine_tune(
         return {"step": step, "trained_tokens": trained_tokens, "history": history, "config": config.to_dict()}
 
     trainer.model.train()
-    meta["compiled"] = should_compile(config, train) and step < total and trainer.compile()
+    meta["compiled"] = should_compile(config, train, parallel.distributed) and step < total and trainer.compile()
     if meta["compiled"]:
         hooks.on_message(
             "Compiling the model's layers before the first step (torch.compile; 15-45 s on 2 cores, then each step is faster)."
@@ -128,17 +136,24 @@ def fine_tune(
         if stop:
             return TuneResult(None, stop, trained_tokens, step, metrics)
     while step < total:
+        t_step = time.perf_counter()
         epoch, i = divmod(step, steps_per_epoch)
         batch = _epoch_batches(train, config, epoch)[i]
         for g in trainer.opt.param_groups:
             g["lr"] = trainer.lr_at(step, total)
         n_loss = sum(ex.n_loss_tokens for ex in batch)
-        loss_sum, right = 0.0, 0
-        for row in pack(batch, config.row_tokens):
-            loss, _, c = trainer.row_loss(row)
-            (loss / n_loss).backward()  # the step's loss is the mean over all its learned tokens
-            loss_sum, right = loss_sum + loss.item(), right + c
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainer.params, 1.0))
+        # The step's loss is the mean over all its learned tokens, on every rank's share: DDP and
+        # FSDP average the ranks' gradients, so each rank's sum is scaled by world_size / n_loss.
+        scale = parallel.world_size / n_loss
+        rows = parallel.rows(batch, config.row_tokens)
+        loss_sum, right = 0.0, 0.0
+        for k, (row, weight) in enumerate(rows):
+            with trainer.accumulating(last=k == len(rows) - 1):
+                loss, _, c = trainer.row_loss(row)
+                (loss * (weight * scale)).backward()
+            loss_sum, right = loss_sum + weight * loss.item(), right + weight * c
+        loss_sum, right = parallel.sum([loss_sum, right])
+        grad_norm = trainer.clip_grads(1.0)
         # Checked before anything is saved: no checkpoint or adapter holds an inf or a NaN.
         if not math.isfinite(loss_sum):
             raise _diverged(step + 1, f"the training loss became non-finite ({loss_sum / n_loss})", config)
@@ -156,6 +171,9 @@ def fine_tune(
             "train_mean_token_accuracy": right / n_loss,
             "tokens": trained_tokens,
             "learning_rate": trainer.lr_at(step - 1, total),
+            "grad_norm": grad_norm,  # before clipping to 1
+            "world_size": parallel.world_size,
+            "tokens_per_second": sum(ex.n_tokens for ex in batch) / (time.perf_counter() - t_step),  # all ranks'
         }
         if valid_sample and (step % eval_every == 0 or step == total):
             metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = trainer.evaluate(valid_sample)
@@ -166,7 +184,9 @@ def fine_tune(
             hooks.on_checkpoint(step, ckpt)
         hooks.on_step(step, total, dict(metrics))
         stop = hooks.should_stop() if step < total else None
-        if stop == "pause" or (step < total and time.monotonic() - last_save >= RESUME_EVERY_S):
+        save = stop == "pause" or (step < total and time.monotonic() - last_save >= RESUME_EVERY_S)
+        stop, save = parallel.agree(stop, save)
+        if save:
             trainer.save_resume(out_dir, resume_state())
             last_save = time.monotonic()
         if stop in ("cancel", "pause"):
@@ -181,6 +201,12 @@ def fine_tune(
         )
     final = out_dir / "adapter"
     trainer.save_adapter(final, {**meta, "steps": step, "trained_tokens": trained_tokens, "metrics": metrics})
-    (out_dir / "metrics.json").write_text(json.dumps(history))
-    shutil.rmtree(out_dir / "resume", ignore_errors=True)
+    if parallel.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(history))
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)
     return TuneResult(final, None, trained_tokens, step, metrics)
+
+
+def _same_result(config: dict | None) -> dict | None:
+    """A run's settings less where it runs: a run resumes on another number of ranks."""
+    return {k: v for k, v in config.items() if k not in PLACEMENT} if config else config
