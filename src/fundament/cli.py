@@ -149,7 +149,17 @@ def _tune(args) -> int:
         )
         if v is not None
     }
-    extra = {k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha)) if v is not None}
+    extra = {
+        k: v
+        for k, v in (
+            ("lora_r", args.lora_r),
+            ("lora_alpha", args.lora_alpha),
+            ("nproc_per_node", args.nproc_per_node),
+            ("nnodes", args.nnodes),
+            ("distributed", args.distributed),
+        )
+        if v is not None
+    }
     job = client.fine_tuning.jobs.create(
         model=args.model,
         training_file=uploaded[0],
@@ -304,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 16)")
     t.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 32)")
+    t.add_argument(
+        "--nproc-per-node", type=int, default=None, help="training processes (torchrun); default: the worker's"
+    )
+    t.add_argument("--nnodes", type=int, default=None, help="nodes of a torchrun job; default: the worker's")
+    t.add_argument("--distributed", choices=["ddp", "fsdp"], default=None, help="with several processes; default: ddp")
     t.add_argument("--plot", help="where to write the loss curve (default <job id>-loss.png)")
     t.add_argument("--base-url", help="the server's API (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")
     c = sub.add_parser("classify", help="classify texts by prompting, with a probability per label")

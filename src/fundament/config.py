@@ -150,6 +150,20 @@ DEFAULT_ALIASES = {"gpt-4o-mini": "smollm2-135m-instruct", "text-embedding-3-sma
 
 
 @dataclass(config=SECTION)
+class FineTuningConfig:
+    """How the worker runs fine-tuning jobs: in its own process (1 x 1), or as a torchrun job of
+    nproc_per_node processes on each of nnodes nodes (docs/distributed-training.md). A job's
+    `nproc_per_node`, `nnodes` and `distributed` override these defaults."""
+
+    nproc_per_node: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
+    nnodes: Annotated[int, Strict(), Field(ge=1, le=1024)] = 1
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    rdzv_endpoint: Str | None = None  # host:port every node reaches; default (one node): a free local port
+    max_restarts: Annotated[int, Strict(), Field(ge=0, le=100)] = 3  # torchrun restarts after a rank dies
+    threads_per_process: Int | None = None  # default: this node's cores / nproc_per_node
+
+
+@dataclass(config=SECTION)
 class ServeConfig:
     host: Str = "127.0.0.1"
     port: Annotated[int, Strict(), Field(ge=0, le=65535)] = 8000
@@ -160,6 +174,7 @@ class ServeConfig:
     aliases: dict[Str, Str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     adapters: list[AdapterSpec] = field(default_factory=list)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    fine_tuning: FineTuningConfig = field(default_factory=FineTuningConfig)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -190,6 +205,7 @@ _SECTIONS: dict[str, Any] = {
     "engine": EngineConfig,
     "sampling": SamplingDefaults,
     "vllm": VLLMSpec,
+    "fine_tuning": FineTuningConfig,
 }
 
 

@@ -66,12 +66,14 @@ def follow(client, job_id: str, console=None, poll_s: float = 1.0):
                     if rate_from is None or tokens < rate_from[1]:
                         rate_from = (now, tokens)
                     tps = (tokens - rate_from[1]) / (now - rate_from[0]) if now > rate_from[0] else None
+                    world = d.get("world_size") or 1
                     bar.update(
                         task,
                         total=d["total_steps"],
                         completed=d["step"],
                         loss=f"{d['train_loss']:.4f}",
-                        tps=f"{tps:,.0f}" if tps else "-",
+                        # tokens/s of all ranks together (trained_tokens counts the global batch)
+                        tps=(f"{tps:,.0f}" if tps else "-") + (f" ({world} procs)" if world > 1 else ""),
                     )
                 else:
                     bar.console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(e.created_at))}[/] {e.message}")

@@ -4,7 +4,7 @@
 time. The job it trains carries its heartbeat; a job left `running` by a worker that died is queued
 again and the trainer resumes it from its saved state. Cancel, pause and shutdown are read between
 training steps. The training itself is adapt/tune.py's and every status change jobs/lifecycle.py's;
-this file only runs the loop.
+this file only runs the loop. A job of several processes trains under torchrun (jobs/launch.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 from ..adapt.examples import encode_example
-from ..adapt.hyperparameters import resolve_hyperparameters
+from ..adapt.hyperparameters import PLACEMENT, TuneConfig, resolve_hyperparameters
 from ..adapt.tune import TuneHooks, fine_tune, latest_checkpoint
 from ..config import ModelSpec, ServeConfig
 from ..errors import FundamentError, InvalidRequestError
 from . import lifecycle
 from .files import FileStore
 from .job_data import data_path, drop_job_files, keep_job_files
+from .launch import TorchrunJob
 from .lifecycle import FINISHED, Status
 from .naming import checkpoint_model_id, fine_tuned_model_id
 from .store import JobStore, worker_identity
@@ -93,6 +94,9 @@ class JobHooks(TuneHooks):
             "valid_loss": metrics.get("valid_loss"),
             "valid_mean_token_accuracy": metrics.get("valid_mean_token_accuracy"),
             "trained_tokens": metrics.get("tokens"),
+            "world_size": metrics.get("world_size", 1),
+            "tokens_per_second": metrics.get("tokens_per_second"),  # summed over the ranks
+            "grad_norm": metrics.get("grad_norm"),
         }
         msg = f"Step {step}/{total_steps}: training loss={data['train_loss']:.4f}"
         if data["valid_loss"] is not None:
@@ -268,9 +272,7 @@ class Worker:
                     for p in ds.problems[:MAX_EVENTS_PER_FILE]:
                         self.store.add_event(jid, f"{ds.param}: {p}", level="error")
                     return self._fail(job, f"invalid_{ds.param}", ds.summary(), ds.param)
-            hp = resolve_hyperparameters(
-                job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"]
-            )
+            hp = self._resolve(job, len(train.examples))
         except FundamentError as e:
             return self._fail(job, "invalid_request", e.message, e.param)
         except Exception as e:  # the worker survives whatever one job does
@@ -292,6 +294,21 @@ class Worker:
         if not queued:  # cancelled meanwhile
             self._drop_data_if_ended(job)
         return queued
+
+    def _resolve(self, job: dict, n_examples: int) -> TuneConfig:
+        """The job's hyperparameters, where it runs (nproc_per_node, nnodes, distributed) taken
+        from this worker's `fine_tuning` settings unless the job asked."""
+        hp = resolve_hyperparameters(job["hyperparameters"], n_examples, job["extensions"], seed=job["seed"])
+        for name in PLACEMENT:
+            if name not in (job["extensions"] or {}):
+                setattr(hp, name, getattr(self.config.fine_tuning, name))
+        if hp.nnodes > 1 and not self.config.fine_tuning.rdzv_endpoint:
+            raise InvalidRequestError(
+                f"nnodes is {hp.nnodes}, but the worker has no fine_tuning.rdzv_endpoint (host:port that every "
+                "node reaches) in its config: set it, or train on one node.",
+                "nnodes",
+            )
+        return hp
 
     def _fail(self, job: dict, code: str, message: str, param: str | None) -> bool:
         """-> failed with OpenAI's {code, message, param}, unless the job moved on (cancelled)."""
@@ -327,14 +344,17 @@ class Worker:
             if bad is not None:  # the job's copy is gone (a job from before there were copies, say)
                 self._fail(job, f"invalid_{bad.param}", bad.summary(), bad.param)
                 return
-            hp = resolve_hyperparameters(
-                job["hyperparameters"], len(train.examples), job["extensions"], seed=job["seed"]
-            )
+            hp = self._resolve(job, len(train.examples))
             if hooks.should_stop():
                 return self._after_stop(
                     job, hooks, "cancel" if _current(self.store, jid)["status"] == Status.CANCELLED else "pause"
                 )
-            result = fine_tune(base_dir, train.examples, valid.examples if valid else None, hp, out_dir, hooks)
+            valid_examples = valid.examples if valid else None
+            if hp.nproc_per_node * hp.nnodes > 1:
+                launch = TorchrunJob(jid, out_dir, hp, self.config.fine_tuning)
+                result = launch.run(base_dir, train.examples, valid_examples, hooks)
+            else:
+                result = fine_tune(base_dir, train.examples, valid_examples, hp, out_dir, hooks)
         except FundamentError as e:  # bad values from an older version's job, or a run that diverged
             self._fail(job, e.code or "invalid_request", e.message, e.param)
             return

@@ -103,6 +103,9 @@ class CreateFineTuningJobRequest(RequestBody):
     eval_every: Optional[StrictInt] = _in_range("eval_every")
     row_tokens: Optional[StrictInt] = _in_range("row_tokens")
     compile: Optional[Union[StrictBool, Literal["auto"]]] = None
+    nproc_per_node: Optional[StrictInt] = _in_range("nproc_per_node")
+    nnodes: Optional[StrictInt] = _in_range("nnodes")
+    distributed: Optional[Literal["ddp", "fsdp"]] = None
 
     @field_validator("suffix")
     @classmethod
@@ -134,6 +137,9 @@ class CreateFineTuningJobRequest(RequestBody):
             "eval_every",
             "row_tokens",
             "compile",
+            "nproc_per_node",
+            "nnodes",
+            "distributed",
         )
         out = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.training_type is not None:
