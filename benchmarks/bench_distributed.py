@@ -80,6 +80,26 @@ def run(mode: str, exs, cfg_args: dict, threads: int, procs: int, control_rows: 
     }
 
 
+def compare(results: dict) -> None:
+    """Each run's speed and loss per step against the 1-process run's, added to its entry and printed."""
+    one = results.get("one")
+    if not one:
+        return
+    for mode, r in results.items():
+        diffs = [abs(b - a) for a, b in zip(one["losses"], r["losses"])]
+        r["ratio_to_one_process"] = r["tokens_per_second"] / one["tokens_per_second"]
+        r["step1_rel_loss_diff"] = diffs[0] / one["losses"][0]
+        r["mean_abs_loss_diff"] = sum(diffs) / len(diffs)
+        r["max_abs_loss_diff"] = max(diffs)
+        r["max_rel_loss_diff"] = max(d / a for d, a in zip(diffs, one["losses"]))
+        r["mean_loss"] = sum(r["losses"]) / len(r["losses"])
+        print(
+            f"{mode:8} speed {r['ratio_to_one_process']:.2f}x of 1 process; loss vs 1 process over "
+            f"{len(diffs)} steps: step 1 {r['step1_rel_loss_diff']:.1e} (relative), mean |diff| "
+            f"{r['mean_abs_loss_diff']:.4f}, max |diff| {r['max_abs_loss_diff']:.4f}; mean loss {r['mean_loss']:.4f}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=96)
@@ -106,17 +126,7 @@ def main() -> None:
             f"{r['tokens_per_second']:8.0f} tokens/s (wall {r['wall_s']:.1f} s)",
             flush=True,
         )
-    one = results.get("one")
-    if one:
-        for mode, r in results.items():
-            diffs = [abs(b - a) / a for a, b in zip(one["losses"], r["losses"])]
-            r["ratio_to_one_process"] = r["tokens_per_second"] / one["tokens_per_second"]
-            r["max_rel_loss_diff"] = max(diffs)
-            r["step1_rel_loss_diff"] = diffs[0]
-            print(
-                f"{mode:8} speed {r['ratio_to_one_process']:.2f}x of 1 process; loss vs 1 process: "
-                f"step 1 {diffs[0]:.1e}, max over {len(diffs)} steps {max(diffs):.2%}"
-            )
+    compare(results)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     meta = {
         "cpu": platform.processor() or platform.machine(),
@@ -125,6 +135,7 @@ def main() -> None:
         "amx_bf16": "amx_bf16" in flags,
         "examples": args.examples,
         "batch_size": args.batch_size,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
         "date": time.strftime("%Y-%m-%d"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,16 @@ the rank; and the trainer trains on the device it is given (CUDA where there is 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-from conftest import ServerProcess
+from conftest import ServerProcess, free_port
 from safetensors.torch import load_file
 from test_fine_tuning import home_sharing_cache, jsonl, wait
 from tuning_data import sst2_chat, tiny_chat_llama
@@ -54,12 +56,12 @@ def test_each_rank_trains_its_share_and_every_rank_runs_as_many_rows():
 
 
 class Recorder(TuneHooks):
-    def __init__(self, stop_at: int | None = None, on_step=None):
+    def __init__(self, stop_at: int | None = None, on_step=None, on_message=None):
         self.steps: list[tuple[int, dict]] = []
         self.messages: list[str] = []
         self.checkpoints: list[int] = []
         self.timeline: list[int | str] = []  # steps and messages as they came
-        self.stop_at, self.step_hook = stop_at, on_step
+        self.stop_at, self.step_hook, self.message_hook = stop_at, on_step, on_message
 
     def on_step(self, step, total, metrics):
         self.steps.append((step, metrics))
@@ -70,6 +72,8 @@ class Recorder(TuneHooks):
     def on_message(self, message):
         self.messages.append(message)
         self.timeline.append(message)
+        if self.message_hook:
+            self.message_hook(message)
 
     def on_checkpoint(self, step, path):
         self.checkpoints.append(step)
@@ -205,6 +209,31 @@ def test_a_killed_rank_with_no_restarts_left_fails_the_run_naming_it(tiny, tmp_p
         f"rank 1 (pid {killed[0]}) was killed by SIGKILL" in e.value.message and "max_restarts = 0" in e.value.message
     )
     assert time.monotonic() - t0 < 120  # no hang
+
+
+def test_a_two_node_job_meets_the_node_started_from_the_command_its_events_give(tiny, tmp_path):
+    """Two nodes of one process each, both on this machine: the worker's, and one started from the
+    command the job's events print for the other machines, as a user would on each of them."""
+    base, train = tiny
+    cfg = config(len(train), nnodes=2)
+    others: list[subprocess.Popen] = []
+
+    def join(message):
+        if "Waiting for 1 more node(s)" in message:
+            cmd = shlex.split(message.split(" run: ", 1)[1])
+            log = open(tmp_path / "node1.log", "wb")
+            others.append(subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+
+    settings = FineTuningConfig(rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    rec = Recorder(on_message=join)
+    try:
+        res = TorchrunJob("ftjob-2nodes", tmp_path / "two", cfg, settings).run(base, train, None, rec)
+        assert others and others[0].wait(60) == 0
+    finally:
+        for p in others:
+            p.kill()
+    assert res.stopped is None and res.steps == 8 and rec.steps[0][1]["world_size"] == 2
+    assert "2 processes (2 node(s) x 1" in rec.messages[0]
 
 
 # ---- the device -----------------------------------------------------------------------------------

@@ -300,6 +300,12 @@ class Trainer:
         )
 
         state = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
+        if "adapter" in state and not self.parallel.distributed:  # saved by a version before ranks
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state.pop("adapter"))
+            self.opt.load_state_dict(state.pop("optimizer"))
+            return state
         opts = StateDictOptions(full_state_dict=self.sharded, strict=False)
         set_model_state_dict(self.wrapped, state.pop("weights"), options=opts)
         set_optimizer_state_dict(self.wrapped, self.opt, state.pop("optimizer"), options=opts)
