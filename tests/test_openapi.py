@@ -11,8 +11,11 @@ from fundament.server.app import create_app
 
 
 @pytest.fixture(scope="module")
-def spec():
-    return create_app(ServeConfig(max_body_bytes=1234)).openapi()
+def spec(tmp_path_factory):
+    # module-scoped, so before the per-test home: a home of its own, not the user's
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNDAMENT_HOME", str(tmp_path_factory.mktemp("openapi-home")))
+        return create_app(ServeConfig(max_body_bytes=1234)).openapi()
 
 
 def operations(spec):

@@ -32,6 +32,24 @@ def supports_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_supports_bf16()
 
 
+def _round_store(rank: int, world: int):
+    """The rendezvous store of this start of the ranks, under a prefix of its own. After torchrun
+    restarts the ranks, the agent's store still holds the last start's keys, among them the dead
+    ranks' gloo addresses: a new rank that read one before its peer wrote the new one would
+    connect to a dead port, fail, and spend a restart. Keys of each start apart, it cannot."""
+    import datetime
+
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as env:// does
+    store = dist.TCPStore(
+        host, port, world, is_master=not agent_hosts and rank == 0, timeout=datetime.timedelta(minutes=10)
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fundament/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/start-{attempt}", store)
+
+
 @dataclass
 class Parallel:
     """One process (the default) or one rank of `world_size`. Every rank sees the whole global
@@ -54,7 +72,8 @@ class Parallel:
         if world > 1 and not dist.is_initialized():
             if p.device.type == "cuda":
                 torch.cuda.set_device(p.device)
-            dist.init_process_group("nccl" if p.device.type == "cuda" else "gloo")
+            backend = "nccl" if p.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=_round_store(p.rank, world), rank=p.rank, world_size=world)
         return p
 
     @property
