@@ -228,3 +228,96 @@ def test_non_strict_schema_is_enforced_in_part_and_the_output_validated(client):
     m = r.choices[0].message
     if json.loads(m.content)["n"] == 7:
         assert m.refusal and "validate" in m.refusal
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_vllm_structured_outputs_and_guided_names_on_both_endpoints(client, server, endpoint):
+    """vLLM's `structured_outputs` (json, regex, choice, grammar, json_object) and its deprecated
+    guided_* names constrain chat and plain completions alike; unknown keys and two constraints
+    at once are 400s naming the field."""
+    import re
+
+    def ask(prompt: str, extra: dict, max_tokens: int = 24) -> str:
+        if endpoint == "chat":
+            r = client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body=extra,
+            )
+            return r.choices[0].message.content
+        r = client.completions.create(
+            model="gpt-4o-mini", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
+        )
+        return r.choices[0].text
+
+    schema = {"type": "object", "properties": {"year": {"type": "integer"}}, "required": ["year"]}
+    schema["additionalProperties"] = False
+    for extra in ({"structured_outputs": {"json": schema}}, {"structured_outputs": {"json": json.dumps(schema)}}):
+        assert isinstance(json.loads(ask("The year the Berlin wall fell, as JSON:", extra))["year"], int)
+    out = ask("A US phone number:", {"structured_outputs": {"regex": r"[0-9]{3}-[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{3}-[0-9]{4}", out), out  # (\d is any Unicode digit to the grammar engine)
+    for extra in (
+        {"structured_outputs": {"choice": ["positive", "negative"]}},
+        {"guided_choice": ["positive", "negative"]},
+    ):
+        assert ask("Review: 'Awful film, I walked out.' Sentiment:", extra) in ("positive", "negative")
+    lark = 'start: "The answer is " DIGIT DIGIT "."\nDIGIT: /[0-9]/'
+    for extra in ({"structured_outputs": {"grammar": lark}}, {"guided_grammar": lark}):
+        assert re.fullmatch(r"The answer is \d\d\.", ask("What is 6 times 7?", extra)), extra
+    obj = ask('The JSON object {"city": "Paris"} written again:', {"structured_outputs": {"json_object": True}}, 60)
+    assert obj.startswith("{")  # an object, parsed whole when the model closes it within the budget
+    if obj.rstrip().endswith("}"):
+        assert isinstance(json.loads(obj), dict)
+
+    path = "/chat/completions" if endpoint == "chat" else "/completions"
+    base = (
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        if endpoint == "chat"
+        else {"model": "gpt-4o-mini", "prompt": "x"}
+    )
+    for body, param in (
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "structured_outputs.backend"),
+        ({"structured_outputs": {"regex": "a"}, "guided_choice": ["b"]}, "guided_choice"),
+        ({"structured_outputs": {"grammar": "start: ("}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
+        ({"guided_json": {"type": "object", "not": {}}}, "guided_json"),
+    ):
+        bad = post(server, path, {**base, **body})
+        assert bad.status_code == 400, (body, bad.text)
+        assert bad.json()["error"]["param"] == param, (body, bad.json())
+
+
+def test_vllm_sampling_fields_min_p_repetition_penalty_and_top_k(client, server):
+    """min_p, repetition_penalty and top_k (vLLM's meanings): top_k=1 and min_p=1 are greedy; a
+    strong repetition penalty changes a greedy answer (its words are the prompt's); bad values are 400s."""
+    msgs = [{"role": "user", "content": "Repeat after me: apple apple apple apple apple"}]
+
+    def chat(**extra):
+        r = client.chat.completions.create(
+            model="gpt-4o-mini", messages=msgs, max_tokens=12, temperature=1.0, seed=1, extra_body=extra
+        )
+        return r.choices[0].message.content
+
+    greedy = client.chat.completions.create(model="gpt-4o-mini", messages=msgs, max_tokens=12, temperature=0)
+    greedy_text = greedy.choices[0].message.content
+    assert chat(top_k=1) == greedy_text and chat(min_p=1.0) == greedy_text
+    assert chat(top_k=1, repetition_penalty=3.0) != greedy_text
+    r = client.completions.create(
+        model="gpt-4o-mini",
+        prompt="apple apple apple",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"repetition_penalty": 3.0},
+    )
+    plain = client.completions.create(model="gpt-4o-mini", prompt="apple apple apple", max_tokens=8, temperature=0)
+    assert r.choices[0].text != plain.choices[0].text
+    for body, param in (
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"top_k": -2}, "top_k"),
+    ):
+        bad = post(server, "/completions", {"model": "gpt-4o-mini", "prompt": "x", **body})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -43,6 +43,15 @@ def choice_grammar(choices: list[str], param: str) -> str:
     return _validated(llguidance.grammar_from("lark", lark), param, "choice list")
 
 
+def lark_grammar(lark: str, param: str) -> str:
+    """A grammar in llguidance's Lark dialect (vLLM's `structured_outputs.grammar` with its guidance backend)."""
+    try:
+        grammar = llguidance.grammar_from("lark", lark)
+    except Exception as e:  # noqa: BLE001 - a grammar that does not parse
+        raise InvalidRequestError(f"This grammar does not parse as Lark: {e}", param) from e
+    return _validated(grammar, param, "grammar")
+
+
 def _validated(grammar: str, param: str, what: str) -> str:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:

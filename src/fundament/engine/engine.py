@@ -337,11 +337,11 @@ class Engine:
             if aborts:
                 self.waiting = deque(r for r in self.waiting if r.request_id not in aborts)
             while self.waiting and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
+                req = min(self.waiting, key=lambda r: r.params.priority)  # the first of the most urgent
                 need = req.kv_tokens
                 if self._reserved + need > self.config.kv_cache_tokens:
                     break  # memory is full: it waits until a running sequence finishes
-                self.waiting.popleft()
+                self.waiting.remove(req)
                 req.reserved_tokens = need
                 self._reserved += need
                 self._isolated(req, self._admit, req)
@@ -357,7 +357,7 @@ class Engine:
         req.cache = self.model.new_cache(req.reserved_tokens)
         if req.params.seed is not None:
             req.generator = torch.Generator().manual_seed(req.params.seed)
-        req.processors = req.params.processors()
+        req.processors = req.params.processors(req.prompt_ids)
 
     @torch.inference_mode()
     def step(self) -> None:

@@ -6,7 +6,7 @@ penalties, `logit_bias` and grammar masks (engine/constraints.py) share one hook
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off; else keep tokens of at least min_p x the most likely one's probability
+    repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty on every prompt and output token
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -29,11 +31,14 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
     prompt_logprobs: bool = False
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    priority: int = 0  # lower first (vLLM's meaning): waiting requests start in (priority, arrival) order
 
-    def processors(self) -> list[LogitsProcessor]:
+    def processors(self, prompt_ids: Sequence[int] = ()) -> list[LogitsProcessor]:
         procs = list(self.logits_processors)
         if self.presence_penalty or self.frequency_penalty:
             procs.insert(0, _penalties(self.presence_penalty, self.frequency_penalty))
+        if self.repetition_penalty != 1.0:
+            procs.insert(0, _repetition(self.repetition_penalty, prompt_ids))
         if self.logit_bias:
             procs.insert(0, _bias(self.logit_bias))
         return procs
@@ -61,6 +66,22 @@ def _penalties(presence: float, frequency: float) -> LogitsProcessor:
     return apply
 
 
+def _repetition(penalty: float, prompt_ids) -> LogitsProcessor:
+    """CTRL's repetition penalty (Keskar et al. 2019, as vLLM and transformers apply it): each token
+    already in the prompt or the output has its logit divided by `penalty` if positive, multiplied
+    if negative, so a penalty above 1 always makes it less likely."""
+    seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long)
+
+    def apply(output_ids, logits):
+        ids = torch.cat([seen, torch.tensor(output_ids, dtype=torch.long)]).unique() if output_ids else seen
+        if len(ids):
+            x = logits[ids]
+            logits[ids] = torch.where(x > 0, x / penalty, x * penalty)
+        return logits
+
+    return apply
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from one row of processed logits (V,)."""
     if params.temperature <= 0 or params.top_k == 1:
@@ -70,6 +91,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:  # after temperature, as vLLM: relative to the most likely token
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)

@@ -236,6 +236,10 @@ class VLLMEngine:
         }
         if params.top_k > 0:
             body["top_k"] = params.top_k
+        if params.min_p > 0:
+            body["min_p"] = params.min_p
+        if params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
         if params.seed is not None:
             body["seed"] = params.seed
         if params.presence_penalty:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..config import SamplingDefaults
@@ -133,6 +133,30 @@ class StreamOptions(RequestPart):
     include_obfuscation: Optional[bool] = None
 
 
+class StructuredOutputs(RequestPart):
+    """vLLM's `structured_outputs`: exactly one constraint on the output. Its other keys (backend
+    choice, whitespace patterns, structural tags) are refused as unknown, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    json_: Union[dict[str, Any], str, None] = Field(None, alias="json")  # a JSON schema (object or JSON text)
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = Field(None, min_length=1)
+    grammar: Optional[str] = None  # a Lark grammar (llguidance's dialect)
+    json_object: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of json, regex, choice, grammar, json_object; got {', '.join(given).replace('json_', 'json') or 'none'}"
+            )
+        if self.json_object is False:
+            raise ValueError("json_object: false constrains nothing; omit structured_outputs instead")
+        return self
+
+
 class SamplingFields(RequestBody):
     """The sampling fields chat and completions share."""
 
@@ -149,8 +173,15 @@ class SamplingFields(RequestBody):
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     user: Optional[str] = None
     # --- fundament extensions (vLLM's names; sent by the official client through extra_body) ---
-    top_k: Optional[int] = Field(None, ge=0)
+    top_k: Optional[int] = Field(None, ge=-1)  # 0 or -1: off
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)  # drop tokens below min_p x the top token's probability
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=100.0)  # >1 discourages prompt and output tokens
     ignore_eos: Optional[bool] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Union[dict[str, Any], str, None] = None  # vLLM's deprecated names of structured_outputs
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = Field(None, min_length=1)
+    guided_grammar: Optional[str] = None
 
     def to_sampling_params(
         self, defaults: SamplingDefaults, max_tokens: int, vocab_size: int, logprobs: int | None
@@ -169,7 +200,9 @@ class SamplingFields(RequestBody):
             max_tokens=max_tokens,
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
@@ -310,9 +343,6 @@ class CompletionRequest(SamplingFields):
     suffix: Optional[str] = None
     # --- fundament extensions: constrained output for plain completions (vLLM's names) ---
     response_format: Optional[dict[str, Any]] = None  # as in chat: json_object or json_schema
-    guided_json: Optional[dict[str, Any]] = None  # a JSON schema
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = Field(None, min_length=1)
 
     @field_validator("prompt")
     @classmethod

@@ -31,7 +31,7 @@ from .protocol import (
     new_id,
     now,
 )
-from .structured import response_format_grammar, schema_refusal
+from .structured import output_grammar, schema_refusal
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -110,15 +110,14 @@ class ChatHandler:
             lm.defaults, max_tokens, lm.tokenizer.vocab_size, (req.top_logprobs or 0) if req.logprobs else None
         )
         check_capacity(lm, req.n or 1)
-        grammar, check_schema = response_format_grammar(req.response_format)
+        grammar, check_schema, asked = output_grammar(req)
         mode = (
             None if choice == "none" else ("enforced" if choice == "required" or isinstance(choice, dict) else "auto")
         )
         if mode == "enforced":
             if grammar is not None:
                 raise InvalidRequestError(
-                    "response_format cannot be combined with tool_choice 'required' or a named function.",
-                    "response_format",
+                    f"{asked} cannot be combined with tool_choice 'required' or a named function.", asked
                 )
             grammar = json_schema_grammar(
                 tools.calls_schema(choice, funcs, req.parallel_tool_calls is not False), "tools"

@@ -6,13 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from ..engine.constraints import GrammarConstraint, choice_grammar, json_schema_grammar, regex_grammar
+from ..engine.constraints import GrammarConstraint
 from ..errors import InvalidRequestError, error_payload
 from ..registry import ModelRegistry, ServedGenerator
 from .generation import Delta, merge, run_sequence, stop_list
 from .limits import check_capacity, check_prompt_length, completion_budget
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
-from .structured import response_format_grammar
+from .structured import output_grammar
 
 
 def _prompts(lm: ServedGenerator, prompt) -> list[list[int]]:
@@ -33,19 +33,8 @@ def _prompts(lm: ServedGenerator, prompt) -> list[list[int]]:
 
 
 def _grammar(req: CompletionRequest) -> str | None:
-    """At most one of response_format, guided_json, guided_regex, guided_choice."""
-    given = [
-        k for k in ("response_format", "guided_json", "guided_regex", "guided_choice") if getattr(req, k) is not None
-    ]
-    if len(given) > 1:
-        raise InvalidRequestError(f"Give at most one output constraint; got {', '.join(given)}.", given[1])
-    if req.guided_json is not None:
-        return json_schema_grammar(req.guided_json, "guided_json")
-    if req.guided_regex is not None:
-        return regex_grammar(req.guided_regex, "guided_regex")
-    if req.guided_choice is not None:
-        return choice_grammar(req.guided_choice, "guided_choice")
-    grammar, partial = response_format_grammar(req.response_format)
+    """The output constraint (at most one; server/structured.py), enforced whole or refused."""
+    grammar, partial, _ = output_grammar(req)
     if partial is not None:
         raise InvalidRequestError(
             "This schema cannot be fully enforced; plain completions accept only schemas the grammar engine enforces whole.",

@@ -1,13 +1,67 @@
-"""`response_format` for chat and completions: which grammar to enforce, and the check of an
-output against a schema the grammar could enforce only in part. Knows wire fields and JSON
-schemas; the grammar engine itself is in engine/constraints.py."""
+"""Output constraints for chat and completions (`response_format`, vLLM's `structured_outputs` and
+its deprecated `guided_*` names): which grammar to enforce, and the check of an output against a
+schema the grammar could enforce only in part. Knows wire fields and JSON schemas; the grammar
+engine itself is in engine/constraints.py."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from ..engine.constraints import json_schema_grammar
+from ..engine.constraints import choice_grammar, json_schema_grammar, lark_grammar, regex_grammar
 from ..errors import InvalidRequestError
+
+# The request fields that constrain the output; a request gives at most one.
+CONSTRAINTS = (
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+
+
+def output_grammar(req: Any) -> tuple[str | None, dict | None, str | None]:
+    """The grammar a request's output constraint asks for (None: none), the schema to check the
+    output against where `response_format` is enforced only in part, and the field that asked.
+    Every other form is enforced whole or refused with a 400 naming what cannot be."""
+    given = [k for k in CONSTRAINTS if getattr(req, k, None) is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(f"Give at most one output constraint; got {', '.join(given)}.", given[1])
+    if not given:
+        return None, None, None
+    field = given[0]
+    if field == "response_format":
+        grammar, partial = response_format_grammar(req.response_format)
+        return grammar, partial, field if grammar is not None else None
+    if field == "structured_outputs":
+        so = req.structured_outputs
+        kind = next(k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(so, k) is not None)
+        kind = kind.rstrip("_")
+        value, param = getattr(so, kind + "_" if kind == "json" else kind), f"structured_outputs.{kind}"
+    else:
+        kind, value, param = field.removeprefix("guided_"), getattr(req, field), field
+    return _grammar(kind, value, param), None, field
+
+
+def _grammar(kind: str, value: Any, param: str) -> str:
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, param)
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"{param} is not a JSON schema: {e}", param) from None
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"{param} must be a JSON schema object.", param)
+        return json_schema_grammar(value, param)
+    if kind == "regex":
+        return regex_grammar(value, param)
+    if kind == "choice":
+        return choice_grammar(value, param)
+    return lark_grammar(value, param)
 
 
 def response_format_grammar(rf: dict | None, param: str = "response_format") -> tuple[str | None, dict | None]:
