@@ -325,3 +325,33 @@ def test_device_setting_resolves_or_says_what_is_wrong():
         resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU (cuda:0 where there is none)
     with pytest.raises(InvalidRequestError, match="not a device"):
         resolve_device("gpu0")
+
+
+def test_min_p_and_repetition_penalty_as_vllm_defines_them():
+    import torch
+
+    from fundament.engine.sampling import SamplingParams, sample_row
+
+    logits = torch.tensor([2.0, 1.9, -1.0, 0.5])  # probs ~ [0.47, 0.43, 0.02, 0.10]
+    p = SamplingParams(temperature=1.0, min_p=0.5)
+    drawn = {sample_row(logits.clone(), p, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert drawn == {0, 1}  # tokens below half the top one's probability are never drawn
+    rp = SamplingParams(repetition_penalty=2.0).processors(prompt_ids=[0])
+    out = rp[0]([2], logits.clone())  # token 0 (prompt) and 2 (output) penalised
+    assert out.tolist() == pytest.approx([1.0, 1.9, -2.0, 0.5])
+    assert SamplingParams().processors([0, 1]) == []  # off by default
+
+
+def test_waiting_requests_start_by_priority_then_arrival(model):
+    """A batch's sequences (priority 1) wait behind interactive ones (priority 0) that arrive later."""
+    engine = Engine(model, EngineConfig(max_num_seqs=1), eos_token_ids=[2])
+    started: list[str] = []
+
+    def req(name, priority):
+        r = EngineRequest([5, 6, 7], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, priority=priority),
+                          lambda o, n=name: started.append(n) if n not in started else None)  # fmt: skip
+        return r
+
+    reqs = [req("batch-1", 1), req("batch-2", 1), req("chat-1", 0), req("chat-2", 0)]
+    run_all(engine, reqs)
+    assert started == ["chat-1", "chat-2", "batch-1", "batch-2"]  # one slot: the later chats start first

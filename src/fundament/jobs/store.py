@@ -92,12 +92,49 @@ CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints (job_id, step_number);
 # Migration i takes a database from user_version i to i + 1, and each runs once, in the same
 # transaction as the version it sets. Only ever append: a release's database is at the length of
 # its list. A column added later is `ALTER TABLE jobs ADD COLUMN ...` (with a DEFAULT for old rows).
-MIGRATIONS: list[str] = [SCHEMA_V1]
+# Version 2: the Batches API (jobs/batches.py). A batch's results are rows as they finish, so a
+# restarted server continues where it stopped; the output and error files are made from them.
+BATCHES = """
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    created_at INTEGER NOT NULL,
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    status TEXT NOT NULL,
+    metadata TEXT,                             -- JSON object or NULL
+    errors TEXT,                               -- JSON list of {code, message, param, line}, or NULL
+    output_file_id TEXT,
+    error_file_id TEXT,
+    in_progress_at INTEGER,
+    expires_at INTEGER,
+    finalizing_at INTEGER,
+    completed_at INTEGER,
+    failed_at INTEGER,
+    expired_at INTEGER,
+    cancelling_at INTEGER,
+    cancelled_at INTEGER,
+    total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
+CREATE TABLE IF NOT EXISTS batch_results (
+    batch_id TEXT NOT NULL,
+    line INTEGER NOT NULL,                     -- 1-based line of the input file
+    ok INTEGER NOT NULL,                       -- 1: the output file's; 0: the error file's
+    body TEXT NOT NULL,                        -- that file's line (JSON)
+    PRIMARY KEY (batch_id, line)
+);
+"""
+
+MIGRATIONS: list[str] = [SCHEMA_V1, BATCHES]
 
 # A failed job has no model, as OpenAI's: the checkpoints it saved before it failed (a run that
 # diverged, say) are neither listed nor served.
 _NOT_FAILED = f"job_id NOT IN (SELECT id FROM jobs WHERE status = '{Status.FAILED}')"
-_JSON = {"metadata", "hyperparameters", "extensions", "error", "result_files", "data", "metrics"}
+_JSON = {"metadata", "hyperparameters", "extensions", "error", "result_files", "data", "metrics", "errors"}
 
 
 def new_id(prefix: str, sep: str = "-") -> str:
@@ -347,6 +384,16 @@ class JobStore:
                 ).rowcount
                 == 1
             )
+
+    def count_by_status(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self._all("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status", ())}
+
+    def last_metrics(self, job_id: str) -> dict | None:
+        """The `data` of the job's latest metrics event."""
+        rows = self._all(
+            "SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq DESC LIMIT 1", (job_id,)
+        )
+        return rows[0]["data"] if rows else None
 
     def jobs_with_status(self, status: Status) -> list[dict]:
         return self._all("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,))

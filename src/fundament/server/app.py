@@ -10,15 +10,19 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from ..errors import AuthenticationError, FundamentError, ModelNotFoundError, QueueFullError, error_payload
+from ..jobs.batches import BatchStore
 from ..jobs.files import FileStore
 from ..jobs.store import JobStore
 from ..registry import ModelRegistry
 from . import openapi
+from .metrics import RequestMetricsMiddleware, RequestRecord, ServerMetrics
+from .metrics import current as current_request
 from .protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -31,6 +35,7 @@ from .protocol import (
     Model,
     ModelList,
 )
+from .protocol_batches import Batch, BatchList, CreateBatchRequest
 from .protocol_fine_tuning import (
     CreateFineTuningJobRequest,
     FileDeleted,
@@ -42,73 +47,16 @@ from .protocol_fine_tuning import (
     FineTuningJobList,
     ModelDeleted,
 )
+from .serving_batches import BatchHandler, BatchRunner, Execute
 from .serving_chat import ChatHandler
 from .serving_classify import ClassificationHandler
 from .serving_completions import CompletionHandler
 from .serving_embeddings import EmbeddingHandler
 from .serving_files import FilesHandler
 from .serving_fine_tuning import FineTuningHandler
+from .validation import validation_error
 
 log = logging.getLogger(__name__)
-
-
-_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
-
-
-def _param_from_loc(loc) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'; union-member and tag names are dropped."""
-    out = ""
-    for i, p in enumerate(loc):
-        if (i == 0 and p in ("body", "query", "path")) or (
-            isinstance(p, str) and (p in _TYPE_NAMES or any(c in p for c in "[(-"))
-        ):
-            continue
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or None
-
-
-def _describe(value) -> str:
-    if isinstance(value, (str, int, float, bool, type(None))):
-        return json.dumps(value)[:100]
-    return type(value).__name__
-
-
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    kind, loc = first.get("type"), tuple(first.get("loc", ()))
-    if kind == "json_invalid":
-        msg = f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}). Send a JSON object."
-        param = None
-    elif loc == ("body",):  # no body, or JSON that is not an object
-        got = "nothing" if kind == "missing" else _describe(first.get("input"))
-        msg = f"The request body must be a JSON object with this endpoint's parameters (got {got})."
-        param = None
-    elif kind == "extra_forbidden":
-        param = _param_from_loc(loc)
-        msg = f"Unrecognized request argument supplied: {param}"
-    elif kind == "lone_surrogate":
-        param = (_param_from_loc(loc) or "") + first["ctx"]["path"]
-        msg = (
-            f"Invalid value for '{param}': it contains a lone UTF-16 surrogate ({first['ctx']['char']}), "
-            "which is not valid Unicode. Send the text as valid UTF-8."
-        )
-    else:
-        param = _param_from_loc(loc)
-        same = [e for e in errors if _param_from_loc(e.get("loc", ())) == param]
-        too_long = next((e for e in same if e.get("type") == "too_long"), None)
-        if kind == "missing":
-            msg = f"Missing required parameter: '{param}'."
-        elif too_long is not None:  # a list over its limit, whichever shapes of a union it was tried as
-            ctx = too_long.get("ctx", {})
-            msg = f"'{param}' has {ctx.get('actual_length')} items; at most {ctx.get('max_length')} are allowed per request."
-        elif len(same) > 1:  # a union: none of the accepted shapes matched
-            msg = f"Invalid type for '{param}' (got {_describe(first.get('input'))}); see the API reference for the accepted shapes."
-        else:
-            msg = f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {_describe(first.get('input'))})."
-    return JSONResponse(
-        {"error": {"message": msg, "type": "invalid_request_error", "param": param, "code": None}}, status_code=400
-    )
 
 
 class BodyLimitMiddleware:
@@ -191,6 +139,14 @@ async def _sync_fine_tuned(reg: ModelRegistry, every_s: float = 1.0) -> None:
         await asyncio.sleep(every_s)
 
 
+def _asked(model: str) -> RequestRecord | None:
+    """Name the model this request asked for in its metrics record and log line."""
+    record = current_request()
+    if record is not None:
+        record.model = model
+    return record
+
+
 def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worker=None) -> FastAPI:
     """The app; it loads the configured models at startup unless a loaded registry is passed in.
     `worker` (a jobs.supervisor.WorkerProcess) is started and stopped with the app."""
@@ -206,7 +162,10 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         if worker is not None:
             worker.start()
         sync = asyncio.create_task(_sync_fine_tuned(reg)) if reg.serves_vllm() else None
+        batch_runner.wake = batches.wake = asyncio.Event()  # this loop's
+        running_batches = asyncio.create_task(batch_runner.run())
         yield
+        running_batches.cancel()  # a request cut off here has no result yet: it runs again after a restart
         if sync is not None:
             sync.cancel()
         if worker is not None:  # here, not after uvicorn returns: it re-raises SIGTERM on its way out
@@ -224,9 +183,21 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
     chat, completions, embeddings = ChatHandler(reg), CompletionHandler(reg), EmbeddingHandler(reg)
     classifications = ClassificationHandler(reg)
     files, fine_tuning = FilesHandler(file_store), FineTuningHandler(reg, file_store)
+    batch_store = BatchStore(store)
+    batches = BatchHandler(batch_store, file_store)
+    execute: Execute = {
+        "/v1/chat/completions": (ChatCompletionRequest, chat.create),
+        "/v1/completions": (CompletionRequest, completions.create),
+        "/v1/embeddings": (EmbeddingRequest, embeddings.create),
+        "/v1/classifications": (ClassificationRequest, classifications.create),
+    }
     # a multipart upload carries a little framing around the file; FileStore enforces the exact size
     upload_limit = (config.max_file_bytes + 64 * 1024, "file")
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, path_limits={"/v1/files": upload_limit})
+    app.state.metrics = metrics = ServerMetrics(reg, store)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: it sees the 413s too
+    # a batch keeps at most half the engine's batch slots: interactive requests always find room
+    batch_runner = BatchRunner(batch_store, file_store, execute, config.engine.max_num_seqs // 2, metrics)
 
     @app.exception_handler(FundamentError)
     async def _fundament_error(request, exc: FundamentError):
@@ -235,7 +206,7 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
-        return _validation_response(exc)
+        return JSONResponse(validation_error(exc.errors()), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
@@ -277,6 +248,12 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
         engines = {n: g.engine.health() for n, g in reg.generators.items()}
         return {"status": "ok", "engines": engines}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        """Prometheus' text format; unauthenticated, as vLLM's and /health are."""
+        body = await asyncio.to_thread(metrics.exposition)  # the job gauges read SQLite
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models", dependencies=v1)
     async def list_models() -> ModelList:
         return ModelList(data=[Model(id=i, created=c, owned_by="fundament") for i, c in reg.model_ids()])
@@ -290,23 +267,31 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
 
     @app.post("/v1/chat/completions", dependencies=v1, response_model=ChatCompletion)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        _asked(body.model)
         if body.stream:
             return StreamingResponse(chat.stream(body), media_type="text/event-stream")
         return await _until_disconnect(request, chat.create(body))
 
     @app.post("/v1/completions", dependencies=v1, response_model=Completion)
     async def create_completion(body: CompletionRequest, request: Request):
+        _asked(body.model)
         if body.stream:
             return StreamingResponse(completions.stream(body), media_type="text/event-stream")
         return await _until_disconnect(request, completions.create(body))
 
     @app.post("/v1/classifications", dependencies=v1)
     async def create_classification(body: ClassificationRequest, request: Request) -> ClassificationResponse:
+        _asked(body.model)
         return await _until_disconnect(request, classifications.create(body))
 
     @app.post("/v1/embeddings", dependencies=v1, response_model=CreateEmbeddingResponse)
     async def create_embedding(body: EmbeddingRequest, request: Request):
-        return await _until_disconnect(request, embeddings.create(body))
+        record = _asked(body.model)
+        out = await _until_disconnect(request, embeddings.create(body))
+        if record is not None and hasattr(out, "usage"):
+            record.prompt_tokens += out.usage.prompt_tokens
+            metrics.prompt_tokens.labels(body.model).inc(out.usage.prompt_tokens)
+        return out
 
     @app.delete("/v1/models/{model_id:path}", dependencies=v1)
     def delete_model(model_id: str) -> ModelDeleted:
@@ -354,6 +339,22 @@ def create_app(config: ServeConfig, registry: ModelRegistry | None = None, worke
     @app.post("/v1/fine_tuning/jobs", dependencies=v1)
     def create_fine_tuning_job(body: CreateFineTuningJobRequest) -> FineTuningJob:
         return fine_tuning.create(body)
+
+    @app.post("/v1/batches", dependencies=v1)
+    async def create_batch(body: CreateBatchRequest) -> Batch:  # async: it wakes the runner in this loop
+        return batches.create(body)
+
+    @app.get("/v1/batches", dependencies=v1)
+    def list_batches(after: str | None = None, limit: int = Query(20, ge=1, le=100)) -> BatchList:
+        return batches.list(after, limit)
+
+    @app.get("/v1/batches/{batch_id}", dependencies=v1)
+    def retrieve_batch(batch_id: str) -> Batch:
+        return batches.retrieve(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", dependencies=v1)
+    async def cancel_batch(batch_id: str) -> Batch:
+        return batches.cancel(batch_id)
 
     @app.get("/v1/fine_tuning/jobs", dependencies=v1)
     def list_fine_tuning_jobs(

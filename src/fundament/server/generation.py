@@ -6,6 +6,10 @@ chat and completions handlers; knows the tokenizer and the engine, not HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -13,8 +17,22 @@ from typing import TypeVar
 from ..engine import EngineOutput, SamplingParams
 from ..models.tokenizer import IncrementalDetokenizer
 from ..registry import ServedGenerator
+from .metrics import current as current_request
 
 T = TypeVar("T")
+
+BATCH_PRIORITY = 1  # the engine starts waiting sequences of priority 0 (interactive) first
+_in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("fundament_in_batch", default=False)
+
+
+@contextlib.contextmanager
+def in_batch():
+    """Sequences generated in this block are a batch's: they wait behind interactive ones."""
+    token = _in_batch.set(True)
+    try:
+        yield
+    finally:
+        _in_batch.reset(token)
 
 
 @dataclass
@@ -37,6 +55,10 @@ async def run_sequence(
 ) -> AsyncIterator[Delta]:
     """Yield text deltas for one sequence. Text that might begin a stop string is held back until
     it cannot; a matched stop string ends the sequence (finish_reason "stop") and is not returned."""
+    record = current_request()
+    if _in_batch.get():
+        params = dataclasses.replace(params, priority=BATCH_PRIORITY)
+    t0, ttft = time.perf_counter(), None
     detok = IncrementalDetokenizer(lm.tokenizer)
     holdback = max((len(s) for s in stop), default=1) - 1
     text, sent, pending, n = "", 0, [], 0
@@ -44,6 +66,8 @@ async def run_sequence(
     gen = lm.engine.generate(prompt_ids, params, adapter)
     try:
         async for out in gen:
+            if n == 0:
+                ttft = time.perf_counter() - t0
             n += 1
             if out.prompt_logprobs is not None:
                 prompt_lp = out.prompt_logprobs
@@ -63,6 +87,8 @@ async def run_sequence(
                 sent, pending, prompt_lp = safe, [], None
     finally:
         await gen.aclose()
+        if record is not None:
+            record.sequence_done(len(prompt_ids), ttft, n)
 
 
 class _End:
