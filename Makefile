@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint vllm-env
+LLAMA_CPP := .llama.cpp
+
+.PHONY: install serve test lint vllm-env llama-cpp
 
 # torch exact and first (pyproject.toml asks only torch>=2.6): pip takes this CPU build from the
 # machine's disk and keeps it when it installs the project; left to resolve alone, it pulls CUDA's.
@@ -30,8 +32,15 @@ $(VLLM_VENV)/.installed: scripts/vllm_env.sh
 
 vllm-env: $(VLLM_VENV)/.installed
 
-# The whole suite, the tests that serve through vLLM (marker `vllm`) included.
-test: install vllm-env
+# llama.cpp's llama-server: what the GGUF export is checked with (tests/test_export.py).
+$(LLAMA_CPP)/bin/llama-server: scripts/llama_cpp.sh
+	PYTHON=$(abspath $(PY)) bash scripts/llama_cpp.sh $(LLAMA_CPP)
+
+llama-cpp: install $(LLAMA_CPP)/bin/llama-server
+
+# The whole suite, the tests that serve through vLLM (marker `vllm`) and load exports into
+# llama.cpp included.
+test: install vllm-env llama-cpp
 	$(PY) -m pytest tests
 
 # CI's gates beside the tests: lint and format (ruff) over the code, types (mypy) over the package.

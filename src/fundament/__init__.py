@@ -8,4 +8,8 @@ def __getattr__(name):  # heavy imports (torch) only when asked for
         from . import adapt
 
         return getattr(adapt, name)
+    if name == "export":  # fundament.export("ft:...", "gguf", "out/"): docs/export.md
+        from .registry import export
+
+        return export
     raise AttributeError(name)

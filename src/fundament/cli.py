@@ -186,6 +186,22 @@ def _tune(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .registry import export
+
+    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    written = export(args.model, args.format, args.out, args.quantization, cfg)
+    for p in written:
+        print(p)
+    use = {
+        "peft": f"PEFT: PeftModel.from_pretrained(base, '{args.out}'); vLLM: --enable-lora --lora-modules NAME={args.out}",
+        "merged": f"transformers: AutoModelForCausalLM.from_pretrained('{args.out}'); vLLM: vllm serve {args.out}",
+        "gguf": f"llama.cpp: llama-server -m {written[0]}; Ollama: cd {args.out} && ollama create NAME -f Modelfile",
+    }[args.format]
+    print(use)
+    return 0
+
+
 def _classify(args) -> None:
     """Classify lines of a file (or arguments) and print label and probabilities as JSON lines."""
     import asyncio
@@ -321,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distributed", choices=["ddp", "fsdp"], default=None, help="with several processes; default: ddp")
     t.add_argument("--plot", help="where to write the loss curve (default <job id>-loss.png)")
     t.add_argument("--base-url", help="the server's API (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")
+    x = sub.add_parser(
+        "export", help="export a model (ft:, adapter or base) for transformers, vLLM, llama.cpp or Ollama"
+    )
+    x.add_argument("model", help="a fine-tuned ft: model or checkpoint, a configured adapter, or a base model")
+    x.add_argument("--format", required=True, choices=["peft", "merged", "gguf"])
+    x.add_argument("--out", required=True, help="a new (or empty) directory")
+    x.add_argument("--quantization", choices=["f16", "q8_0"], default="f16", help="for gguf (default f16)")
+    x.add_argument("--config", help="the serve config naming the models (default: the default models)")
     c = sub.add_parser("classify", help="classify texts by prompting, with a probability per label")
     c.add_argument("text", nargs="*", help="texts to classify")
     c.add_argument("--file", help="a file with one text per line")
@@ -361,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         elif args.command == "tune":
             return _tune(args)
+        elif args.command == "export":
+            return _export(args)
         elif args.command == "eval":
             return _eval(args)
     except FundamentError as e:

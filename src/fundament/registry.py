@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from .adapt.export import ModelFiles
 from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
 from .engine.vllm import VLLMEngine
@@ -88,6 +89,45 @@ def spec_from_path(path: str, task: Literal["generate", "embed"] | None = None) 
         task = "embed" if (p / "modules.json").exists() else "generate"
     name = p.stem if p.suffix == ".gguf" else p.name
     return ModelSpec(name=name.lower(), task=task, path=str(p))
+
+
+def locate_model(config: ServeConfig, name: str, fine_tuned: FineTunedSource | None = None) -> ModelFiles:
+    """What a served name (a base model, an alias, a configured adapter, an ft: model or checkpoint)
+    is made of on disk, without loading it: for `fundament export`."""
+    name = config.aliases.get(name, name)
+    specs = {m.name: m for m in config.models if m.task == "generate"}
+    adapter_dir, base = None, name
+    if name not in specs:
+        adapter = next((a for a in config.adapters if a.name == name), None)
+        found = fine_tuned.fine_tuned_model(name) if fine_tuned is not None and adapter is None else None
+        if adapter is not None:
+            adapter_dir, base = Path(adapter.path), adapter.base
+        elif found is not None:
+            adapter_dir, base = Path(found["path"]), found["base_model"]
+        else:
+            raise ModelNotFoundError(name)
+    if base not in specs:
+        raise ModelNotFoundError(base)
+    spec = specs[base]
+    source = resolve_path(spec)
+    return ModelFiles(
+        name=name,
+        base_name=base,
+        base_dir=hf_dir_for(spec),
+        adapter_dir=adapter_dir,
+        gguf=source if source.suffix == ".gguf" else None,
+        hub_id=spec.hub_id,
+    )
+
+
+def export(name: str, fmt: str, out, quantization: str = "f16", config: ServeConfig | None = None) -> list[Path]:
+    """Export a served name as `fmt` (peft, merged or gguf) into the directory `out`; the files
+    written. ft: models are found in $FUNDAMENT_HOME's job store."""
+    from .adapt.export import export_model
+    from .jobs.store import JobStore
+
+    model = locate_model(config or ServeConfig(), name, JobStore())
+    return export_model(model, fmt, Path(out), quantization)
 
 
 class FineTunedSource(Protocol):

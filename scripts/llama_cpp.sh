@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# llama.cpp's llama-server, built from the llama-cpp-python sdist on PyPI (its vendor/llama.cpp):
+# the loader the GGUF export is checked with (tests/test_export.py) and the engine benchmark's peer.
+# AMX kernels off: they crash on this project's CPUs once a prompt has more than one token.
+# Usage: scripts/llama_cpp.sh DIR  (about 4 minutes on 2 cores; DIR/bin/llama-server when done)
+set -euo pipefail
+OUT=$(realpath -m "${1:-.llama.cpp}")
+VERSION=0.3.36
+PYTHON=${PYTHON:-python3}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+"$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d sdist
+tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
+cmake -S "llama_cpp_python-$VERSION/vendor/llama.cpp" -B build -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+  -DBUILD_SHARED_LIBS=OFF > cmake.log
+cmake --build build --target llama-server -j"$(nproc)" > build.log
+mkdir -p "$OUT/bin"
+cp build/bin/llama-server "$OUT/bin/llama-server.tmp"
+mv "$OUT/bin/llama-server.tmp" "$OUT/bin/llama-server"
+echo "$OUT/bin/llama-server"
