@@ -187,7 +187,7 @@ def test_a_part_the_model_cannot_read_is_400_never_dropped(server, part):
     "path,body,field",
     [
         ("/chat/completions", {**CHAT, "temprature": 0.5}, "temprature"),
-        ("/completions", {**COMPLETION, "min_p": 0.1}, "min_p"),
+        ("/completions", {**COMPLETION, "typical_p": 0.9}, "typical_p"),
         ("/embeddings", {"model": "text-embedding-3-small", "input": "x", "truncate": True}, "truncate"),
         ("/classifications", {"model": "gpt-4o-mini", "input": "x", "labels": ["a", "b"], "lables": ["c"]}, "lables"),
     ],
