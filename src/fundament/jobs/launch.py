@@ -22,7 +22,7 @@ from ..adapt.hyperparameters import TuneConfig
 from ..adapt.tune import TuneHooks, TuneResult
 from ..config import FineTuningConfig
 from ..errors import FundamentError
-from .rank import CONTROL, PROGRESS, write_task
+from .rank import CONTROL, PROGRESS, die_with_parent, write_task
 
 POLL_S = 0.5
 # torchrun's agent logs each rank that exits abnormally, e.g.
@@ -43,16 +43,6 @@ def _exit_reason(code: int) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def _pdeathsig() -> None:
-    """torchrun hears (SIGTERM, which it passes on to the ranks) when the worker dies, even by SIGKILL."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 class TorchrunJob:
@@ -108,7 +98,7 @@ class TorchrunJob:
             )
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, preexec_fn=_pdeathsig
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, preexec_fn=die_with_parent
             )
         follower = _Follower(self, hooks)
         try:

@@ -68,8 +68,9 @@ class RankHooks(TuneHooks):
         return request if request in ("pause", "cancel") else None
 
 
-def _die_with_parent() -> None:
-    """A rank whose torchrun agent is killed (with SIGKILL, say) goes too, never left training alone."""
+def die_with_parent() -> None:
+    """This process gets SIGTERM when its parent dies, even by SIGKILL: a rank whose torchrun agent
+    is killed, or torchrun whose worker is, never goes on training alone."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -77,7 +78,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _die_with_parent()
+    die_with_parent()
     run_dir = Path((argv or sys.argv[1:])[0])
     task = json.loads((run_dir / TASK).read_text())
     config = TuneConfig(**task["config"])

@@ -45,3 +45,9 @@ def check_prompt_length(lm: ServedGenerator, n_prompt: int, param: str) -> None:
             f"This model's maximum context length is {lm.engine.max_context} tokens, but the prompt has {n_prompt}.",
             param,
         )
+
+
+def check_limit(limit: int, most: int) -> None:
+    """A list's `limit` query parameter, 1..most."""
+    if not 1 <= limit <= most:
+        raise InvalidRequestError(f"limit must be between 1 and {most}, got {limit}.", "limit")

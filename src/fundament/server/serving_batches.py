@@ -25,6 +25,7 @@ from ..jobs.batches import ACTIVE, COMPLETION_WINDOWS, BatchStore
 from ..jobs.files import FileStore
 from ..jobs.store import new_id
 from .generation import in_batch
+from .limits import check_limit
 from .metrics import RequestRecord, ServerMetrics, request_scope
 from .protocol_batches import BATCH_ENDPOINTS, Batch, BatchList, CreateBatchRequest, batch_object
 from .validation import validation_error
@@ -84,8 +85,7 @@ class BatchHandler:
         return batch_object(self._get(batch_id))
 
     def list(self, after: str | None, limit: int) -> BatchList:
-        if not 1 <= limit <= 100:
-            raise InvalidRequestError(f"limit must be between 1 and 100, got {limit}.", "limit")
+        check_limit(limit, 100)
         rows, more = self.batches.page(after, limit)
         data = [batch_object(r) for r in rows]
         return BatchList(

@@ -15,6 +15,7 @@ from ..jobs.job_data import drop_job_files, keep_job_files
 from ..jobs.naming import ORGANIZATION_ID
 from ..jobs.store import new_id
 from ..registry import ModelRegistry
+from .limits import check_limit
 from .protocol_fine_tuning import (
     CheckpointMetrics,
     CreateFineTuningJobRequest,
@@ -53,11 +54,6 @@ def job_object(row: dict) -> FineTuningJob:
         metadata=row["metadata"],
         method=JobMethod(type="supervised", supervised=JobSupervisedMethod(hyperparameters=hp)),
     )
-
-
-def _check_limit(limit: int, most: int) -> None:
-    if not 1 <= limit <= most:
-        raise InvalidRequestError(f"limit must be between 1 and {most}, got {limit}.", "limit")
 
 
 class FineTuningHandler:
@@ -200,13 +196,13 @@ class FineTuningHandler:
         return job_object(self.get_row(job_id))
 
     def list(self, after: str | None, limit: int, metadata: dict[str, str], null_metadata: bool) -> FineTuningJobList:
-        _check_limit(limit, 100)
+        check_limit(limit, 100)
         rows, more = self.store.list_jobs(after, limit, metadata, null_metadata)
         return FineTuningJobList(data=[job_object(r) for r in rows], has_more=more)
 
     def events(self, job_id: str, after: str | None, limit: int) -> FineTuningJobEventList:
         self.get_row(job_id)
-        _check_limit(limit, 1000)
+        check_limit(limit, 1000)
         rows, more = self.store.list_events(job_id, after, limit)
         data = [
             FineTuningJobEvent(
@@ -223,7 +219,7 @@ class FineTuningHandler:
 
     def checkpoints(self, job_id: str, after: str | None, limit: int) -> FineTuningJobCheckpointList:
         self.get_row(job_id)
-        _check_limit(limit, 100)
+        check_limit(limit, 100)
         rows, more = self.store.list_checkpoints(job_id, after, limit)
         data = [
             FineTuningJobCheckpoint(
