@@ -135,6 +135,8 @@ def engine_figures(gguf: str, llama_py: str | None, reps: int) -> dict:
             res["prefill"]["llama.cpp"].append(peer_prefill())
 
     def decode_bytes(lin) -> int:  # what one decode step reads of this projection
+        if lin.packed is not None:
+            return sum(t.numel() * t.element_size() for t in lin.packed[1:])
         if lin.q4 is not None:
             return sum(t.numel() * t.element_size() for t in lin.q4)
         if lin.q8 is not None:

@@ -68,6 +68,8 @@ def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
     import random
 
     fast = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, int8_decode=True)
+    if fast.native and torch.ops.fundament.qgemm_available():  # the default path: the packed kernel
+        assert all(layer[name].packed is not None for layer in fast.layers for name in fast.LORA_TARGETS)
     tok = ChatTokenizer(smollm_dir)
     rng = random.Random(0)
     words = "the a model river city light small code green runs fast over under music data".split()

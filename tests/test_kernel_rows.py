@@ -1,6 +1,8 @@
 """The decode kernels compute each row alone: a row's result is bit for bit the same whatever the
 number of rows beside it. The engine's batch invariance rests on this for decode rows (prompt rows
-get matmuls of their own instead); if a CPU's kernels ever break it, this says so directly."""
+get matmuls of their own instead); if a CPU's kernels ever break it, this says so directly. Both
+kernels: torch's int4/int8 ones, and the native build's own (csrc/qgemm.h, AVX512-BF16), which
+takes other paths at 1-3, 4-6 and more rows and must still give each row the same bits."""
 
 from __future__ import annotations
 
@@ -8,8 +10,15 @@ import pytest
 import torch
 
 from fundament.models.llama import INT4_GROUP, Linear
+from fundament.models.llama.linear import PACK_BF16, PACK_INT4, PACK_INT8, pack_weight
 
-ROWS = (1, 2, 3, 5, 8, 16, 17, 33, 64)
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 33, 64)
+
+
+def qgemm_available() -> bool:
+    from fundament.models import native
+
+    return native.load() and bool(torch.ops.fundament.qgemm_available())
 
 
 def cpu_flags() -> str:
@@ -20,22 +29,42 @@ def cpu_flags() -> str:
     return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none of avx512_bf16/amx"
 
 
-@pytest.fixture(scope="module")
-def weights():
+# 1,520 outputs: 95 panels of 16, so 23 blocks of 4 and a last block of 3.
+OUT, IN = 1520, 576
+
+
+def int4_source() -> torch.Tensor:
     torch.manual_seed(0)
-    levels = torch.randint(0, 16, (1536, 576)).float()  # exactly representable in int4 groups: the q4 path
+    levels = torch.randint(0, 16, (OUT, IN)).float()  # exactly representable in int4 groups: the q4 path
     levels[:, 0::INT4_GROUP], levels[:, 1::INT4_GROUP] = 0, 15  # each group spans every level, as a Q4 GGUF's do
-    scale = torch.rand(1536, 576 // INT4_GROUP).repeat_interleave(INT4_GROUP, 1) * 0.01
-    int4 = Linear(((levels - 8) * scale).to(torch.bfloat16), int8=True, source=(levels - 8) * scale)
-    int8 = Linear((torch.randn(1536, 576) * 0.05).to(torch.bfloat16), int8=True, source=torch.randn(1536, 576))
-    return {"int4": int4, "int8": int8}
+    scale = torch.rand(OUT, IN // INT4_GROUP).repeat_interleave(INT4_GROUP, 1) * 0.01
+    return (levels - 8) * scale
 
 
-@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 kernel in this torch")
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.fixture(scope="module", params=["torch", "packed"])
+def weights(request):
+    pack = request.param == "packed"
+    if pack and not qgemm_available():
+        pytest.skip("the native build has no AVX512-BF16 kernel on this CPU")
+    if not pack and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("no int4 kernel in this torch")
+    int4 = int4_source()
+    int8 = torch.randn(OUT, IN) * 0.05
+    bias = torch.randn(OUT).to(torch.bfloat16)
+    return {
+        "int4": Linear(int4.to(torch.bfloat16), int8=True, source=int4, pack=pack),
+        "int4+bias": Linear(int4.to(torch.bfloat16), bias, int8=True, source=int4, pack=pack),
+        "int8": Linear(int8.to(torch.bfloat16), int8=True, source=int8 + 1e-3, pack=pack),
+    }
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4+bias", "int8"])
 def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind):
     lin = weights[kind]
-    assert (lin.q4 is not None) == (kind == "int4") and (lin.q8 is not None) == (kind == "int8")
+    if lin.packed is not None:
+        assert lin.packed[0] == (PACK_INT8 if kind == "int8" else PACK_INT4)
+    else:
+        assert (lin.q4 is not None) == kind.startswith("int4") and (lin.q8 is not None) == (kind == "int8")
     torch.manual_seed(1)
     x = torch.randn(max(ROWS), 576).to(torch.bfloat16)
     alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
@@ -44,3 +73,41 @@ def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind):
         assert torch.equal(together, alone[:m]), (
             f"{kind}: rows computed {m} at a time differ from alone (CPU: {cpu_flags()})"
         )
+
+
+@pytest.mark.skipif(not qgemm_available(), reason="the native build has no AVX512-BF16 kernel on this CPU")
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 64])
+def test_the_packed_kernel_computes_x_w_transposed(rows):
+    """Against float32 arithmetic on the same weights: int4 and bf16 weights are exact in the
+    kernel, so the error is the bf16 inputs' and output's rounding; int8 is the int8 copy's."""
+    from fundament.models import native
+
+    assert native.load()
+    torch.manual_seed(2)
+    x = torch.randn(rows, IN).to(torch.bfloat16)
+    w4 = int4_source()
+    bias = torch.randn(OUT)
+    lin = Linear(w4.to(torch.bfloat16), bias.to(torch.bfloat16), int8=True, source=w4, pack=True)
+    want = x.float() @ w4.t() + bias.to(torch.bfloat16).float()
+    got = lin(x, n_decode=rows).float()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    w8 = torch.randn(OUT, IN) * 0.05
+    lin8 = Linear(w8.to(torch.bfloat16), int8=True, pack=True)
+    assert lin8.packed is not None and lin8.packed[0] == PACK_INT8
+    want8 = x.float() @ w8.to(torch.bfloat16).float().t()
+    assert (lin8(x, n_decode=rows).float() - want8).abs().max() <= 2e-2 * want8.abs().max()
+    # bf16 weights (no low-bit copy), and float32 out: the op itself
+    wb = w8.to(torch.bfloat16)
+    got_b = torch.ops.fundament.qgemm(x, PACK_BF16, pack_weight(PACK_BF16, wb), torch.empty(0), torch.empty(0), True)
+    assert got_b.dtype == torch.float32
+    assert (got_b - x.float() @ wb.float().t()).abs().max() <= 1e-4 * got_b.abs().max()
+
+
+@pytest.mark.skipif(not qgemm_available(), reason="the native build has no AVX512-BF16 kernel on this CPU")
+def test_the_packed_kernel_refuses_what_does_not_fit():
+    x = torch.randn(2, IN).to(torch.bfloat16)
+    wrong = pack_weight(PACK_BF16, torch.randn(OUT, IN).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.fundament.qgemm(x[:, :-32], PACK_BF16, wrong, torch.empty(0), torch.empty(0), False)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.fundament.qgemm(x.float(), PACK_BF16, wrong, torch.empty(0), torch.empty(0), False)

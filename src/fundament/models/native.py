@@ -16,6 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+HEADERS = [Path(__file__).parent / "csrc" / "qgemm.h"]  # included by SOURCE: part of the build's key
 # Vectorized float reductions (attention's dot products and sums) need reassociation; the order
 # is still fixed at compile time, so a row's result never depends on its batch.
 # -fopenmp: at::parallel_for is a header template that splits work with OpenMP pragmas; without
@@ -43,7 +44,10 @@ def cache_dir() -> Path:
     except (OSError, StopIteration):
         flags = ""
     key = hashlib.sha256(
-        b"\0".join(x.encode() for x in (SOURCE.read_text(), torch.__version__, flags, " ".join(CFLAGS)))
+        b"\0".join(
+            x.encode()
+            for x in (SOURCE.read_text(), *(h.read_text() for h in HEADERS), torch.__version__, flags, " ".join(CFLAGS))
+        )
     ).hexdigest()[:16]
     return root / key
 

@@ -17,9 +17,12 @@
 #include <cstring>
 #include <vector>
 
+#include "qgemm.h"
+
 namespace {
 
-constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2;  // llama.py NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4
+// model.py NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 (ATen's kernels), NATIVE_PACKED + qgemm's kind
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kPacked = 3;
 constexpr int64_t kInt4Group = 32;
 
 template <typename T>
@@ -51,14 +54,16 @@ inline float fast_exp(float x) {
 at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                   const at::Tensor* lora, int64_t n_lora) {
   at::Tensor y;
-  if (kind == kInt4) {
+  if (kind >= kPacked) {
+    y = qgemm::gemm(x, kind - kPacked, a, b, bias, a.size(0) * qgemm::kPanel, false);
+  } else if (kind == kInt4) {
     y = at::_weight_int4pack_mm_for_cpu(x, a, kInt4Group, b);
   } else if (kind == kInt8) {
     y = at::_weight_int8pack_mm(x, a, b);
   } else {
     y = at::linear(x, a);
   }
-  if (bias.defined() && bias.numel() > 0) y.add_(bias);
+  if (kind < kPacked && bias.defined() && bias.numel() > 0) y.add_(bias);
   for (int64_t g = 0; g < n_lora; ++g) {
     const at::Tensor& rows = lora[3 * g];
     y.index_add_(0, rows, at::linear(at::linear(x.index_select(0, rows), lora[3 * g + 1]), lora[3 * g + 2]));
@@ -232,11 +237,23 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
   return decode_impl<float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
 }
 
+at::Tensor qgemm_op(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                    bool out_float) {
+  return qgemm::gemm(x, kind, a, b, bias, a.size(0) * qgemm::kPanel, out_float);
+}
+
+bool qgemm_available() { return qgemm::available(); }
+
 }  // namespace
 
 TORCH_LIBRARY(fundament, m) {
+  m.def("qgemm(Tensor x, int kind, Tensor a, Tensor b, Tensor bias, bool out_float) -> Tensor");
+  m.def("qgemm_available() -> bool", &qgemm_available);
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] lin, int[] kinds, Tensor[] lora, int[] lora_counts, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fundament, CPU, m) { m.impl("decode_layers", &decode_layers); }
+TORCH_LIBRARY_IMPL(fundament, CPU, m) {
+  m.impl("decode_layers", &decode_layers);
+  m.impl("qgemm", &qgemm_op);
+}

@@ -1,5 +1,7 @@
 """Linear layers for the engine: a bf16 weight for prompt rows, and a low-bit copy (int4 where
-exact, else int8) whose kernels compute each decode row alone; LoRA adapters ride on top."""
+exact, else int8) whose kernels compute each decode row alone; LoRA adapters ride on top. The
+low-bit copy is in the native build's own layout (csrc/qgemm.h: one AVX512-BF16 kernel for any
+number of rows) where it has that kernel, else in torch's for its int4/int8 kernels."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import torch
 import torch.nn.functional as F
 
 INT4_GROUP = 32
+PACK_PANEL, PACK_BLOCK = 16, 4  # csrc/qgemm.h's output columns per panel, panels per block
+PACK_BF16, PACK_INT8, PACK_INT4 = 0, 1, 2  # csrc/qgemm.h's kBF16, kI8, kI4
 
 
-def _int4_if_lossless(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Packed int4 (groups of 32 along the input, scale and offset per group) for torch's
-    `_weight_int4pack_mm_for_cpu`, but only if it represents `weight` exactly: true of weights
-    that came from a Q4_0/Q4_1 GGUF, where a group's min and max are its lowest and highest
-    levels. Anything else keeps the int8 path, so int4 never costs quality. None if not exact."""
+def _int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`weight` as int4 levels q (0..15) with a scale and offset per group of 32 inputs
+    (w = q * scale + offset), but only if that represents it exactly: true of weights that came
+    from a Q4_0/Q4_1 GGUF, where a group's min and max are its lowest and highest levels.
+    Anything else keeps the int8 path, so int4 never costs quality. None if not exact."""
     N, K = weight.shape
-    if K % INT4_GROUP or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+    if K % INT4_GROUP:
         return None
     w = weight.float().view(N, K // INT4_GROUP, INT4_GROUP)
     lo, hi = w.amin(-1), w.amax(-1)
@@ -25,13 +29,62 @@ def _int4_if_lossless(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
     if ((q * scale[..., None] + lo[..., None] - w).abs() > 1e-3 * scale[..., None]).any():
         return None
+    return q.view(N, K).to(torch.uint8), scale, lo
+
+
+def _torch_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The levels in the layout of torch's `_weight_int4pack_mm_for_cpu`; None where this torch
+    has no such kernel."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
     # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale.
     sz = torch.stack([scale.t(), (lo + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous()  # (groups, N, 2)
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K).to(torch.int32), 1)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), sz
     except RuntimeError:
         return None
-    return packed, sz
+
+
+def _vnni(t: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N/16, K/32, 16, 32): per panel of 16 output columns, group of 32 inputs and pair
+    of inputs kp in the group, lane e holds column e // 2, input 2 kp + e % 2 (the operand order of
+    AVX512-BF16's dot product)."""
+    N, K = t.shape
+    lanes = t.view(N // PACK_PANEL, PACK_PANEL, K // 2, 2).permute(0, 2, 1, 3)
+    return lanes.reshape(N // PACK_PANEL, K // INT4_GROUP, INT4_GROUP // 2, 32)
+
+
+def _blocks(units: torch.Tensor) -> torch.Tensor:
+    """Units (panels, groups, bytes) in csrc/qgemm.h's order: blocks of 4 panels, and in a block
+    group by group. Returned as (panels, groups * bytes) uint8: each panel's share of the bytes
+    (the kernel takes the number of columns from the rows)."""
+    P, G, U = units.shape
+    full = P // PACK_BLOCK * PACK_BLOCK
+    parts = [units[:full].view(-1, PACK_BLOCK, G, U).transpose(1, 2).reshape(-1)]
+    if full < P:
+        parts.append(units[full:].transpose(0, 1).reshape(-1))
+    return torch.cat(parts).view(P, G * U)
+
+
+def pack_weight(kind: int, weight: torch.Tensor, scale: torch.Tensor | None = None, lo: torch.Tensor | None = None):
+    """csrc/qgemm.h's packed bytes of a weight: PACK_BF16 (weight bf16 (N, K)), PACK_INT8 (weight
+    int8), or PACK_INT4 (weight: levels 0..15, with `scale` and `lo` per group of 32: (N, K/32))."""
+    N, K = weight.shape
+    lanes = _vnni(weight)  # (N/16, K/32, 16, 32)
+    if kind == PACK_INT4:
+        assert scale is not None and lo is not None
+        q = (lanes[..., :16] | (lanes[..., 16:] << 4)).to(torch.uint8).flatten(2)  # (N/16, G, 256)
+        # float16 scales: a dequantized weight is rounded to bf16 (8 bits) anyway, and 11 bits
+        # read half the bytes of float32 where one decode row is bound by bytes read.
+        sl = [t.half().view(N // PACK_PANEL, PACK_PANEL, K // INT4_GROUP).transpose(1, 2) for t in (scale, lo)]
+        head = torch.cat(sl, dim=-1).contiguous().view(torch.uint8)  # (N/16, G, 64)
+        return _blocks(torch.cat([head, q], dim=-1))
+    return _blocks(lanes.contiguous().view(torch.uint8).flatten(2))
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Shapes csrc/qgemm.h takes: outputs in panels of 16, inputs in groups of 32."""
+    return weight.shape[0] % PACK_PANEL == 0 and weight.shape[1] % INT4_GROUP == 0
 
 
 class Linear:
@@ -46,16 +99,25 @@ class Linear:
         bias: torch.Tensor | None = None,
         int8: bool = False,
         source: torch.Tensor | None = None,
+        pack: bool = False,
     ):
         """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
-        int4 is exact; without it only int8 is considered."""
+        int4 is exact; without it only int8 is considered. `pack`: keep the low-bit copy in
+        csrc/qgemm.h's layout (the native build has it, `qgemm_available()`) instead of torch's."""
         self.weight, self.bias = weight, bias
         self.q4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed int4, scales and zeros)
         self.q8: torch.Tensor | None = None  # int8 weight, with per-row `scale`
         self.scale: torch.Tensor | None = None
+        # (kind, weights, scales) in csrc/qgemm.h's layout: one kernel for every number of rows
+        self.packed: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
-        if int8 and source is not None:
-            self.q4 = _int4_if_lossless(source)
+        pack = pack and int8 and weight.dtype == torch.bfloat16 and packable(weight)
+        levels = _int4_levels(source) if int8 and source is not None else None
+        if levels is not None:
+            if pack:
+                self.packed = (PACK_INT4, pack_weight(PACK_INT4, *levels), torch.empty(0))
+                return
+            self.q4 = _torch_int4(*levels)
         if int8 and self.q4 is None:
             # In slices of rows, so the float32 temporaries of a large matrix (the 49k x 576 output
             # head) never add hundreds of MB to the peak while loading.
@@ -66,6 +128,9 @@ class Linear:
                 scale[i : i + 4096] = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (rows,)
                 self.q8[i : i + 4096] = torch.round(w / scale[i : i + 4096, None]).clamp(-127, 127).to(torch.int8)
             self.scale = scale.to(weight.dtype)
+            if pack:  # the kernel applies the scale to each column's float32 sum
+                self.packed = (PACK_INT8, pack_weight(PACK_INT8, self.q8), scale)
+                self.q8 = self.scale = None
 
     def __call__(
         self,
@@ -80,16 +145,24 @@ class Linear:
         matmul, since the bf16 GEMM picks its kernel, and so its rounding, by the number of rows
         (with AMX, tile kernels from a few rows up), and a sequence's rows must not be computed
         differently because other prompts share its step."""
-        quantized = (self.q4 is not None or self.q8 is not None) and n_decode > 0
+        quantized = (self.packed is not None or self.q4 is not None or self.q8 is not None) and n_decode > 0
         parts = []
         if quantized:
-            if self.q4 is not None:
+            if self.packed is not None:
+                kind, a, b = self.packed
+                none = torch.empty(0)
+                parts.append(
+                    torch.ops.fundament.qgemm(
+                        x[:n_decode], kind, a, b, self.bias if self.bias is not None else none, False
+                    )
+                )
+            elif self.q4 is not None:
                 parts.append(
                     torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
                 )
             else:
                 parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
-            if self.bias is not None:
+            if self.bias is not None and self.packed is None:  # the packed kernel adds it
                 parts[0] = parts[0] + self.bias
         runs = [n_decode] if n_decode and not quantized else []  # rows of each dense matmul
         if x.shape[0] > n_decode:

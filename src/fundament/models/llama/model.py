@@ -16,7 +16,8 @@ from .config import LlamaConfig
 from .linear import Linear
 from .weights import Weights, _LazyWeights
 
-NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4 = 0, 1, 2  # csrc/decode.cpp's kDense, kInt8, kInt4
+# csrc/decode.cpp's kDense, kInt8, kInt4 (ATen's kernels), kPacked (+ csrc/qgemm.h's kind)
+NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4, NATIVE_PACKED = 0, 1, 2, 3
 
 
 class LlamaModel:
@@ -38,6 +39,14 @@ class LlamaModel:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.batch_invariant = batch_invariant
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
+        self.native = False
+        if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from .. import native
+
+            self.native = native.load()
+        # Low-bit weights in the native build's own layout, for its one kernel (AVX512-BF16) for
+        # every number of decode rows; else torch's int4/int8 kernels.
+        pack = self.native and bool(torch.ops.fundament.qgemm_available())
 
         def w(name):
             return weights.pop(name).to(dtype=dtype, device=self.device).contiguous()
@@ -46,12 +55,16 @@ class LlamaModel:
             source = torch.cat([weights.pop(n + ".weight") for n in names])  # as stored (float32 from a GGUF)
             b = torch.cat([w(n + ".bias") for n in names]) if bias else None
             return Linear(
-                source.to(dtype=dtype, device=self.device).contiguous(), b, int8=int8, source=source if int8 else None
+                source.to(dtype=dtype, device=self.device).contiguous(),
+                b,
+                int8=int8,
+                source=source if int8 else None,
+                pack=pack,
             )
 
         self.embed = w("model.embed_tokens.weight")  # (V, C)
         head = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in weights else None
-        self.lm_head = Linear(w(head) if head else self.embed, int8=int8)
+        self.lm_head = Linear(w(head) if head else self.embed, int8=int8, pack=pack)
         self.norm = w("model.norm.weight")
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -73,11 +86,6 @@ class LlamaModel:
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
         self.cos = emb.cos().to(dtype=dtype, device=self.device)
         self.sin = emb.sin().to(dtype=dtype, device=self.device)
-        self.native = False
-        if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-            from .. import native
-
-            self.native = native.load()
         if self.native:
             self._native_args()
 
@@ -90,7 +98,9 @@ class LlamaModel:
         for layer in self.layers:
             for name in self.LORA_TARGETS:
                 lin: Linear = layer[name]
-                if lin.q4 is not None:
+                if lin.packed is not None:
+                    kind, a, b = NATIVE_PACKED + lin.packed[0], lin.packed[1], lin.packed[2]
+                elif lin.q4 is not None:
                     kind, a, b = NATIVE_INT4, *lin.q4
                 elif lin.q8 is not None:
                     assert lin.scale is not None  # Linear sets q8 and its scale together
