@@ -1,6 +1,7 @@
 """A request's greedy tokens do not depend on what else runs in its step, even where the GEMM
-rounds differently by row count (bf16 with AMX does): each prompt's rows get matmuls of their own.
-Simulated here with a matmul whose result depends on its number of rows, so it holds on any CPU."""
+rounds differently by row count (bf16 with AMX does): the native build's packed kernel computes
+every row alone, and without it each prompt's rows get matmuls of their own. Simulated here with a
+matmul whose result depends on its number of rows, so it holds on any CPU."""
 
 from __future__ import annotations
 
@@ -60,7 +61,10 @@ def test_prompts_prefilled_together_equal_each_alone_with_a_shape_dependent_gemm
 
 
 def test_without_batch_invariance_the_same_gemm_changes_outputs(tiny_llama, uneven_gemm):
-    """The opt-out (engine.batch_invariant: false) runs one matmul for all prompt rows of a step:
-    faster, and the simulated kernel then shows through; this is what the default guards."""
-    model = LlamaModel.from_dir(tiny_llama, dtype=torch.bfloat16, int8_decode=True, batch_invariant=False)
+    """Without the packed kernel, the opt-out (engine.batch_invariant: false) runs one matmul for
+    all prompt rows of a step: faster, and the simulated kernel then shows through; this is what
+    the default guards."""
+    model = LlamaModel.from_dir(
+        tiny_llama, dtype=torch.bfloat16, int8_decode=True, native_decode=False, batch_invariant=False
+    )
     assert generate(model, PROMPTS, together=True) != generate(model, PROMPTS, together=False)

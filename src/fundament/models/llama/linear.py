@@ -139,41 +139,40 @@ class Linear:
         lora_rows: Sequence[tuple[int, torch.Tensor]] = (),
         splits: list[int] | None = None,
     ) -> torch.Tensor:
-        """x: (N, in). The first n_decode rows are decode tokens: they take the int4/int8 path
-        (those kernels compute each row alone, whatever the number of rows). The rest are prompt
-        rows, in runs of `splits` rows (one per sequence; None: one run): each run is its own
-        matmul, since the bf16 GEMM picks its kernel, and so its rounding, by the number of rows
-        (with AMX, tile kernels from a few rows up), and a sequence's rows must not be computed
-        differently because other prompts share its step."""
-        quantized = (self.packed is not None or self.q4 is not None or self.q8 is not None) and n_decode > 0
-        parts = []
-        if quantized:
-            if self.packed is not None:
-                kind, a, b = self.packed
-                none = torch.empty(0)
-                parts.append(
-                    torch.ops.fundament.qgemm(
-                        x[:n_decode], kind, a, b, self.bias if self.bias is not None else none, False
-                    )
-                )
-            elif self.q4 is not None:
-                parts.append(
-                    torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
-                )
-            else:
-                parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
-            if self.bias is not None and self.packed is None:  # the packed kernel adds it
-                parts[0] = parts[0] + self.bias
-        runs = [n_decode] if n_decode and not quantized else []  # rows of each dense matmul
-        if x.shape[0] > n_decode:
-            runs += list(splits) if splits else [x.shape[0] - n_decode]
-        parts += [F.linear(rows, self.weight, self.bias) for rows in x[n_decode if quantized else 0 :].split(runs)]
-        y = (
-            torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)
-        )  # no rows at all
+        """x: (N, in). The first n_decode rows are decode tokens, the rest prompt rows in runs of
+        `splits` rows (one per sequence; None: one run). With the packed kernel every row goes
+        through it in one call: it computes each row alone, whatever the number of rows. Else the
+        decode rows take torch's int4/int8 kernels (which do too) and each run of prompt rows is
+        its own bf16 matmul, since that GEMM picks its kernel, and so its rounding, by the number
+        of rows (with AMX, tile kernels from a few rows up), and a sequence's rows must not be
+        computed differently because other prompts share its step."""
+        if self.packed is not None:
+            kind, a, b = self.packed
+            bias = self.bias if self.bias is not None else torch.empty(0)
+            y = torch.ops.fundament.qgemm(x.to(torch.bfloat16), kind, a, b, bias, False).to(x.dtype)
+        else:
+            y = self._unpacked(x, n_decode, splits)
         # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
         for slot, rows in lora_rows:
             ab = self.lora.get(slot)
             if ab is not None:
                 y.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), ab[0]), ab[1]))
         return y
+
+    def _unpacked(self, x: torch.Tensor, n_decode: int, splits: list[int] | None) -> torch.Tensor:
+        quantized = (self.q4 is not None or self.q8 is not None) and n_decode > 0
+        parts = []
+        if quantized:
+            if self.q4 is not None:
+                parts.append(
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x[:n_decode], self.q4[0], INT4_GROUP, self.q4[1])
+                )
+            else:
+                parts.append(torch.ops.aten._weight_int8pack_mm(x[:n_decode], self.q8, self.scale))
+            if self.bias is not None:
+                parts[0] = parts[0] + self.bias
+        runs = [n_decode] if n_decode and not quantized else []  # rows of each dense matmul
+        if x.shape[0] > n_decode:
+            runs += list(splits) if splits else [x.shape[0] - n_decode]
+        parts += [F.linear(rows, self.weight, self.bias) for rows in x[n_decode if quantized else 0 :].split(runs)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0] if parts else F.linear(x, self.weight, self.bias)
