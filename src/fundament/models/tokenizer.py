@@ -119,7 +119,7 @@ class IncrementalDetokenizer:
                 self._stream = DecodeStream(skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
-        if self._stream is not None:
+        if self._stream is not None and self._rust is not None:
             return self._stream.step(self._rust, token_id) or ""
         self.ids.append(token_id)
         prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
