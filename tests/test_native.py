@@ -73,7 +73,10 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
     logits differ by a few bf16 steps. Their next-token choices may then differ only where the
     PyTorch path's best two are close: a bound meant to hold with AMX and without (with AMX the
     two agreed on 49 of 52 choices, under the old 95% bound; on an AMD EPYC without AMX on 50 of
-    52, each miss at an exact tie, and their logits differed by at most 0.97)."""
+    52, each miss at an exact tie, and their logits differed by at most 0.97). With the packed
+    AVX512-BF16 matmul the native path prefills through it too (the GGUF's exact int4 values,
+    float32 attention) where the PyTorch path multiplies by bf16-rounded weights: cosine
+    similarity per row measured 0.9948-0.9996 on an EPYC, hence the 0.99 bound."""
     tok = ChatTokenizer(smollm_dir)
     prompts = [
         tok.apply_chat_template([{"role": "user", "content": q}])
@@ -87,7 +90,7 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
     (nat, _), (py, _) = both_paths(smollm_dir, torch.bfloat16, prompts, continuations, int8_decode=True)
     agree = total = 0
     for a, b in zip(nat, py):
-        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.995
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
         top = b.topk(2, dim=-1).values
         clear = (top[:, 0] - top[:, 1]) >= CLEAR_MARGIN  # the reference's choice is not a near tie
         same = a.argmax(-1) == b.argmax(-1)

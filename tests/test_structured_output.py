@@ -305,14 +305,14 @@ def test_vllm_sampling_fields_min_p_repetition_penalty_and_top_k(client, server)
     greedy_text = greedy.choices[0].message.content
     assert chat(top_k=1) == greedy_text and chat(min_p=1.0) == greedy_text
     assert chat(top_k=1, repetition_penalty=3.0) != greedy_text
+    # A prompt whose greedy continuation repeats it: the penalty (over prompt and output tokens,
+    # as vLLM's) must steer away from that.
+    counting = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,"
+    plain = client.completions.create(model="gpt-4o-mini", prompt=counting, max_tokens=8, temperature=0)
+    assert plain.choices[0].text.strip().startswith("1, 2"), plain.choices[0].text  # the premise
     r = client.completions.create(
-        model="gpt-4o-mini",
-        prompt="apple apple apple",
-        max_tokens=8,
-        temperature=0,
-        extra_body={"repetition_penalty": 3.0},
+        model="gpt-4o-mini", prompt=counting, max_tokens=8, temperature=0, extra_body={"repetition_penalty": 3.0}
     )
-    plain = client.completions.create(model="gpt-4o-mini", prompt="apple apple apple", max_tokens=8, temperature=0)
     assert r.choices[0].text != plain.choices[0].text
     for body, param in (
         ({"min_p": 1.5}, "min_p"),

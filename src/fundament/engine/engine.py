@@ -386,7 +386,9 @@ class Engine:
         # first: the model runs those rows through its decode kernels, and which kernels a row
         # meets must not depend on what else is in the batch. (A scoring request's segments carry
         # a tree mask and always take the prompt path.)
-        work.sort(key=lambda w: not (len(w[1]) == 1 and w[0].tree is None))
+        # Then plain prompt chunks, token trees last: the model runs the plain rows in front
+        # through one kernel.
+        work.sort(key=lambda w: 2 if w[0].tree is not None else 0 if len(w[1]) == 1 else 1)
         tokens: list[int] = []
         segments: list[Segment] = []
         plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)

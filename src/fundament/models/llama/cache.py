@@ -65,6 +65,11 @@ class Segment:
     mask: torch.Tensor | None = None
 
     @property
+    def is_plain(self) -> bool:
+        """A causal run of tokens, not a token tree."""
+        return self.mask is None and self.positions is None
+
+    @property
     def is_decode(self) -> bool:
         """One plain token: it runs through the decode kernels."""
         return self.length == 1 and self.mask is None

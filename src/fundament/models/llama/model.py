@@ -38,6 +38,7 @@ class LlamaModel:
         segment's prompt rows get matmuls of their own (see Linear)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.batch_invariant = batch_invariant
+        self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
         self.native = False
         if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
@@ -109,6 +110,11 @@ class LlamaModel:
                     kind, a, b = NATIVE_DENSE, lin.weight, none
                 self._native_kinds.append(kind)
                 self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
+        # Every plain row (prompt chunks too) through the native kernel when its matmuls are the
+        # packed ones: those compute each row alone and fast at any number of rows, and the
+        # kernel's attention is per row, so a row's result is the same however its prompt was
+        # chunked or batched (and prefix caching can reuse keys and values computed elsewhere).
+        self.rows_alone = all(k >= NATIVE_PACKED for k in self._native_kinds)
 
     @classmethod
     def from_dir(
@@ -232,19 +238,27 @@ class LlamaModel:
         """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
         rows of the flat batch named by logit_rows (usually each segment's last token), on the CPU
         whatever the model's device: sampling, logits processors and grammar masks run there.
-        Decode segments (one plain token) must come first, and their logit rows first too."""
+        Decode segments (one plain token) must come first, and their logit rows first too; then
+        plain prompt chunks, then token trees."""
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].is_decode:
             n_dec += 1
+        # Rows for the native kernel: the decode rows, or with `rows_alone` every plain segment
+        # in front (the engine puts token trees last).
+        n_native = n_dec
+        if self.rows_alone:
+            while n_native < len(segments) and segments[n_native].is_plain:
+                n_native += 1
         if self.device.type != "cpu":  # the batch's index tensors are built on the CPU
             input_ids, logit_rows = (t.to(self.device, non_blocking=True) for t in (input_ids, logit_rows))
         for s in segments:
             s.cache.reserve(s.start + s.length)
-        if self.native and n_dec:
-            # Decode rows through the native kernel, the rest (prefill chunks, token trees) here.
-            x = self._decode_native(input_ids[:n_dec], segments[:n_dec])
-            if n_dec < len(segments):
-                x = torch.cat([x, self._layers(input_ids[n_dec:], segments[n_dec:], 0)])
+        if self.native and n_native:
+            # Those rows through the native kernel, the rest (prefill chunks, token trees) here.
+            rows = sum(s.length for s in segments[:n_native])
+            x = self._decode_native(input_ids[:rows], segments[:n_native])
+            if n_native < len(segments):
+                x = torch.cat([x, self._layers(input_ids[rows:], segments[n_native:], 0)])
         else:
             x = self._layers(input_ids, segments, n_dec)
         x = self._rms_norm(x[logit_rows], self.norm)
@@ -256,8 +270,10 @@ class LlamaModel:
         return self.lm_head(x, n_dec, splits=splits).float().cpu()  # (R, V)
 
     def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        """Every layer for n decode rows in one native call; returns the last hidden states (n, C)."""
-        positions = [s.start for s in segments]
+        """Every layer for the segments' rows in one native call (each row with its cache and
+        position; a segment's rows attend causally, as the kernel writes every row's keys and
+        values before any row attends); returns the last hidden states (rows, C)."""
+        positions = [p for s in segments for p in range(s.start, s.start + s.length)]
         lora, counts = [], [0] * len(self._native_kinds)
         groups = self._lora_rows(segments)
         if groups:  # per (layer, projection): rows, A, B of each adapter present
@@ -276,8 +292,8 @@ class LlamaModel:
             self._native_kinds,
             lora,
             counts,
-            [s.cache.k for s in segments],
-            [s.cache.v for s in segments],
+            [s.cache.k for s in segments for _ in range(s.length)],
+            [s.cache.v for s in segments for _ in range(s.length)],
             positions,
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
