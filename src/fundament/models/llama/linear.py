@@ -105,6 +105,7 @@ class Linear:
         int4 is exact; without it only int8 is considered. `pack`: keep the low-bit copy in
         csrc/qgemm.h's layout (the native build has it, `qgemm_available()`) instead of torch's."""
         self.weight, self.bias = weight, bias
+        self._bias_arg = bias if bias is not None else torch.empty(0)  # the packed kernel's: none = empty
         self.q4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed int4, scales and zeros)
         self.q8: torch.Tensor | None = None  # int8 weight, with per-row `scale`
         self.scale: torch.Tensor | None = None
@@ -150,8 +151,7 @@ class Linear:
         computed differently because other prompts share its step."""
         if self.packed is not None:
             kind, a, b = self.packed
-            bias = self.bias if self.bias is not None else torch.empty(0)
-            y = torch.ops.fundament.qgemm(x.to(torch.bfloat16), kind, a, b, bias, False).to(x.dtype)
+            y = torch.ops.fundament.qgemm(x.to(torch.bfloat16), kind, a, b, self._bias_arg, False).to(x.dtype)
         else:
             y = self._unpacked(x, n_decode, splits)
         # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
