@@ -96,8 +96,16 @@ def test_the_packed_kernel_computes_x_w_transposed(rows):
     assert lin8.packed is not None and lin8.packed[0] == PACK_INT8
     want8 = x.float() @ w8.to(torch.bfloat16).float().t()
     assert (lin8(x, n_decode=rows).float() - want8).abs().max() <= 2e-2 * want8.abs().max()
-    # bf16 weights (no low-bit copy), and float32 out: the op itself
+    # Prompt rows never take int8: the bf16 weight serves them, while the decode rows in front
+    # of them keep the int8 copy.
     wb = w8.to(torch.bfloat16)
+    mixed, half = lin8(x, n_decode=rows // 2), rows // 2
+    bf16 = torch.ops.fundament.qgemm(x, PACK_BF16, pack_weight(PACK_BF16, wb), torch.empty(0), torch.empty(0), False)
+    assert torch.equal(mixed[half:], bf16[half:])
+    if half:
+        assert torch.equal(mixed[:half], lin8(x[:half], n_decode=half))
+        assert not torch.equal(mixed[:half], bf16[:half])
+    # bf16 weights (no low-bit copy), and float32 out: the op itself
     got_b = torch.ops.fundament.qgemm(x, PACK_BF16, pack_weight(PACK_BF16, wb), torch.empty(0), torch.empty(0), True)
     assert got_b.dtype == torch.float32
     assert (got_b - x.float() @ wb.float().t()).abs().max() <= 1e-4 * got_b.abs().max()

@@ -114,7 +114,13 @@ class LlamaModel:
         # packed ones: those compute each row alone and fast at any number of rows, and the
         # kernel's attention is per row, so a row's result is the same however its prompt was
         # chunked or batched (and prefix caching can reuse keys and values computed elsewhere).
-        self.rows_alone = all(k >= NATIVE_PACKED for k in self._native_kinds)
+        # Not where a layer's packed weights are int8 (not exact): prompt rows then take its bf16
+        # copy on the Python path, as decode rows take the int8 one.
+        self.rows_alone = all(
+            layer[name].packed is not None and layer[name].prompt_packed is None
+            for layer in self.layers
+            for name in self.LORA_TARGETS
+        )
 
     @classmethod
     def from_dir(
