@@ -114,6 +114,10 @@ class EngineConfig:
     # native build has its packed AVX512-BF16 matmul, every row goes through it alone and in one
     # call anyway: no difference there.
     batch_invariant: Bool = True
+    # Recent prompts' keys and values kept for prompts that start the same way (a shared system
+    # prompt, earlier chat turns): copied, not computed again. Only where the native kernel computes
+    # every row alone, so a reused value is exactly the one computing it would give. 0: off.
+    prefix_cache_tokens: Int = 4096
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
     device: Str = "auto"
 

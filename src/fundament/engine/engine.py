@@ -30,6 +30,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..models.llama import KVCache, LlamaModel, Segment
+from .prefix import PrefixCache
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
 
@@ -73,6 +74,7 @@ class EngineRequest:
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finished: bool = False
     reserved_tokens: int = 0  # KV cache tokens held for it while it runs
+    prefix_key: str | None = None  # its prompts' key in the prefix cache (None: not cached)
 
     @property
     def prefill_ids(self) -> list[int]:
@@ -114,6 +116,14 @@ class Engine:
         self.steps = 0
         self.adapters: dict[str, int] = {}  # adapter name -> slot in the model
         self._slots = itertools.count()
+        # Prompts' keys and values for reuse, where reusing them is exact (see engine/prefix.py).
+        self.prefix = (
+            PrefixCache(config.prefix_cache_tokens)
+            if config.prefix_cache_tokens > 0 and getattr(model, "rows_alone", False)
+            else None
+        )
+        self._adapter_loads = itertools.count()  # an adapter loaded again gets a new prefix-cache key
+        self._prefix_keys: dict[str | None, str] = {None: "base"}
 
     # ---- public API (any thread) -------------------------------------------------------------
 
@@ -131,6 +141,14 @@ class Engine:
             "steps": self.steps,
             "kv_reserved_tokens": self.reserved_tokens,
             "native_decode": self.model.native,
+            "prefix_cache": None
+            if self.prefix is None
+            else {
+                "tokens": self.prefix.tokens,
+                "max_tokens": self.prefix.max_tokens,
+                "queried_tokens": self.prefix.queries,
+                "hit_tokens": self.prefix.hits,
+            },
         }
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
@@ -151,6 +169,7 @@ class Engine:
                 slot = next(self._slots)
             self.model.add_adapter(slot, path)
             self.adapters[name] = slot
+            self._prefix_keys[name] = f"{name}#{next(self._adapter_loads)}"  # its old prompts' keys no longer match
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; its queued and running requests are failed first."""
@@ -163,6 +182,7 @@ class Engine:
                     self._aborts.add(req.request_id)
                     req.on_output(NotFoundError(f"the model '{name}' was deleted while this request ran", "model"))
             self._pending_removals.append(slot)
+            self._prefix_keys.pop(name, None)
             self._cv.notify()
 
     def submit(self, req: EngineRequest) -> None:
@@ -358,6 +378,11 @@ class Engine:
         if req.params.seed is not None:
             req.generator = torch.Generator().manual_seed(req.params.seed)
         req.processors = req.params.processors(req.prompt_ids)
+        if self.prefix is not None and req.tree is None:
+            req.prefix_key = self._prefix_keys.get(req.adapter)
+            # prompt_logprobs needs every prompt row's logits: it computes them all
+            if req.prefix_key is not None and not req.params.prompt_logprobs:
+                req.num_computed = self.prefix.load(req.prefix_key, req.prompt_ids, req.cache)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -387,8 +412,11 @@ class Engine:
         # meets must not depend on what else is in the batch. (A scoring request's segments carry
         # a tree mask and always take the prompt path.)
         # Then plain prompt chunks, token trees last: the model runs the plain rows in front
-        # through one kernel.
-        work.sort(key=lambda w: 2 if w[0].tree is not None else 0 if len(w[1]) == 1 else 1)
+        # through one kernel. Chunks whose logits are reported (prompt_logprobs) go after those
+        # whose logits are only sampled from, so the rows read from the model's output head are
+        # the sampled ones first (its fast int8 copy, if it has one), then the reported or scored
+        # ones (its exact weights): which one a row meets never depends on the batch.
+        work.sort(key=self._order)
         tokens: list[int] = []
         segments: list[Segment] = []
         plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
@@ -417,11 +445,23 @@ class Engine:
             else:
                 rows.append(first + n - 1)
             read.append((at, len(rows) - at))
-        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long))
+        n_sampled = sum(count for (req, _, _), (_, count) in zip(plan, read) if self._order((req, [])) < 2)
+        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long), n_sampled)
         self.steps += 1
         for (req, _, n), (at, count) in zip(plan, read):
             self._isolated(req, self._advance, req, logits[at : at + count], n)
         self.running = [r for r in self.running if not r.finished]
+
+    @staticmethod
+    def _order(w: tuple[EngineRequest, list[int]]) -> int:
+        """Where a request's tokens of this step go in the batch: 0 one plain token, 1 a prompt
+        chunk, 2 a prompt chunk with prompt_logprobs, 3 a token tree."""
+        req, toks = w
+        if req.tree is not None:
+            return 3
+        if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
+            return 2
+        return 0 if len(toks) == 1 else 1
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:
         """One request's share of a step: its n tokens were computed, `mine` are its logit rows."""
@@ -433,6 +473,9 @@ class Engine:
         req.num_computed += n
         if req.num_computed < len(req.prompt_ids):
             return  # more prompt to prefill
+        if self.prefix is not None and req.prefix_key is not None and req.num_computed == len(req.prompt_ids):
+            assert req.cache is not None
+            self.prefix.store(req.prefix_key, req.prompt_ids, req.cache)
         self._sample(req, mine[-1])
 
     def _record_scores(self, req: EngineRequest, tree: TokenTree, logits: torch.Tensor, n: int) -> None:

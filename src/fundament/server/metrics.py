@@ -1,8 +1,9 @@
 """`GET /metrics` in Prometheus' text format (prometheus-client) and one log line per request.
 Names and meanings follow vLLM's (`vllm:X` is `fundament:X`, label `model_name`), so dashboards
 carry over: requests by endpoint, model and status; time to first token and end-to-end latency;
-prompt and generated tokens; running and waiting sequences and KV-cache use, read from the
-engines at scrape time; fine-tuning jobs by status and the running job's training speed. Knows
+prompt and generated tokens; running and waiting sequences, KV-cache use and prefix-cache
+queries and hits (in tokens), read from the engines at scrape time; fine-tuning jobs by status
+and the running job's training speed. Knows
 the registry, the job store and ASGI; not the engines' insides.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("fundament.requests")
 
@@ -114,6 +115,12 @@ class _LiveState:
         kv = GaugeMetricFamily(
             "fundament:kv_cache_usage_perc", "KV-cache use, 0 to 1 (1 = full).", labels=["model_name"]
         )
+        queries = CounterMetricFamily(
+            "fundament:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=["model_name"]
+        )
+        hits = CounterMetricFamily(
+            "fundament:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model_name"]
+        )
         for name, g in list(self.metrics.models.generators.items()):
             engine = g.engine
             running.add_metric([name], len(engine.running))
@@ -121,7 +128,11 @@ class _LiveState:
             budget = getattr(getattr(engine, "config", None), "kv_cache_tokens", None)
             if budget and hasattr(engine, "reserved_tokens"):
                 kv.add_metric([name], engine.reserved_tokens / budget)
-        yield from (running, waiting, kv)
+            prefix = getattr(engine, "prefix", None)
+            if prefix is not None:
+                queries.add_metric([name], prefix.queries)
+                hits.add_metric([name], prefix.hits)
+        yield from (running, waiting, kv, queries, hits)
         jobs = GaugeMetricFamily("fundament:fine_tuning_jobs", "Fine-tuning jobs by status.", labels=["status"])
         speed = GaugeMetricFamily(
             "fundament:fine_tuning_tokens_per_second",

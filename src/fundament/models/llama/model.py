@@ -240,12 +240,16 @@ class LlamaModel:
         return [(slot, torch.tensor(r).to(self.device, non_blocking=True)) for slot, r in rows.items()]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, segments: list[Segment], logit_rows: torch.Tensor, n_sampled: int | None = None
+    ) -> torch.Tensor:
         """input_ids: (N,) the tokens of all segments back to back. Returns logits (R, V) for the
         rows of the flat batch named by logit_rows (usually each segment's last token), on the CPU
         whatever the model's device: sampling, logits processors and grammar masks run there.
         Decode segments (one plain token) must come first, and their logit rows first too; then
-        plain prompt chunks, then token trees."""
+        plain prompt chunks, then token trees. `n_sampled`: the first logit rows that are only
+        sampled from (the rest are reported or scored); they may take the output head's int8
+        copy. None: the decode rows'."""
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].is_decode:
             n_dec += 1
@@ -268,12 +272,13 @@ class LlamaModel:
         else:
             x = self._layers(input_ids, segments, n_dec)
         x = self._rms_norm(x[logit_rows], self.norm)
+        fast = n_dec if n_sampled is None else n_sampled
         splits = None
-        if self.batch_invariant and len(logit_rows) > n_dec:  # the prompt rows' logits, per sequence (as in the layers)
+        if self.batch_invariant and len(logit_rows) > fast:  # the other rows' logits, per sequence (as in the layers)
             ends = torch.tensor([s.length for s in segments]).cumsum(0)
-            per_segment = torch.bucketize(logit_rows[n_dec:].cpu(), ends, right=True).bincount(minlength=len(segments))
+            per_segment = torch.bucketize(logit_rows[fast:].cpu(), ends, right=True).bincount(minlength=len(segments))
             splits = [n for n in per_segment.tolist() if n]
-        return self.lm_head(x, n_dec, splits=splits).float().cpu()  # (R, V)
+        return self.lm_head(x, fast, splits=splits).float().cpu()  # (R, V)
 
     def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """Every layer for the segments' rows in one native call (each row with its cache and
