@@ -60,23 +60,29 @@ def filled(ids: list[int]) -> KVCache:
 
 
 def test_the_cache_copies_the_longest_prefix_and_keeps_to_its_budget():
-    pc = PrefixCache(max_tokens=20)
-    pc.store("base", [5, 6, 7, 8, 9], filled([5, 6, 7, 8, 9]))
-    pc.store("lora#1", [5, 6, 7, 8, 9, 10], filled([5, 6, 7, 8, 9, 10]))
+    a = list(range(100, 150))  # 50 tokens: 3 whole blocks of 16
+    pc = PrefixCache(max_tokens=110)
+    pc.store("base", a, filled(a))
+    pc.store("lora#1", a + [7], filled(a + [7]))
     target = KVCache(CFG, torch.float32, torch.device("cpu"), 64)
-    assert pc.load("base", [5, 6, 7, 1, 2], target) == 3
-    assert target.k[0, 0, :3, 0].tolist() == [5, 6, 7] and target.v[1, 0, :3, 1].tolist() == [-5, -6, -7]
-    assert pc.load("base", [5, 6, 7, 8, 9], KVCache(CFG, torch.float32, torch.device("cpu"), 64)) == 4  # last one left
-    assert pc.load("other", [5, 6, 7, 8, 9], target) == 0  # another adapter's values never match
-    assert (pc.queries, pc.hits) == (15, 7)
+    assert pc.load("base", a[:40] + [1, 2], target) == 40
+    assert target.k[0, 0, :40, 0].tolist() == a[:40] and target.v[1, 0, :40, 1].tolist() == [-t for t in a[:40]]
+    assert pc.load("base", a, KVCache(CFG, torch.float32, torch.device("cpu"), 64)) == 49  # the last one left
+    assert pc.load("other", a, target) == 0  # another adapter's values never match
+    assert pc.load("base", a[:10] + [1] * 30, target) == 0  # less than a block in common: not looked for
+    assert (pc.queries, pc.hits) == (42 + 50 + 50 + 40, 89)
     # a prompt extending a cached one replaces it; one a cached prompt starts with adds nothing
-    pc.store("base", [5, 6, 7, 8, 9, 11, 12], filled([5, 6, 7, 8, 9, 11, 12]))
-    pc.store("base", [5, 6, 7], filled([5, 6, 7]))
-    assert pc.tokens == 13
-    # over budget: the least recently used goes first
-    pc.store("base", [1, 2, 3, 4, 5, 6, 7, 8], filled([1, 2, 3, 4, 5, 6, 7, 8]))
-    assert pc.tokens == 15 and pc.load("lora#1", [5, 6, 7, 8, 9, 10], target) == 0
-    assert pc.load("base", [5, 6, 7, 8, 9, 11, 12, 13], target) == 7
+    pc.store("base", a + [3, 4], filled(a + [3, 4]))
+    pc.store("base", a[:20], filled(a[:20]))
+    assert pc.tokens == 51 + 52
+    # over budget: the least recently used goes first (lora#1's)
+    b = list(range(300, 327))
+    pc.store("base", b, filled(b))
+    assert pc.tokens == 52 + 27 and pc.load("lora#1", a + [7], target) == 0
+    assert pc.load("base", a + [3, 4, 5], target) == 52 and pc.load("base", b, target) == 26
+    # a hash only proposes: tokens that differ inside the shared blocks are never copied
+    c = a[:16] + [0] + a[17:]
+    assert pc.load("base", c, target) == 16
 
 
 def int4_exact(path) -> None:

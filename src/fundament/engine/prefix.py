@@ -14,12 +14,24 @@ import torch
 
 from ..models.llama import KVCache
 
+BLOCK = 16  # tokens per hashed block of the index
+
 
 @dataclass
 class _Entry:
     ids: tuple[int, ...]
     k: torch.Tensor  # (L, KVH, len(ids), hd)
     v: torch.Tensor
+    hashes: list[int]  # the chained hash of each full block of ids (the index's keys)
+
+
+def block_hashes(ids: list[int] | tuple[int, ...]) -> list[int]:
+    """The chained hash of each full block of BLOCK tokens: the j-th stands for ids[: BLOCK (j + 1)]."""
+    out, h = [], 0
+    for j in range(0, len(ids) - BLOCK + 1, BLOCK):
+        h = hash((h, tuple(ids[j : j + BLOCK])))
+        out.append(h)
+    return out
 
 
 def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
@@ -39,33 +51,41 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 class PrefixCache:
     """Least recently used prompts' keys and values, per adapter (a LoRA changes them: the engine
-    names each load of one by a key of its own), holding at most `max_tokens` tokens in all. Used
-    from the engine thread only."""
+    names each load of one by a key of its own), holding at most `max_tokens` tokens in all. An
+    index of chained block hashes finds the cached prompt sharing the most whole blocks of
+    BLOCK tokens with a new one in time linear in its length, whatever the number cached; the
+    tokens themselves are then compared (a hash only proposes). Used from the engine thread only."""
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self.tokens = 0
-        self._entries: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._index: dict[tuple[str, int], int] = {}  # (adapter, block hash) -> the newest entry holding it
+        self._adapters: dict[int, str] = {}  # entry -> its adapter key
         self._keys = 0
         self.queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.hits = 0  # of those, tokens copied from the cache (vLLM's prefix_cache_hits)
+
+    def _find(self, adapter: str, prompt_ids: list[int], hashes: list[int]) -> tuple[int | None, int]:
+        """The cached prompt sharing the most whole blocks with `prompt_ids`, and how many tokens
+        it shares; or one shorter than a block it equals the start of."""
+        for h in reversed(hashes):
+            key = self._index.get((adapter, h))
+            if key is not None:
+                return key, common_prefix(self._entries[key].ids, prompt_ids)
+        return None, 0
 
     def load(self, adapter: str, prompt_ids: list[int], cache: KVCache) -> int:
         """Copy the longest cached prefix of `prompt_ids` into `cache` (its slots 0..n-1) and return
         n, the tokens that need no computing. The last prompt token is always left to compute:
         its logits start the completion."""
         self.queries += len(prompt_ids)
-        best, best_n = None, 0
-        for key, e in self._entries.items():
-            if key[0] == adapter:
-                n = common_prefix(e.ids, prompt_ids)
-                if n > best_n:
-                    best, best_n = key, n
-        n = min(best_n, len(prompt_ids) - 1)
-        if best is None or n <= 0:
+        key, shared = self._find(adapter, prompt_ids, block_hashes(prompt_ids))
+        n = min(shared, len(prompt_ids) - 1)
+        if key is None or n <= 0:
             return 0
-        e = self._entries[best]
-        self._entries.move_to_end(best)
+        e = self._entries[key]
+        self._entries.move_to_end(key)
         cache.reserve(n)
         cache.k[:, :, :n] = e.k[:, :, :n]
         cache.v[:, :, :n] = e.v[:, :, :n]
@@ -73,27 +93,34 @@ class PrefixCache:
         return n
 
     def store(self, adapter: str, prompt_ids: list[int], cache: KVCache) -> None:
-        """Keep a prompt's keys and values (all computed in `cache`), unless a cached prompt
-        already starts with it; cached prompts it extends are dropped, as it holds theirs."""
+        """Keep a prompt's keys and values (all computed in `cache`), unless the cached prompt it
+        shares most with already starts with it; that one is dropped if this one extends it."""
         n = len(prompt_ids)
-        if n < 2 or n > self.max_tokens:
+        if n < BLOCK or n > self.max_tokens:
             return
-        for key, e in list(self._entries.items()):
-            if key[0] != adapter:
-                continue
-            shared = common_prefix(e.ids, prompt_ids)
+        hashes = block_hashes(prompt_ids)
+        key, shared = self._find(adapter, prompt_ids, hashes)
+        if key is not None:
             if shared == n:  # already held
                 self._entries.move_to_end(key)
                 return
-            if shared == len(e.ids):
+            if shared == len(self._entries[key].ids):
                 self._drop(key)
         while self._entries and self.tokens + n > self.max_tokens:
             self._drop(next(iter(self._entries)))
         self._keys += 1
-        self._entries[(adapter, self._keys)] = _Entry(
-            tuple(prompt_ids), cache.k[:, :, :n].clone(), cache.v[:, :, :n].clone()
+        self._entries[self._keys] = _Entry(
+            tuple(prompt_ids), cache.k[:, :, :n].clone(), cache.v[:, :, :n].clone(), hashes
         )
+        for h in hashes:
+            self._index[(adapter, h)] = self._keys
+        self._adapters[self._keys] = adapter
         self.tokens += n
 
-    def _drop(self, key) -> None:
-        self.tokens -= len(self._entries.pop(key).ids)
+    def _drop(self, key: int) -> None:
+        e = self._entries.pop(key)
+        adapter = self._adapters.pop(key)
+        for h in e.hashes:
+            if self._index.get((adapter, h)) == key:
+                del self._index[(adapter, h)]
+        self.tokens -= len(e.ids)
