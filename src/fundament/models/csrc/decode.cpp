@@ -137,7 +137,9 @@ template <typename T>
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
                        at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d) {
-  const int64_t n = x.size(0), C = x.size(1), L = static_cast<int64_t>(norms.size()) / 2;
+  // 2 norms a layer, or 4 with Qwen3's per-head q and k norms
+  const int64_t n = x.size(0), C = x.size(1), L = static_cast<int64_t>(kinds.size()) / 4;
+  const int64_t per_layer = static_cast<int64_t>(norms.size()) / L;
   const int64_t hd = cos.size(1), G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
   const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(hd));
   x = x.contiguous().clone();
@@ -159,8 +161,10 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   };
 
   for (int64_t li = 0; li < L; ++li) {
-    const T* in_norm = norms[2 * li].data_ptr<T>();
-    const T* post_norm = norms[2 * li + 1].data_ptr<T>();
+    const T* in_norm = norms[per_layer * li].data_ptr<T>();
+    const T* post_norm = norms[per_layer * li + 1].data_ptr<T>();
+    const T* q_norm = per_layer == 4 ? norms[per_layer * li + 2].data_ptr<T>() : nullptr;
+    const T* k_norm = per_layer == 4 ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
     by_rows(n, C, [&](int64_t r) { rms_norm(xp + r * C, in_norm, hp + r * C, C, eps); });
     at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)
     T* qp = qkv.data_ptr<T>();
@@ -171,6 +175,10 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       const int64_t pos = positions[r], cap = k_caches[r].size(2);
       T* kc = k_caches[r].data_ptr<T>() + li * KVH * cap * hd;
       T* vc = v_caches[r].data_ptr<T>() + li * KVH * cap * hd;
+      if (q_norm != nullptr) {
+        for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
+        for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
+      }
       for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cp + r * hd, sp + r * hd, row + hh * hd, hd);
       for (int64_t g = 0; g < KVH; ++g) {
         rope(row + q_dim + g * hd, cp + r * hd, sp + r * hd, kc + (g * cap + pos) * hd, hd);
@@ -229,8 +237,9 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
   TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0), "decode_layers: x (n, C), cos and sin (n, hd)");
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == x.size(0) && static_cast<int64_t>(positions.size()) == x.size(0),
               "decode_layers: one cache and one position per row");
-  TORCH_CHECK(kinds.size() == norms.size() * 2 && lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
-              "decode_layers: 2 norms, 4 linears (3 tensors each) and 4 LoRA counts per layer");
+  TORCH_CHECK((kinds.size() == norms.size() * 2 || kinds.size() == norms.size()) && kinds.size() % 4 == 0 &&
+                  lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
+              "decode_layers: 2 norms (or 4, with q and k norms), 4 linears (3 tensors each) and 4 LoRA counts per layer");
   if (x.scalar_type() == at::kBFloat16)
     return decode_impl<at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: bfloat16 or float32 only");

@@ -1,13 +1,20 @@
 """The Llama family's configuration, read from a Hugging Face config.json: which architectures the
-engine's model takes (Llama, Mistral, Qwen2 without rope scaling) and their shapes."""
+engine's model takes (Llama incl. Llama 3.x, Mistral, Qwen2, Qwen3 with its per-head q/k norms,
+with the rotary embedding's static scalings) and their shapes. A sliding attention window (Mistral
+7B v0.1's, Qwen's when enabled) caps the context at the window, where full attention is the same."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from ...errors import InvalidRequestError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# Rotary scalings whose frequencies do not depend on the sequence's length (transformers computes
+# them: modeling_rope_utils); "dynamic" and "longrope" do, and are not taken.
+STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
 
 
 @dataclass
@@ -24,6 +31,8 @@ class LlamaConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
+    qk_norm: bool = False  # Qwen3: an RMS norm over each head of q and of k, before the rotary embedding
+    hf: dict = field(default_factory=dict, repr=False)  # config.json as read: the rotary scaling's parameters
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -33,9 +42,16 @@ class LlamaConfig:
                 f"architecture {arch} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model"
             )
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise InvalidRequestError(f"rope type {rope.get('rope_type')} is not supported", "model")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise InvalidRequestError(
+                f"rope type {rope_type} is not supported; supported: {sorted(STATIC_ROPE_TYPES)}", "model"
+            )
         heads = cfg["num_attention_heads"]
+        context = cfg.get("max_position_embeddings", 2048)
+        window = cfg.get("sliding_window")
+        if window and cfg.get("use_sliding_window", arch == "MistralForCausalLM"):
+            context = min(context, window)
         return cls(
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -46,7 +62,25 @@ class LlamaConfig:
             vocab_size=cfg["vocab_size"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=context,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            hf=cfg,
         )
+
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        """The rotary embedding's inverse frequencies (head_dim / 2,) and the factor its cos and
+        sin are scaled by: the plain ones, or transformers' own computation of the model's
+        scaling (Llama 3.x's, linear, YaRN), so they are exactly the reference's."""
+        rope = self.hf.get("rope_parameters") or self.hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "default":
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+            return 1.0 / (self.rope_theta**exponents), 1.0
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        hf = AutoConfig.for_model(**self.hf)
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        return inv_freq.float(), float(scale)

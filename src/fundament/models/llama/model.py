@@ -74,6 +74,11 @@ class LlamaModel:
                 {
                     "in_norm": w(p + "input_layernorm.weight"),
                     "post_norm": w(p + "post_attention_layernorm.weight"),
+                    **(
+                        {"q_norm": w(p + "self_attn.q_norm.weight"), "k_norm": w(p + "self_attn.k_norm.weight")}
+                        if cfg.qk_norm
+                        else {}
+                    ),
                     # Fused projections: one matmul for q,k,v and one for gate,up.
                     "qkv": lin(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=cfg.attention_bias),
                     "o": lin(p + "self_attn.o_proj"),
@@ -81,12 +86,12 @@ class LlamaModel:
                     "down": lin(p + "mlp.down_proj"),
                 }
             )
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        inv_freq, rope_scale = cfg.rope_frequencies()
         t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
-        self.cos = emb.cos().to(dtype=dtype, device=self.device)
-        self.sin = emb.sin().to(dtype=dtype, device=self.device)
+        self.cos = (emb.cos() * rope_scale).to(dtype=dtype, device=self.device)
+        self.sin = (emb.sin() * rope_scale).to(dtype=dtype, device=self.device)
         if self.native:
             self._native_args()
 
@@ -94,7 +99,8 @@ class LlamaModel:
         """The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
         (a kind, then 3 tensors) per layer."""
         none = torch.empty(0, dtype=self.dtype)
-        self._native_norms = [t for layer in self.layers for t in (layer["in_norm"], layer["post_norm"])]
+        norms = ("in_norm", "post_norm", "q_norm", "k_norm") if self.cfg.qk_norm else ("in_norm", "post_norm")
+        self._native_norms = [layer[name] for layer in self.layers for name in norms]
         self._native_lin, self._native_kinds = [], []
         for layer in self.layers:
             for name in self.LORA_TARGETS:
@@ -349,7 +355,12 @@ class LlamaModel:
         for li, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer["in_norm"])
             qkv = layer["qkv"](h, n_dec, lora_rows, splits)  # (N, q_dim + 2 kv_dim)
-            qk = self._rope(qkv[:, : q_dim + kv_dim].view(N, H + KVH, hd), cos, sin)  # q and k in one go
+            qk = qkv[:, : q_dim + kv_dim].view(N, H + KVH, hd)
+            if cfg.qk_norm:  # Qwen3: each head of q and of k RMS-normed first
+                qk = torch.cat(
+                    [self._rms_norm(qk[:, :H], layer["q_norm"]), self._rms_norm(qk[:, H:], layer["k_norm"])], 1
+                )
+            qk = self._rope(qk, cos, sin)  # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
             attn = self._attention(li, q, k, v, segments, n_dec, dec_views)  # (N, H, hd)
