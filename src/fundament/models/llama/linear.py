@@ -92,7 +92,7 @@ class Linear:
     rows, since decode reads every weight once per token and is bound by bytes read: int4 where
     that is exact (weights from a 4-bit GGUF), else weight-only int8 with per-row scales (torch's
     `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`, the kernels gpt-fast uses). Prompt rows
-    never take int8: they keep the bf16 weight (in the packed layout too, `prompt_packed`)."""
+    never take int8: they keep the bf16 weight (`dense_prompts`)."""
 
     def __init__(
         self,
@@ -112,10 +112,11 @@ class Linear:
         self.scale: torch.Tensor | None = None
         # (kind, weights, scales) in csrc/qgemm.h's layout: one kernel for every number of rows
         self.packed: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        # Where `packed` is int8 (not exact): the bf16 weight in that layout too, for prompt rows,
-        # whose logits score classifications and prompt_logprobs (SmolLM2's int8 head, zero-shot
-        # SST-2 dev accuracy: 0.722; bf16 0.724; float32 0.725)
-        self.prompt_packed: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # Where `packed` is int8 (not exact), prompt rows keep the bf16 weight (kept, not dropped:
+        # for a head tied to the embedding it costs nothing), as their logits score
+        # classifications and prompt_logprobs (SmolLM2's int8 head, zero-shot SST-2 dev accuracy:
+        # 0.722; bf16 0.724; float32 0.725)
+        self.dense_prompts = False
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
         pack = pack and int8 and weight.dtype == torch.bfloat16 and packable(weight)
         levels = _int4_levels(source) if int8 and source is not None else None
@@ -137,9 +138,8 @@ class Linear:
             self.scale = scale.to(weight.dtype)
             if pack:  # the kernel applies the scale to each column's float32 sum
                 self.packed = (PACK_INT8, pack_weight(PACK_INT8, self.q8), scale)
-                self.prompt_packed = (PACK_BF16, pack_weight(PACK_BF16, weight), torch.empty(0))
+                self.dense_prompts = True
                 self.q8 = self.scale = None
-                self._drop_weight()
 
     def __call__(
         self,
@@ -156,13 +156,13 @@ class Linear:
         of rows (with AMX, tile kernels from a few rows up), and a sequence's rows must not be
         computed differently because other prompts share its step."""
         if self.packed is not None:
-            xb = x.to(torch.bfloat16)
-            parts = [(xb, self.packed)]
-            if self.prompt_packed is not None and x.shape[0] > n_decode:
-                parts = [(xb[:n_decode], self.packed)] if n_decode else []
-                parts.append((xb[n_decode:], self.prompt_packed))
-            ys = [torch.ops.fundament.qgemm(r, k, a, b, self._bias_arg, False) for r, (k, a, b) in parts]
-            y = (torch.cat(ys) if len(ys) > 1 else ys[0]).to(x.dtype)
+            kind, a, b = self.packed
+            if self.dense_prompts and x.shape[0] > n_decode:  # prompt rows: bf16, a matmul per run
+                ys = [torch.ops.fundament.qgemm(x[:n_decode].to(torch.bfloat16), kind, a, b, self._bias_arg, False)]
+                ys += [F.linear(r, self.weight, self.bias) for r in x[n_decode:].split(splits or [len(x) - n_decode])]
+                y = torch.cat(ys).to(x.dtype)
+            else:
+                y = torch.ops.fundament.qgemm(x.to(torch.bfloat16), kind, a, b, self._bias_arg, False).to(x.dtype)
         else:
             y = self._unpacked(x, n_decode, splits)
         # LoRA: each adapter's rows get x A^T B^T added (B carries the scale), one group at a time.
