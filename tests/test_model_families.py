@@ -27,7 +27,7 @@ SHAPE = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
     bos_token_id=1,
-    eos_token_id=2,
+    eos_token_id=None,  # no end token: `generate` then runs all 32 steps unconstrained, as the engine with ignore_eos
 )
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -60,7 +60,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
 }
+LORA_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_family(path, family: str, seed: int = 0):
@@ -89,7 +92,7 @@ PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
 
 def test_float32_equals_transformers_generate_and_its_logits(family):
     name, path, hf = family
-    ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0].tolist()
+    ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
     model = LlamaModel.from_dir(path, dtype=torch.float32)
     req, outs = greedy(PROMPT, 32)
     run_all(Engine(model, EngineConfig(), [2]), [req])
@@ -101,6 +104,28 @@ def test_float32_equals_transformers_generate_and_its_logits(family):
 
     got = model.forward(torch.tensor(ref), [Segment(model.new_cache(len(ref)), 0, len(ref))], torch.arange(len(ref)))
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+
+
+def test_a_lora_adapter_equals_pefts_merged_model(family, tmp_path):
+    from conftest import make_lora
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name, path, _ = family
+    lora = make_lora(path, tmp_path / "lora", targets=LORA_TARGETS.get(name, ALL_PROJECTIONS), std=0.1)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, lora).merge_and_unload().eval()
+    ref = merged.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
+    model = LlamaModel.from_dir(path, dtype=torch.float32)
+    engine = Engine(model, EngineConfig(), [2])
+    engine.load_adapter("a", lora)
+    req, outs = greedy(PROMPT, 32)
+    req.adapter = "a"
+    run_all(engine, [req])
+    assert tokens(outs) == ref[len(PROMPT) :], name
+    plain, plain_outs = greedy(PROMPT, 32)
+    run_all(engine, [plain])
+    assert tokens(plain_outs) != tokens(outs)  # the adapter changes the tokens: the check can fail
 
 
 def test_sixteen_requests_together_equal_each_alone_on_the_default_path(family):
@@ -153,3 +178,34 @@ def test_what_the_engine_does_not_take_is_refused_by_name(change, message):
 
     with pytest.raises(InvalidRequestError, match=message):
         LlamaConfig.from_hf({**SHAPE, "architectures": ["LlamaForCausalLM"], "model_type": "llama", **change})
+
+
+@pytest.mark.slow
+def test_end_of_turn_tokens_come_from_the_generation_config(smollm_dir, tmp_path):
+    import json
+    import shutil
+
+    from fundament.models.tokenizer import ChatTokenizer
+
+    for f in smollm_dir.iterdir():
+        if f.suffix != ".safetensors":  # the tokenizer, its chat template and the config
+            shutil.copy(f, tmp_path / f.name)
+    plain = ChatTokenizer(tmp_path)
+    im_end = plain.hf.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in plain.eos_token_ids  # no generation config: the chat format's end of turn
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert ChatTokenizer(tmp_path).eos_token_ids == sorted({plain.hf.eos_token_id, 7, 9})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert ChatTokenizer(tmp_path).eos_token_ids == sorted({plain.hf.eos_token_id, 11})
+
+
+def test_fine_tuning_targets_name_the_modules_the_model_has(family):
+    """A job's LoRA targets are the Llama names; where the model stores them fused (Phi-3), PEFT is
+    given the fused module's name, so its adapters load back into the engine (test above)."""
+    from fundament.adapt.hyperparameters import ALL_LINEAR
+    from fundament.adapt.trainer import stored_targets
+
+    name, _, hf = family
+    want = LORA_TARGETS.get(name, ALL_PROJECTIONS)
+    assert stored_targets(hf, ALL_LINEAR) == sorted(want)
+    assert stored_targets(hf, ["q_proj"]) == (["qkv_proj"] if name == "phi3" else ["q_proj"])

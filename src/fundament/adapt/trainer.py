@@ -66,6 +66,23 @@ def _save_dir_atomically(dest: Path, write) -> None:
         raise
 
 
+# Where a model stores projections fused (Phi-3: qkv_proj, gate_up_proj), a target names the module
+# holding it: adapting q_proj there adapts the whole of qkv_proj.
+FUSED_MODULES = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def stored_targets(model, targets) -> list[str]:
+    """The model's own module names for the LoRA targets (the Llama names fundament's API takes)."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return sorted({t if t in present else FUSED_MODULES.get(t, t) for t in targets})
+
+
 class Trainer:
     def __init__(
         self,
@@ -92,7 +109,7 @@ class Trainer:
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(config.target_modules),
+            target_modules=stored_targets(base, config.target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from ..errors import InvalidRequestError
 
 # PEFT module name -> (our fused projection, part index within it)
-FUSED = {
+FUSED: dict[str, tuple[str, int | None]] = {
     "q_proj": ("qkv", 0),
     "k_proj": ("qkv", 1),
     "v_proj": ("qkv", 2),
@@ -27,6 +27,9 @@ FUSED = {
     "gate_proj": ("gate_up", 0),
     "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
+    # Phi-3's own fused projections: the whole of ours (part None)
+    "qkv_proj": ("qkv", None),
+    "gate_up_proj": ("gate_up", None),
 }
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -70,18 +73,23 @@ def load_lora(
             raise InvalidRequestError(f"{path}: adapter weight {key} does not fit this model", "model")
         parts.setdefault((layer, module), {})[ab] = t.float()
     layers: list[dict] = [{} for _ in range(n_layers)]
-    grouped: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    grouped: dict[tuple[int, str], list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}
     for (layer, module), w in parts.items():
         fused, idx = FUSED[module]
         grouped.setdefault((layer, fused), []).append((idx, w["A"], w["B"]))
     for (layer, fused), items in grouped.items():
         sizes = out_sizes[fused]
+        ordered = sorted(((idx, a, b) for idx, a, b in items if idx is not None), key=lambda x: x[0])
+        if len(ordered) < len(items):  # a fused module's adapter (Phi-3's) spans all its parts
+            if len(items) > 1:
+                raise InvalidRequestError(f"{path}: layer {layer} adapts {fused} both whole and in parts", "model")
+            sizes, ordered = [sum(sizes)], [(0, items[0][1], items[0][2])]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        R = sum(a.shape[0] for _, a, _ in items)
-        A = torch.cat([a for _, a, _ in sorted(items, key=lambda x: x[0])])
+        R = sum(a.shape[0] for _, a, _ in ordered)
+        A = torch.cat([a for _, a, _ in ordered])
         B = torch.zeros(sum(sizes), R)
         col = 0
-        for idx, a, b in sorted(items, key=lambda x: x[0]):
+        for idx, a, b in ordered:
             if b.shape[0] != sizes[idx]:
                 raise InvalidRequestError(
                     f"{path}: layer {layer} has a LoRA B of {b.shape[0]} rows, the model needs {sizes[idx]}", "model"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 from ..errors import InvalidRequestError
@@ -23,12 +24,25 @@ class ChatTokenizer:
         self.hf = AutoTokenizer.from_pretrained(str(path))
         if not self.hf.chat_template:
             raise InvalidRequestError(f"the tokenizer in {path} has no chat template in its metadata", "model")
-        self.eos_token_ids = sorted({i for i in [self.hf.eos_token_id] if i is not None} | self._end_of_turn_ids())
+        self.eos_token_ids = sorted({i for i in [self.hf.eos_token_id] if i is not None} | self._end_of_turn_ids(path))
         self.vocab_size = len(self.hf)
         # One decoded string per id, for logprobs' `token` fields.
         self._pieces: dict[int, str] = {}
 
-    def _end_of_turn_ids(self) -> set[int]:
+    def _end_of_turn_ids(self, path: str | Path) -> set[int]:
+        """The model's own end-of-turn tokens: its generation config's `eos_token_id` (one id or a
+        list: Llama 3's <|eot_id|> and <|end_of_text|>, Qwen's <|im_end|> and <|endoftext|>). A
+        directory without one (a dequantized GGUF) falls back to the end-of-turn tokens of the
+        common chat formats that its vocabulary has."""
+        gen = Path(path) / "generation_config.json"
+        if gen.is_file():
+            try:
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+            except (OSError, ValueError) as e:
+                raise InvalidRequestError(f"{gen} is not readable JSON: {e}", "model") from e
+            listed = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+            if listed:
+                return {int(i) for i in listed}
         ids = set()
         for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
             i = self.hf.convert_tokens_to_ids(tok)

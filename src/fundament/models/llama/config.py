@@ -1,6 +1,7 @@
 """The Llama family's configuration, read from a Hugging Face config.json: which architectures the
 engine's model takes (Llama incl. Llama 3.x, Mistral, Qwen2, Qwen3 with its per-head q/k norms,
-with the rotary embedding's static scalings) and their shapes. A sliding attention window (Mistral
+Phi-3/Phi-4 with their fused projections, with the rotary embedding's static scalings) and their
+shapes. A sliding attention window (Mistral
 7B v0.1's, Qwen's when enabled) caps the context at the window, where full attention is the same."""
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import torch
 
 from ...errors import InvalidRequestError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+}
 # Rotary scalings whose frequencies do not depend on the sequence's length (transformers computes
 # them: modeling_rope_utils); "dynamic" and "longrope" do, and are not taken.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -32,6 +39,7 @@ class LlamaConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: bool = False  # Qwen3: an RMS norm over each head of q and of k, before the rotary embedding
+    fused_projections: bool = False  # Phi-3: stored as qkv_proj and gate_up_proj, the engine's own fusion
     hf: dict = field(default_factory=dict, repr=False)  # config.json as read: the rotary scaling's parameters
 
     @classmethod
@@ -48,9 +56,15 @@ class LlamaConfig:
                 f"rope type {rope_type} is not supported; supported: {sorted(STATIC_ROPE_TYPES)}", "model"
             )
         heads = cfg["num_attention_heads"]
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise InvalidRequestError(
+                f"a rotary embedding over part of each head (partial_rotary_factor "
+                f"{cfg['partial_rotary_factor']}) is not supported",
+                "model",
+            )
         context = cfg.get("max_position_embeddings", 2048)
         window = cfg.get("sliding_window")
-        if window and cfg.get("use_sliding_window", arch == "MistralForCausalLM"):
+        if window and cfg.get("use_sliding_window", arch in ("MistralForCausalLM", "Phi3ForCausalLM")):
             context = min(context, window)
         return cls(
             hidden_size=cfg["hidden_size"],
@@ -66,6 +80,7 @@ class LlamaConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             qk_norm=arch == "Qwen3ForCausalLM",
+            fused_projections=arch == "Phi3ForCausalLM",
             hf=cfg,
         )
 

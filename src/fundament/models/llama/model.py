@@ -79,10 +79,14 @@ class LlamaModel:
                         if cfg.qk_norm
                         else {}
                     ),
-                    # Fused projections: one matmul for q,k,v and one for gate,up.
-                    "qkv": lin(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=cfg.attention_bias),
+                    # Fused projections: one matmul for q,k,v and one for gate,up (Phi-3 stores them so).
+                    "qkv": lin(p + "self_attn.qkv_proj", bias=cfg.attention_bias)
+                    if cfg.fused_projections
+                    else lin(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=cfg.attention_bias),
                     "o": lin(p + "self_attn.o_proj"),
-                    "gate_up": lin(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    "gate_up": lin(p + "mlp.gate_up_proj")
+                    if cfg.fused_projections
+                    else lin(p + "mlp.gate_proj", p + "mlp.up_proj"),
                     "down": lin(p + "mlp.down_proj"),
                 }
             )
@@ -123,7 +127,7 @@ class LlamaModel:
         # Not where a layer's packed weights are int8 (not exact): prompt rows then take its bf16
         # copy on the Python path, as decode rows take the int8 one.
         self.rows_alone = all(
-            layer[name].packed is not None and layer[name].prompt_packed is None
+            layer[name].packed is not None and not layer[name].dense_prompts
             for layer in self.layers
             for name in self.LORA_TARGETS
         )
