@@ -17,7 +17,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -29,75 +28,13 @@ from ..errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
-from ..models.llama import KVCache, LlamaModel, Segment
+from ..models.llama import LlamaModel, Segment
 from .prefix import PrefixCache
+from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, ScoreOutput, check_context
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
 
 log = logging.getLogger(__name__)
-_ids = itertools.count()
-LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of (near) zero probability
-
-
-@dataclass
-class EngineOutput:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" once the sequence is done
-    prompt_logprobs: list[float | None] | None = None  # only on a request's first output
-
-
-@dataclass
-class ScoreOutput:
-    """A scoring request's one output: per continuation, log P(token | prompt, earlier tokens)."""
-
-    logprobs: list[list[float]]
-
-
-@dataclass
-class EngineRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_output: Callable[[EngineOutput | ScoreOutput | BaseException], object]  # its return value is ignored
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    adapter: str | None = None  # a LoRA adapter loaded with Engine.load_adapter, or the base model
-    # Set: a scoring request. It prefills this tree (prompt + continuations), sends one
-    # ScoreOutput and generates nothing.
-    tree: TokenTree | None = None
-    # Scheduler state
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose keys/values are in the cache
-    cache: KVCache | None = None
-    generator: torch.Generator | None = None
-    processors: list = field(default_factory=list)
-    prompt_logprobs: list[float | None] = field(default_factory=list)
-    finished: bool = False
-    reserved_tokens: int = 0  # KV cache tokens held for it while it runs
-    prefix_key: str | None = None  # its prompts' key in the prefix cache (None: not cached)
-
-    @property
-    def prefill_ids(self) -> list[int]:
-        """What is prefilled: the prompt, or a scoring request's whole packed tree."""
-        return self.tree.ids if self.tree is not None else self.prompt_ids
-
-    @property
-    def kv_tokens(self) -> int:
-        """KV cache slots it can ever use: its reservation."""
-        return len(self.tree) if self.tree is not None else len(self.prompt_ids) + self.params.max_tokens
-
-
-def check_context(max_context: int, n_prompt: int, max_tokens: int) -> int:
-    """The request's total tokens, or ContextLengthExceededError if they exceed the context
-    (shared by fundament's engine and the vLLM one)."""
-    total = n_prompt + max_tokens
-    if total > max_context:
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {max_context} tokens. However, you requested "
-            f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-            "Reduce the length of the prompt or of max_completion_tokens."
-        )
-    return total
 
 
 class Engine:
@@ -445,7 +382,7 @@ class Engine:
             else:
                 rows.append(first + n - 1)
             read.append((at, len(rows) - at))
-        n_sampled = sum(count for (req, _, _), (_, count) in zip(plan, read) if self._order((req, [])) < 2)
+        n_sampled = sum(count for (req, _, _), (_, count) in zip(plan, read) if not req.reports_logits)
         logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long), n_sampled)
         self.steps += 1
         for (req, _, n), (at, count) in zip(plan, read):
@@ -457,10 +394,8 @@ class Engine:
         """Where a request's tokens of this step go in the batch: 0 one plain token, 1 a prompt
         chunk, 2 a prompt chunk with prompt_logprobs, 3 a token tree."""
         req, toks = w
-        if req.tree is not None:
-            return 3
-        if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
-            return 2
+        if req.reports_logits:
+            return 3 if req.tree is not None else 2
         return 0 if len(toks) == 1 else 1
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:
@@ -469,7 +404,7 @@ class Engine:
             self._record_scores(req, req.tree, mine, n)
             return
         if req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
-            self._record_prompt_logprobs(req, mine, n)
+            req.record_prompt_logprobs(mine, n)
         req.num_computed += n
         if req.num_computed < len(req.prompt_ids):
             return  # more prompt to prefill
@@ -487,17 +422,6 @@ class Engine:
         if req.num_computed == len(tree):
             self._release(req)
             req.on_output(ScoreOutput(tree.results()))
-
-    def _record_prompt_logprobs(self, req: EngineRequest, logits: torch.Tensor, n: int) -> None:
-        # logits (n, V): row j predicts prompt token num_computed + j + 1.
-        if req.num_computed == 0:
-            req.prompt_logprobs.append(None)  # the first token has no context
-        lp = torch.log_softmax(logits, dim=-1)
-        start = req.num_computed
-        for j in range(n):
-            nxt = start + j + 1
-            if nxt < len(req.prompt_ids):
-                req.prompt_logprobs.append(float(lp[j, req.prompt_ids[nxt]]))
 
     def _sample(self, req: EngineRequest, logits: torch.Tensor) -> None:
         for proc in req.processors:

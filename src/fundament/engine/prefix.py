@@ -19,6 +19,7 @@ BLOCK = 16  # tokens per hashed block of the index
 
 @dataclass
 class _Entry:
+    adapter: str
     ids: tuple[int, ...]
     k: torch.Tensor  # (L, KVH, len(ids), hd)
     v: torch.Tensor
@@ -61,7 +62,6 @@ class PrefixCache:
         self.tokens = 0
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._index: dict[tuple[str, int], int] = {}  # (adapter, block hash) -> the newest entry holding it
-        self._adapters: dict[int, str] = {}  # entry -> its adapter key
         self._keys = 0
         self.queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.hits = 0  # of those, tokens copied from the cache (vLLM's prefix_cache_hits)
@@ -110,17 +110,15 @@ class PrefixCache:
             self._drop(next(iter(self._entries)))
         self._keys += 1
         self._entries[self._keys] = _Entry(
-            tuple(prompt_ids), cache.k[:, :, :n].clone(), cache.v[:, :, :n].clone(), hashes
+            adapter, tuple(prompt_ids), cache.k[:, :, :n].clone(), cache.v[:, :, :n].clone(), hashes
         )
         for h in hashes:
             self._index[(adapter, h)] = self._keys
-        self._adapters[self._keys] = adapter
         self.tokens += n
 
     def _drop(self, key: int) -> None:
         e = self._entries.pop(key)
-        adapter = self._adapters.pop(key)
         for h in e.hashes:
-            if self._index.get((adapter, h)) == key:
-                del self._index[(adapter, h)]
+            if self._index.get((e.adapter, h)) == key:
+                del self._index[(e.adapter, h)]
         self.tokens -= len(e.ids)

@@ -36,7 +36,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from .constraints import GrammarConstraint
-from .engine import LOGPROB_FLOOR, EngineOutput, check_context
+from .request import LOGPROB_FLOOR, EngineOutput, check_context
 from .sampling import SamplingParams
 from .vllm_server import VLLMServer
 from .vllm_wire import backend_error, chunk_outputs, error_message, json_body, structured_outputs

@@ -17,7 +17,7 @@ from ..errors import (
     QueueFullError,
     ServiceUnavailableError,
 )
-from .engine import LOGPROB_FLOOR, EngineOutput
+from .request import LOGPROB_FLOOR, EngineOutput
 
 
 def structured_outputs(grammar: str) -> dict:
