@@ -60,6 +60,11 @@ def test_models_and_keys_load_with_their_defaults(tmp_path):
         ("engine:\n  max_num_seqs: 8.5\n", "engine.max_num_seqs", "engine.max_num_seqs: must be an integer, got 8.5"),
         ("engine:\n  max_num_seqs: true\n", "engine.max_num_seqs", "engine.max_num_seqs: must be an integer, got true"),
         ("engine:\n  threads: two\n", "engine.threads", "engine.threads: must be an integer or null, got 'two'"),
+        (
+            "engine:\n  prefix_cache_tokens: -1\n",
+            "engine.prefix_cache_tokens",
+            "engine.prefix_cache_tokens: must be greater than or equal to 0, got -1",
+        ),
         ("engine:\n  native: true\n", "engine.native", "engine.native: unknown key (did you mean 'native_decode'?)"),
         ("engine: fast\n", "engine", "engine: must be a mapping of settings, got 'fast'"),
         (

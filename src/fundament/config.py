@@ -117,7 +117,7 @@ class EngineConfig:
     # Recent prompts' keys and values kept for prompts that start the same way (a shared system
     # prompt, earlier chat turns): copied, not computed again. Only where the native kernel computes
     # every row alone, so a reused value is exactly the one computing it would give. 0: off.
-    prefix_cache_tokens: Int = 2048
+    prefix_cache_tokens: Annotated[int, Strict(), Field(ge=0)] = 2048
     # "auto": the first CUDA GPU if torch sees one, else the CPU; or "cpu", "cuda", "cuda:1", ...
     device: Str = "auto"
 
