@@ -25,8 +25,10 @@ from .errors import ConfigError, InvalidRequestError, ModelNotFoundError, Servic
 from .models.device import resolve_device, resolve_dtype
 from .models.embedder import Embedder
 from .models.llama import LlamaModel
-from .models.loading import hf_dir_for, resolve_path
+from .models.llama.config import LlamaConfig
+from .models.loading import context_length, hf_dir_for, resolve_path
 from .models.tokenizer import ChatTokenizer
+from .models.transformers_model import TransformersModel
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +64,31 @@ def load_generator(spec: ModelSpec, engine_config: EngineConfig) -> ServedGenera
     tokenizer = ChatTokenizer(path)
     fp = "fp_" + hashlib.sha256(f"{spec.name}:{path}".encode()).hexdigest()[:10]
     if spec.vllm is not None:  # vLLM runs the weights; fundament keeps the tokenizer and the API
-        context = json.loads((path / "config.json").read_text()).get("max_position_embeddings", 2048)
-        vllm = VLLMEngine(spec.name, spec.vllm, engine_config, tokenizer.eos_token_ids, context, path)
+        vllm = VLLMEngine(spec.name, spec.vllm, engine_config, tokenizer.eos_token_ids, context_length(path), path)
         return ServedGenerator(spec.name, spec, tokenizer, vllm, int(time.time()), fp)
+    engine = Engine(load_weights(spec.name, path, engine_config), engine_config, tokenizer.eos_token_ids)
+    return ServedGenerator(spec.name, spec, tokenizer, engine, int(time.time()), fp)
+
+
+def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaModel | TransformersModel:
+    """The native engine's model where it takes the architecture, else transformers' own (the
+    fallback: every decoder-only causal LM transformers loads); the log says which, and why."""
     device = resolve_device(engine_config.device)
-    model = LlamaModel.from_dir(
+    dtype = resolve_dtype(engine_config.dtype, device)
+    try:
+        LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    except InvalidRequestError as e:
+        log.info("model %s: served through transformers (the native engine does not take it: %s)", name, e.message)
+        return TransformersModel.from_dir(path, dtype=dtype, device=device)
+    log.info("model %s: served by the native engine", name)
+    return LlamaModel.from_dir(
         path,
-        dtype=resolve_dtype(engine_config.dtype, device),
+        dtype=dtype,
         device=device,
         int8_decode=engine_config.int8_decode,
         native_decode=engine_config.native_decode,
         batch_invariant=engine_config.batch_invariant,
     )
-    engine = Engine(model, engine_config, tokenizer.eos_token_ids)
-    return ServedGenerator(spec.name, spec, tokenizer, engine, int(time.time()), fp)
 
 
 def load_embedder(spec: ModelSpec) -> ServedEmbedder:

@@ -16,8 +16,9 @@ from typing import cast
 
 import torch
 
+from ..errors import InvalidRequestError
 from .examples import IGNORE, Example
-from .hyperparameters import TuneConfig
+from .hyperparameters import ALL_LINEAR, TuneConfig
 from .packed_attention import PACKED_ATTENTION, packed_layout, register_packed_attention
 from .parallel import Parallel, supports_bf16
 
@@ -40,13 +41,21 @@ class RowModel(torch.nn.Module):
     (a row's logits are taken at its labelled positions only, so the model's own forward, which
     projects every position, is not the one trained)."""
 
-    def __init__(self, body: torch.nn.Module, head: torch.nn.Module):
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module, softcap: float | None = None):
         super().__init__()
-        self.body, self.head = body, head
+        self.body, self.head, self.softcap = body, head, softcap
 
     def forward(self, ids, pos, packed, where):  # ids, pos (1, T); where (N,) -> logits (N, V)
         hidden = self.body(input_ids=ids, position_ids=pos, use_cache=False, packed=packed).last_hidden_state[0]
-        return self.head(hidden[where])
+        logits = self.head(hidden[where])
+        if self.softcap:  # Gemma 2/3: the model's own forward caps its logits so; so must training
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def decoder_blocks(body: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers, whatever the architecture calls it (`layers`, GPT-2's `h`)."""
+    return next(m for m in body.modules() if isinstance(m, torch.nn.ModuleList))
 
 
 def _save_dir_atomically(dest: Path, write) -> None:
@@ -77,10 +86,24 @@ FUSED_MODULES = {
 }
 
 
-def stored_targets(model, targets) -> list[str]:
-    """The model's own module names for the LoRA targets (the Llama names fundament's API takes)."""
+def stored_targets(model, targets) -> list[str] | str:
+    """The model's own module names for the LoRA targets (the Llama names fundament's API takes).
+    An architecture with names of its own (GPT-2's `c_attn`, OPT's `fc1`): the default (every
+    projection) adapts every linear layer of its decoder (PEFT's "all-linear"), as on Llama; a
+    narrower list keeps the names the model has, and one naming none of them is refused."""
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return sorted({t if t in present else FUSED_MODULES.get(t, t) for t in targets})
+    stored = {t if t in present else FUSED_MODULES.get(t, t) for t in targets}
+    if stored <= present:
+        return sorted(stored)
+    if set(targets) >= set(ALL_LINEAR):
+        return "all-linear"
+    if stored & present:
+        return sorted(stored & present)
+    raise InvalidRequestError(
+        f"target_modules {sorted(targets)} name no module of this {model.config.model_type} model; "
+        f"leave target_modules out to adapt all its linear layers",
+        "target_modules",
+    )
 
 
 class Trainer:
@@ -119,8 +142,8 @@ class Trainer:
         # bf16 matmuls where the device has them (AVX512-BF16/AMX, Ampere+); fp32 LoRA weights and loss.
         self.autocast = supports_bf16(self.device) if bf16 is None else bf16
         # PEFT put the LoRA layers into `base` in place (self.model.base_model.model is base).
-        self.body, self.head = base.model, base.lm_head
-        self.net = RowModel(self.body, self.head)
+        self.body, self.head = base.get_decoder(), base.get_output_embeddings()
+        self.net = RowModel(self.body, self.head, getattr(base.config, "final_logit_softcapping", None))
         self.sharded = self.parallel.distributed and self.parallel.strategy == "fsdp"
         self.compiled = False
         if self.autocast and not self.sharded:  # FSDP casts by its own mixed-precision policy instead
@@ -149,7 +172,7 @@ class Trainer:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.autocast else None, reduce_dtype=torch.float32)
-        for layer in self.body.layers:
+        for layer in decoder_blocks(self.body):
             fully_shard(layer, mp_policy=policy)
         fully_shard(self.net, mp_policy=policy)
 
@@ -189,7 +212,7 @@ class Trainer:
             logging.getLogger(__name__).warning("training runs uncompiled: %s", e)
             return False
         torch._dynamo.config.suppress_errors = True
-        for layer in self.body.layers:
+        for layer in decoder_blocks(self.body):
             layer.compile(dynamic=True)
         self.compiled = True
         return True

@@ -29,6 +29,7 @@ from ..errors import (
     ServiceUnavailableError,
 )
 from ..models.llama import LlamaModel, Segment
+from ..models.transformers_model import TransformersModel
 from .prefix import PrefixCache
 from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, ScoreOutput, check_context
 from .sampling import SamplingParams, sample_row
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: list[int]):
+    def __init__(self, model: LlamaModel | TransformersModel, config: EngineConfig, eos_token_ids: list[int]):
         self.model, self.config = model, config
         self.eos_token_ids = set(eos_token_ids)
         self.max_context = model.cfg.max_position_embeddings
@@ -73,6 +74,7 @@ class Engine:
         """What /health shows of this engine."""
         return {
             "backend": "fundament",
+            "path": self.model.kind,  # "native" (fundament's engine) or "transformers" (the fallback)
             "running": len(self.running),
             "waiting": len(self.waiting),
             "steps": self.steps,

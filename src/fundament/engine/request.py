@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import ContextLengthExceededError
-from ..models.llama import KVCache
 from .sampling import SamplingParams
 from .tree import TokenTree
 
@@ -47,7 +47,7 @@ class EngineRequest:
     # Scheduler state
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
-    cache: KVCache | None = None
+    cache: Any = None  # its model's cache (KVCache, or TransformersCache on the fallback) while it runs
     generator: torch.Generator | None = None
     processors: list = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)

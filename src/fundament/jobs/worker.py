@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import os
 import signal
@@ -222,14 +221,14 @@ class Worker:
 
     def _load_base(self, name: str) -> tuple[Path, object, int]:
         if name not in self._bases:
-            from ..models.loading import hf_dir_for
+            from ..models.loading import context_length, hf_dir_for
             from ..models.tokenizer import ChatTokenizer
 
             spec = self._spec(name)
             if spec is None:
                 raise InvalidRequestError(f"the base model '{name}' is not configured on this worker.", "model")
             path = hf_dir_for(spec)
-            max_len = json.loads((path / "config.json").read_text()).get("max_position_embeddings", 2048)
+            max_len = context_length(path)
             self._bases[name] = (path, ChatTokenizer(path), max_len)
         return self._bases[name]
 

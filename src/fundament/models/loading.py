@@ -91,3 +91,14 @@ def hf_dir_for(spec: ModelSpec) -> Path:
     raise ConfigError(
         f"model '{spec.name}': {p} is neither a .gguf file nor a Hugging Face directory with config.json", "path"
     )
+
+
+def context_length(hf_dir: Path) -> int:
+    """The longest sequence a Hugging Face directory's model takes, by whichever name its config
+    gives it (GPT-2's `n_positions`); 2048 where it names none."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # a multimodal wrapper's language model
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return 2048

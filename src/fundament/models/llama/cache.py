@@ -4,6 +4,7 @@ tokens reads and writes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ class KVCache:
 class Segment:
     """A run of consecutive tokens of one sequence inside the flat batch."""
 
-    cache: KVCache
+    cache: Any  # the sequence's cache: a KVCache here, a TransformersCache on the transformers fallback
     start: int  # cache slot of the first token (slots before it are filled)
     length: int
     adapter: int | None = None  # LoRA adapter slot, None for the base model

@@ -21,6 +21,7 @@ NATIVE_DENSE, NATIVE_INT8, NATIVE_INT4, NATIVE_PACKED = 0, 1, 2, 3
 
 
 class LlamaModel:
+    kind = "native"  # what /health calls this path (the other: models/transformers_model.py)
     LORA_TARGETS = ("qkv", "o", "gate_up", "down")  # the fused projections, in the native kernel's order
 
     def __init__(

@@ -1,0 +1,191 @@
+"""The transformers fallback (models/transformers_model.py): architectures the native engine does
+not take run through transformers' own forward under fundament's engine. Each tested on a tiny
+random model made from its own transformers config class: float32 greedy tokens equal
+transformers' `generate` for 32 steps and logits equal its forward; scored continuations equal
+its log-probabilities; a PEFT adapter equals PEFT's merged model (two adapters in one batch, each
+its own); 16 requests together equal each alone; the registry picks the path and says so."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from test_engine import greedy, run_all, score_request, tokens
+
+from fundament.config import EngineConfig
+from fundament.engine import Engine
+from fundament.errors import ConfigError
+from fundament.models.llama import LlamaModel, Segment
+from fundament.models.transformers_model import TransformersModel
+
+SHAPE = dict(vocab_size=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+FALLBACK = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        ),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=16,  # shorter than the test's sequences: the local layers really slide
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            sliding_window=16,
+        ),
+    ),
+    # Phi-4-mini's partial rotary embedding: a native family with a feature the engine refuses
+    "phi3-partial-rotary": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            partial_rotary_factor=0.5,
+        ),
+    ),
+}
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
+
+
+def make_model(path, family: str, seed: int = 0, **overrides):
+    import transformers
+
+    config_cls, model_cls, shape = FALLBACK[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(
+        getattr(transformers, config_cls)(**{**SHAPE, **shape, **overrides})
+    ).eval()
+    with torch.no_grad():  # larger than the default init, so the tokens depend on every weight
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FALLBACK))
+def family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_model(path, request.param)
+
+
+def test_the_registry_takes_the_native_engine_where_it_can_and_transformers_elsewhere(family, tiny_llama, tmp_path):
+    from fundament.registry import load_weights
+
+    name, path, _ = family
+    config = EngineConfig(dtype="float32")
+    assert isinstance(load_weights(name, path, config), TransformersModel)
+    assert isinstance(load_weights("llama", tiny_llama, config), LlamaModel)
+    # what transformers cannot run as a causal LM is a config error naming the directory
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ConfigError, match="cannot load .* as a causal LM"):
+        load_weights("bert", tmp_path, config)
+
+
+def test_float32_equals_transformers_generate_and_its_logits(family):
+    name, path, hf = family
+    ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
+    model = TransformersModel.from_dir(path, dtype=torch.float32)
+    req, outs = greedy(PROMPT, 32)
+    run_all(Engine(model, EngineConfig(max_num_batched_tokens=4), [2]), [req])  # a chunked prefill
+    assert tokens(outs) == ref[len(PROMPT) :], name
+    assert len(set(ref[len(PROMPT) :])) > 1  # not one token repeated: the check can fail
+    with torch.no_grad():
+        want = hf(torch.tensor([ref])).logits[0]
+    got = model.forward(torch.tensor(ref), [Segment(model.new_cache(len(ref)), 0, len(ref))], torch.arange(len(ref)))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
+def test_scored_continuations_equal_transformers_log_probabilities(family):
+    """Classification's scoring request (one packed token tree, masked attention) on the fallback."""
+    name, path, hf = family
+    continuations = [[40, 41, 2], [40, 99, 2], [7, 2], [40, 41, 2, 9], [200]]
+    req, outs = score_request(PROMPT, continuations)
+    run_all(
+        Engine(TransformersModel.from_dir(path, dtype=torch.float32), EngineConfig(max_num_batched_tokens=8), [2]),
+        [req],
+    )
+    for cont, got in zip(continuations, outs[0].logprobs):
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([PROMPT + cont])).logits[0], -1)
+        want = [float(lp[len(PROMPT) - 1 + i, t]) for i, t in enumerate(cont)]
+        assert got == pytest.approx(want, abs=1e-4), name
+
+
+def test_peft_adapters_equal_their_merged_models_two_in_one_batch(family, tmp_path):
+    from conftest import make_lora
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name, path, hf = family
+    modules = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+    targets = sorted(modules - {"lm_head"})
+    refs, engine = {}, Engine(TransformersModel.from_dir(path, dtype=torch.float32), EngineConfig(), [2])
+    for seed in (1, 2):
+        lora = make_lora(path, tmp_path / f"lora{seed}", seed=seed, targets=targets, std=0.3)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, lora).merge_and_unload().eval()
+        refs[f"a{seed}"] = merged.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0].tolist()
+        engine.load_adapter(f"a{seed}", lora)
+    plain_ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0].tolist()
+    reqs = {a: greedy(PROMPT, 24) for a in (*refs, None)}
+    for a, (req, _) in reqs.items():
+        req.adapter = a
+    run_all(engine, [req for req, _ in reqs.values()])  # the base and both adapters in one batch
+    for a, (_, outs) in reqs.items():
+        assert tokens(outs) == (refs[a] if a else plain_ref)[len(PROMPT) :], (name, a)
+    assert plain_ref != refs["a1"] != refs["a2"] != plain_ref  # each changes the tokens: the check can fail
+    engine.remove_adapter("a1")
+    engine.remove_adapter("a2")  # the last one: the plain model again
+    req, outs = greedy(PROMPT, 24)
+    run_all(engine, [req])
+    assert tokens(outs) == plain_ref[len(PROMPT) :]
+
+
+def test_sixteen_requests_together_equal_each_alone_in_bfloat16(family):
+    name, path, _ = family
+    model = TransformersModel.from_dir(path, dtype=torch.bfloat16)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randrange(1, 40))] for _ in range(16)]
+    alone = []
+    for p in prompts:
+        req, outs = greedy(p, 16)
+        run_all(Engine(model, EngineConfig(max_num_batched_tokens=64), [2]), [req])
+        alone.append(tokens(outs))
+    pairs = [greedy(p, 16) for p in prompts]
+    run_all(Engine(model, EngineConfig(max_num_batched_tokens=64), [2]), [r for r, _ in pairs])
+    assert [tokens(o) for _, o in pairs] == alone, name
