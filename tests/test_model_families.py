@@ -66,12 +66,12 @@ LORA_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_family(path, family: str, seed: int = 0):
+def make_family(path, family: str, seed: int = 0, **overrides):
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, config_cls)(**SHAPE, **extra)
+    cfg = getattr(transformers, config_cls)(**{**SHAPE, **extra, **overrides})
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # larger than the default init, so the tokens depend on every weight
         for p in model.parameters():

@@ -189,3 +189,30 @@ def test_sixteen_requests_together_equal_each_alone_in_bfloat16(family):
     pairs = [greedy(p, 16) for p in prompts]
     run_all(Engine(model, EngineConfig(max_num_batched_tokens=64), [2]), [r for r, _ in pairs])
     assert [tokens(o) for _, o in pairs] == alone, name
+
+
+def test_training_scores_packed_examples_as_the_model_itself_does(family):
+    """The trainer's packed forward (examples side by side in one row, each attending to itself)
+    gives each example the loss transformers' own forward gives it: Gemma's soft-capped attention
+    and logits and its sliding window (examples longer than the window) included."""
+    from fundament.adapt.examples import IGNORE, Example
+    from fundament.adapt.hyperparameters import resolve_hyperparameters
+    from fundament.adapt.trainer import Trainer
+
+    name, path, hf = family
+    rng = random.Random(1)
+    seqs = [[rng.randrange(3, 256) for _ in range(n)] for n in (40, 7, 25)]  # longer and shorter than the window
+    row = [Example(s, s[1:] + [IGNORE]) for s in seqs]
+    trainer = Trainer(path, resolve_hyperparameters({}, 3), bf16=False)  # fp32 sums
+    with torch.no_grad():
+        packed, n, _ = trainer.row_loss(row)
+        want = sum(
+            float(
+                torch.nn.functional.cross_entropy(
+                    hf(torch.tensor([s])).logits[0, :-1], torch.tensor(s[1:]), reduction="sum"
+                )
+            )
+            for s in seqs
+        )
+    assert n == sum(len(s) - 1 for s in seqs)
+    assert float(packed) == pytest.approx(want, rel=1e-5), name

@@ -38,6 +38,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     def batch(x):  # (1, h, T, D) -> (S, h, L, D)
         return x[0].index_select(1, take).unflatten(1, (S, L)).transpose(0, 1)
 
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    if softcap or window:  # Gemma's capped scores, a sliding window: what fused SDPA cannot do
+        out = _capped_or_windowed(batch(query), batch(key), batch(value), scaling, softcap, window)
+        return out.index_select(0, slots).unsqueeze(0), None
     # The math kernel: for examples of tens of tokens the CPU flash kernel's backward costs more
     # (a training step of SmolLM2-135M, 8 examples, was 8% faster with math).
     with sdpa_kernel([SDPBackend.MATH]):
@@ -50,6 +54,24 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             enable_gqa=query.shape[1] != key.shape[1],
         )  # (S, H, L, D); padded queries come after their example's tokens, so no real query sees them
     return out.transpose(1, 2).flatten(0, 1).index_select(0, slots).unsqueeze(0), None
+
+
+def _capped_or_windowed(q, k, v, scaling, softcap, window) -> torch.Tensor:
+    """Causal attention per example with soft-capped scores (tanh(s / cap) * cap, Gemma 2) and/or
+    a sliding window (a query sees the last `window` positions), as transformers' eager attention
+    computes them. q (S, H, L, D), k and v (S, KV heads, L, D); returns (S * L, H, D)."""
+    S, H, L, D = q.shape
+    if k.shape[1] != H:
+        k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    i = torch.arange(L, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window:
+        allowed &= i[:, None] - i[None, :] < window
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v).transpose(1, 2).flatten(0, 1)
 
 
 def register_packed_attention() -> None:

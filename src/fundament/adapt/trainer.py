@@ -125,7 +125,10 @@ class Trainer:
         self.parallel = parallel or Parallel()
         self.device = torch.device(device) if device is not None else self.parallel.device
         torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+        try:
+            base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="sdpa")
+        except ValueError:  # no SDPA in its transformers code (Gemma 2): packed attention replaces it anyway
+            base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager")
         base.to(self.device)  # type: ignore[arg-type]  # transformers types .to() narrower than torch
         self.max_len = base.config.max_position_embeddings
         lora = LoraConfig(

@@ -1,0 +1,164 @@
+"""Each model family served by path through a real `fundament serve` and the official `openai`
+client: tiny random models of every native family and of architectures the transformers fallback
+serves, each with SmolLM2's tokenizer and chat template. /health says which path serves each; chat
+streams what it answers whole; structured output and tool calls are enforced on the fallback;
+classification scores on it; and a fine-tuning job on every family succeeds and its ft: model is
+served at once, answering unlike its base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import openai
+import pytest
+from conftest import ServerProcess, post
+from test_model_families import make_family
+from test_transformers_fallback import make_model
+from tuning_data import sst2_chat
+
+pytestmark = pytest.mark.slow
+
+NATIVE = ["llama-3.x", "mistral", "qwen2", "qwen3", "phi3"]
+FALLBACK = ["gpt2", "gemma2"]
+VOCAB = 49152  # SmolLM2's
+
+
+@pytest.fixture(scope="module")
+def family_server(smollm_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    dirs = []
+    for name in NATIVE + FALLBACK:
+        d = root / f"tiny-{name}"
+        shape = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+        if name in NATIVE:
+            make_family(d, name, **shape, max_position_embeddings=1024)
+        else:
+            make_model(d, name, **shape)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            if (smollm_dir / f).exists():
+                shutil.copy(smollm_dir / f, d / f)
+        dirs.append(d)
+    args = ["--no-default-models"] + [x for d in dirs for x in ("--model", str(d))]
+    srv = ServerProcess(args, tmp_path_factory.mktemp("families-home"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def c(family_server):
+    return openai.OpenAI(base_url=family_server.base_url, api_key="sk-test", max_retries=0, timeout=300)
+
+
+def ask(c, model: str, text: str, **kw):
+    return c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=12, temperature=0, **kw
+    )
+
+
+def test_health_says_which_path_serves_each_model(family_server):
+    engines = family_server.health()["engines"]
+    assert {n: e["path"] for n, e in engines.items()} == {
+        **{f"tiny-{n}": "native" for n in NATIVE},
+        **{f"tiny-{n}": "transformers" for n in FALLBACK},
+    }
+
+
+@pytest.mark.parametrize("name", NATIVE + FALLBACK)
+def test_chat_streams_what_it_answers_whole(c, name):
+    whole = ask(c, f"tiny-{name}", "Hello there, how are you?")
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
+    stream = ask(c, f"tiny-{name}", "Hello there, how are you?", stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == whole.choices[0].message.content
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_structured_output_and_tool_calls_are_enforced_on_the_fallback(c, name):
+    schema = {
+        "type": "object",
+        "properties": {"label": {"enum": ["positive", "negative"]}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    r = ask(
+        c,
+        f"tiny-{name}",
+        "Sentiment of: great film",
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}},
+        max_completion_tokens=64,
+    )
+    assert json.loads(r.choices[0].message.content)["label"] in ("positive", "negative")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    r = ask(
+        c,
+        f"tiny-{name}",
+        "Weather in Paris?",
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_completion_tokens=80,
+    )
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_classification_scores_every_label_on_the_fallback(family_server, name):
+    r = post(
+        family_server,
+        "/classifications",
+        {"model": f"tiny-{name}", "labels": ["positive", "negative", "neutral"], "input": ["great film", "dull"]},
+    )
+    assert r.status_code == 200, r.text
+    for d in r.json()["data"]:
+        assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert d["label"] == max(d["probabilities"], key=d["probabilities"].get)
+    a, b = (d["probabilities"] for d in r.json()["data"])
+    assert a != b  # the input matters: the scores are the model's
+
+
+def test_a_fine_tuning_job_on_every_family_serves_its_model(c):
+    train = c.files.create(
+        file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in sst2_chat(10)).encode()), purpose="fine-tune"
+    ).id
+    hp = {"n_epochs": 3, "learning_rate_multiplier": 20, "batch_size": 2}
+    jobs = {
+        name: c.fine_tuning.jobs.create(
+            model=f"tiny-{name}",
+            training_file=train,
+            seed=1,
+            method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        )
+        for name in NATIVE + FALLBACK
+    }
+    deadline = time.time() + 900
+    done = {}
+    while len(done) < len(jobs) and time.time() < deadline:
+        for name, job in jobs.items():
+            if name not in done:
+                j = c.fine_tuning.jobs.retrieve(job.id)
+                if j.status in ("succeeded", "failed", "cancelled"):
+                    done[name] = j
+        time.sleep(1)
+    assert {n: j.status for n, j in done.items()} == {n: "succeeded" for n in jobs}, {
+        n: j.error.message for n, j in done.items() if j.error
+    }
+    prompt = sst2_chat(1)[0]["messages"][0]["content"]
+    for name, job in done.items():
+        assert job.trained_tokens and job.fine_tuned_model.startswith(f"ft:tiny-{name}")
+        tuned = ask(c, job.fine_tuned_model, prompt).choices[0].message.content
+        base = ask(c, f"tiny-{name}", prompt).choices[0].message.content
+        assert tuned != base, name  # the adapter is applied to the served model
