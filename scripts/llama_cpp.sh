@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # llama.cpp's llama-server, built from the llama-cpp-python sdist on PyPI (its vendor/llama.cpp):
-# the loader the GGUF export is checked with (tests/test_export.py) and the engine benchmark's peer.
+# the loader the GGUF export is checked with (tests/test_export.py) and the engine benchmark's peer;
+# and llama.cpp's own converter and quantizer (convert_hf_to_gguf.py with its gguf-py, llama-quantize),
+# which make the GGUF files of each model family, K-quants included, that tests/test_gguf_families.py loads.
 # AMX kernels off: they crash on this project's CPUs once a prompt has more than one token.
 # Usage: scripts/llama_cpp.sh DIR  (about 4 minutes on 2 cores; DIR/bin/llama-server when done)
 set -euo pipefail
@@ -16,8 +18,13 @@ cmake -S "llama_cpp_python-$VERSION/vendor/llama.cpp" -B build -DCMAKE_BUILD_TYP
   -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
   -DBUILD_SHARED_LIBS=OFF > cmake.log
-cmake --build build --target llama-server -j"$(nproc)" > build.log
+cmake --build build --target llama-server llama-quantize -j"$(nproc)" > build.log
 mkdir -p "$OUT/bin"
+cp build/bin/llama-quantize "$OUT/bin/llama-quantize"
+rm -rf "$OUT/convert"
+mkdir -p "$OUT/convert"
+cp "llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" "$OUT/convert/"
+cp -r "llama_cpp_python-$VERSION/vendor/llama.cpp/gguf-py" "$OUT/convert/gguf-py"
 cp build/bin/llama-server "$OUT/bin/llama-server.tmp"
 mv "$OUT/bin/llama-server.tmp" "$OUT/bin/llama-server"
 echo "$OUT/bin/llama-server"

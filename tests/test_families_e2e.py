@@ -1,7 +1,8 @@
 """Each model family served by path through a real `fundament serve` and the official `openai`
 client: tiny random models of every native family and of architectures the transformers fallback
 serves, each with SmolLM2's tokenizer and chat template. /health says which path serves each; chat
-streams what it answers whole; structured output and tool calls are enforced on the fallback;
+streams what it answers whole; structured output and tool calls are enforced on the fallback (tools
+described by a template that offers them itself, or by fundament);
 classification scores on it; and a fine-tuning job on every family succeeds and its ft: model is
 served at once, answering unlike its base."""
 
@@ -20,9 +21,30 @@ from tuning_data import sst2_chat
 
 pytestmark = pytest.mark.slow
 
+# A chat template that offers tools itself, as Qwen 2.5's does (the Hermes convention): given to
+# the tiny Qwen2, whose requests with tools the template then describes.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}"
+    "{%- endfor %}\n</tools>\nFor each function call, return a json object within <tool_call></tool_call>"
+    " XML tags.<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
 NATIVE = ["llama-3.x", "mistral", "qwen2", "qwen3", "phi3"]
 FALLBACK = ["gpt2", "gemma2"]
 VOCAB = 49152  # SmolLM2's
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +61,8 @@ def family_server(smollm_dir, tmp_path_factory):
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             if (smollm_dir / f).exists():
                 shutil.copy(smollm_dir / f, d / f)
+        if name == "qwen2":
+            (d / "chat_template.jinja").write_text(HERMES_TEMPLATE)
         dirs.append(d)
     args = ["--no-default-models"] + [x for d in dirs for x in ("--model", str(d))]
     srv = ServerProcess(args, tmp_path_factory.mktemp("families-home"))
@@ -52,9 +76,8 @@ def c(family_server):
 
 
 def ask(c, model: str, text: str, **kw):
-    return c.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": text}], max_tokens=12, temperature=0, **kw
-    )
+    kw.setdefault("max_completion_tokens", 12)
+    return c.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], temperature=0, **kw)
 
 
 def test_health_says_which_path_serves_each_model(family_server):
@@ -74,7 +97,7 @@ def test_chat_streams_what_it_answers_whole(c, name):
 
 
 @pytest.mark.parametrize("name", FALLBACK)
-def test_structured_output_and_tool_calls_are_enforced_on_the_fallback(c, name):
+def test_structured_output_is_enforced_on_the_fallback(c, name):
     schema = {
         "type": "object",
         "properties": {"label": {"enum": ["positive", "negative"]}},
@@ -89,23 +112,33 @@ def test_structured_output_and_tool_calls_are_enforced_on_the_fallback(c, name):
         max_completion_tokens=64,
     )
     assert json.loads(r.choices[0].message.content)["label"] in ("positive", "negative")
-    tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 12}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    }
+
+
+def test_a_template_that_offers_tools_describes_them_itself(family_server):
+    """Where the model's template offers tools in the convention calls are parsed in, the prompt
+    is the template's own; elsewhere fundament describes the tools in the system message."""
+    from fundament.adapt.chat import render_chat
+    from fundament.models.tokenizer import ChatTokenizer
+
+    root = family_server.log.parent.parent
+    hermes, plain = (ChatTokenizer(next(root.glob(f"families*/tiny-{n}"))) for n in ("qwen2", "llama-3.x"))
+    assert hermes.hermes_tools and not plain.hermes_tools
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    chat = render_chat(msgs, [WEATHER], "auto", template_tools=True)
+    text = hermes.hf.decode(hermes.encode_prompt(chat.messages, chat.template_tools))
+    assert "<tools>" in text and '"name": "get_weather"' in text and "You can call these functions" not in text
+    chat = render_chat(msgs, [WEATHER], "auto", template_tools=False)
+    text = plain.hf.decode(plain.encode_prompt(chat.messages, chat.template_tools))
+    assert "<tools>" not in text and "You can call these functions" in text and "get_weather" in text
+
+
+@pytest.mark.parametrize("name", ["qwen2", *FALLBACK])
+def test_tool_calls_are_enforced_through_either_description(c, name):
     r = ask(
         c,
         f"tiny-{name}",
         "Weather in Paris?",
-        tools=[tool],
+        tools=[WEATHER],
         tool_choice="required",
         parallel_tool_calls=False,
         max_completion_tokens=80,

@@ -20,13 +20,21 @@ class RenderedChat(NamedTuple):
     learned: list[int]  # indices in `messages` of the assistant turns a trainer learns (weight 1)
     functions: list[dict]  # the tools' function definitions
     tool_choice: str | dict  # 'none' | 'auto' | 'required' | the named function's dict
+    # The tools for the chat template to describe itself (`tools=` of apply_chat_template), where
+    # it does so in the convention the calls are parsed and enforced in; None: none offered, or
+    # described in the system message instead.
+    template_tools: list[dict] | None = None
 
 
-def render_chat(messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> RenderedChat:
-    """The conversation as a chat template reads it. Templates here know neither `developer` (OpenAI's
-    new name for `system`) nor tools: earlier calls are written into their assistant turn as the
-    model is asked to write them, and the tools are described in the system message (unless
-    tool_choice is 'none'). Raises InvalidRequestError naming the field to fix."""
+def render_chat(
+    messages: list[dict], tools: list[dict] | None = None, tool_choice=None, template_tools: bool = False
+) -> RenderedChat:
+    """The conversation as a chat template reads it. `developer` (OpenAI's new name for `system`)
+    becomes `system`; earlier calls are written into their assistant turn as the model is asked to
+    write them. Unless tool_choice is 'none', the tools are offered: by the chat template itself
+    where `template_tools` (the model's template describes tools in the convention calls are
+    parsed in: Qwen's, Hermes'), else described in the system message. Raises
+    InvalidRequestError naming the field to fix."""
     funcs = functions(tools)
     choice = resolve_choice(tool_choice, funcs)
     out: list[dict] = []
@@ -56,6 +64,8 @@ def render_chat(messages: list[dict], tools: list[dict] | None = None, tool_choi
         if role == "assistant" and weight == 1:
             learned.append(len(out))
         out.append(d)
+    if choice != "none" and template_tools:  # the template describes them, in its own words
+        return RenderedChat(out, learned, funcs, choice, [{"type": "function", "function": f} for f in funcs])
     if choice != "none":  # the tools go into the system message
         prompt = system_prompt(funcs)
         if out and out[0]["role"] == "system":

@@ -42,7 +42,8 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("'messages' must be a non-empty list")
         try:
-            msgs, learn, _, _ = render_chat(msgs, record.get("tools"))  # as the server renders it
+            chat = render_chat(msgs, record.get("tools"), template_tools=tokenizer.hermes_tools)  # as the server does
+            msgs, learn = chat.messages, chat.learned
         except InvalidRequestError as e:  # one line's problem, listed with the file's others
             raise ValueError(e.message.rstrip(".")) from None
         if not any(m["role"] == "assistant" for m in msgs):
@@ -50,7 +51,7 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
         if not learn:
             raise ValueError("every assistant message has weight 0: there is nothing to learn")
         eot = set(tokenizer.eos_token_ids)
-        turns = tokenizer.encode_turns(msgs)  # as the server prompts with it (encode_prompt)
+        turns = tokenizer.encode_turns(msgs, chat.template_tools)  # as the server prompts with it (encode_prompt)
         if turns is None:
             raise ValueError("the model's chat template cannot render this conversation turn by turn")
         for j, (head, body) in enumerate(turns):

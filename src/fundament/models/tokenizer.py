@@ -17,6 +17,12 @@ def _one_text(out: object) -> str:
     return out
 
 
+def _tools(tools: list[dict] | None) -> dict:
+    """apply_chat_template's keyword for tools, only when there are some (a template may test
+    `tools is defined`)."""
+    return {"tools": tools} if tools else {}
+
+
 class ChatTokenizer:
     def __init__(self, path: str | Path):
         from transformers import AutoTokenizer
@@ -51,6 +57,14 @@ class ChatTokenizer:
         return ids
 
     @functools.cached_property
+    def hermes_tools(self) -> bool:
+        """Whether the chat template offers tools itself (it reads `tools`) and asks for calls as
+        `<tool_call>{...}</tool_call>`, the form fundament parses and enforces (Qwen 2.5, Qwen 3,
+        Hermes). Other templates' tool formats differ: tools are described in the system message."""
+        template = self.hf.chat_template if isinstance(self.hf.chat_template, str) else ""
+        return "tools" in template and "<tool_call>" in template
+
+    @functools.cached_property
     def ll_tokenizer(self):
         """The token table in the grammar engine's form (built on first use: ~0.5 s)."""
         import llguidance.hf
@@ -78,32 +92,37 @@ class ChatTokenizer:
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         return self.encode(self.chat_text(messages, **kwargs))
 
-    def encode_turns(self, messages: list[dict]) -> list[tuple[list[int], list[int]]] | None:
+    def encode_turns(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> list[tuple[list[int], list[int]]] | None:
         """The conversation tokenized turn by turn, as the trainer learns it and the server prompts
         with it: per message, (ids of what comes before its text: the template up to an assistant
         turn's header, else nothing), (ids of the rest of the turn). Tokenizing the pieces apart
         matters where BPE would merge across them (an answer that begins with whitespace after the
         header's newline): a model tuned on its turns must be prompted with the same ids. None if
         the template cannot be rendered turn by turn (each render must extend the previous)."""
-        rendered = self._turns(messages)
+        rendered = self._turns(messages, tools)
         return None if rendered is None else rendered[0]
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    def encode_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A chat prompt ending in the assistant's header, tokenized turn by turn (encode_turns); a
-        template that cannot be rendered so is tokenized whole."""
-        rendered = self._turns(messages)
-        full = self.chat_text(messages, add_generation_prompt=True)
+        template that cannot be rendered so is tokenized whole. `tools`: for the template to offer."""
+        rendered = self._turns(messages, tools)
+        full = self.chat_text(messages, add_generation_prompt=True, **_tools(tools))
         if rendered is None or not full.startswith(rendered[1]):
             return self.encode(full)
         turns, done = rendered
         return [t for head, body in turns for t in head + body] + self.encode(full[len(done) :])
 
-    def _turns(self, messages: list[dict]) -> tuple[list[tuple[list[int], list[int]]], str] | None:
+    def _turns(
+        self, messages: list[dict], tools: list[dict] | None = None
+    ) -> tuple[list[tuple[list[int], list[int]]], str] | None:
         """encode_turns' pieces and the text of the whole conversation they cover (None: see there)."""
         out, done = [], ""
+        kw = _tools(tools)
         for j, m in enumerate(messages):
-            before = self.chat_text(messages[:j], add_generation_prompt=m["role"] == "assistant") if j else ""
-            after = self.chat_text(messages[: j + 1], add_generation_prompt=False)
+            before = self.chat_text(messages[:j], add_generation_prompt=m["role"] == "assistant", **kw) if j else ""
+            after = self.chat_text(messages[: j + 1], add_generation_prompt=False, **kw)
             if not (before.startswith(done) and after.startswith(before)):
                 return None
             out.append((self.encode(before[len(done) :]), self.encode(after[len(before) :])))

@@ -94,10 +94,15 @@ class ChatHandler:
     def prepare(self, req: ChatCompletionRequest):
         lm, adapter = self.registry.resolve_generator(req.model)
         _refuse_unsupported(req)
-        chat = render_chat([m.model_dump(exclude_none=True) for m in req.messages], req.tools, req.tool_choice)
+        chat = render_chat(
+            [m.model_dump(exclude_none=True) for m in req.messages],
+            req.tools,
+            req.tool_choice,
+            template_tools=lm.tokenizer.hermes_tools,
+        )
         funcs, choice = chat.functions, chat.tool_choice
-        try:
-            prompt_ids = lm.tokenizer.encode_prompt(chat.messages)  # turn by turn, as the trainer learns
+        try:  # turn by turn, as the trainer learns
+            prompt_ids = lm.tokenizer.encode_prompt(chat.messages, chat.template_tools)
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", "messages") from e
         check_prompt_length(lm, len(prompt_ids), "messages")
