@@ -64,6 +64,14 @@ def family_server(smollm_dir, tmp_path_factory):
         if name == "qwen2":
             (d / "chat_template.jinja").write_text(HERMES_TEMPLATE)
         dirs.append(d)
+    base = root / "tiny-gpt2-base"  # a base model: no chat template in its tokenizer
+    make_model(base, "gpt2", vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm_dir / f, base / f)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    dirs.append(base)
     args = ["--no-default-models"] + [x for d in dirs for x in ("--model", str(d))]
     srv = ServerProcess(args, tmp_path_factory.mktemp("families-home"))
     yield srv
@@ -85,6 +93,7 @@ def test_health_says_which_path_serves_each_model(family_server):
     assert {n: e["path"] for n, e in engines.items()} == {
         **{f"tiny-{n}": "native" for n in NATIVE},
         **{f"tiny-{n}": "transformers" for n in FALLBACK},
+        "tiny-gpt2-base": "transformers",
     }
 
 
@@ -94,6 +103,14 @@ def test_chat_streams_what_it_answers_whole(c, name):
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
     stream = ask(c, f"tiny-{name}", "Hello there, how are you?", stream=True)
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == whole.choices[0].message.content
+
+
+def test_a_base_model_without_a_chat_template_serves_completions_and_says_why_not_chat(c):
+    r = c.completions.create(model="tiny-gpt2-base", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    with pytest.raises(openai.BadRequestError, match="no chat template") as e:
+        ask(c, "tiny-gpt2-base", "Hello")
+    assert e.value.body["param"] == "model"
 
 
 @pytest.mark.parametrize("name", FALLBACK)

@@ -51,7 +51,10 @@ def encode_example(tokenizer: ChatTokenizer, record: dict, max_len: int) -> Exam
         if not learn:
             raise ValueError("every assistant message has weight 0: there is nothing to learn")
         eot = set(tokenizer.eos_token_ids)
-        turns = tokenizer.encode_turns(msgs, chat.template_tools)  # as the server prompts with it (encode_prompt)
+        try:
+            turns = tokenizer.encode_turns(msgs, chat.template_tools)  # as the server prompts with it (encode_prompt)
+        except InvalidRequestError as e:  # a model without a chat template: chat examples cannot be rendered
+            raise ValueError(e.message.rstrip(".")) from None
         if turns is None:
             raise ValueError("the model's chat template cannot render this conversation turn by turn")
         for j, (head, body) in enumerate(turns):

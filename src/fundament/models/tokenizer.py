@@ -28,8 +28,8 @@ class ChatTokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
-        if not self.hf.chat_template:
-            raise InvalidRequestError(f"the tokenizer in {path} has no chat template in its metadata", "model")
+        # A base model (GPT-2, OPT) may have none: it serves completions, and chat is refused per request.
+        self.has_chat_template = bool(self.hf.chat_template)
         self.eos_token_ids = sorted({i for i in [self.hf.eos_token_id] if i is not None} | self._end_of_turn_ids(path))
         self.vocab_size = len(self.hf)
         # One decoded string per id, for logprobs' `token` fields.
@@ -61,7 +61,7 @@ class ChatTokenizer:
         """Whether the chat template offers tools itself (it reads `tools`) and asks for calls as
         `<tool_call>{...}</tool_call>`, the form fundament parses and enforces (Qwen 2.5, Qwen 3,
         Hermes). Other templates' tool formats differ: tools are described in the system message."""
-        template = self.hf.chat_template if isinstance(self.hf.chat_template, str) else ""
+        template = self.hf.chat_template if isinstance(self.hf.chat_template, str) else ""  # none: no tools either
         return "tools" in template and "<tool_call>" in template
 
     @functools.cached_property
@@ -85,6 +85,12 @@ class ChatTokenizer:
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The conversation as the chat template writes it."""
+        if not self.has_chat_template:
+            raise InvalidRequestError(
+                "this model has no chat template in its metadata (a base model): send its prompts as text "
+                "to /v1/completions, or serve a directory whose tokenizer has one.",
+                "model",
+            )
         return _one_text(
             self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
         )

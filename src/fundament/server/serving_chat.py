@@ -103,6 +103,8 @@ class ChatHandler:
         funcs, choice = chat.functions, chat.tool_choice
         try:  # turn by turn, as the trainer learns
             prompt_ids = lm.tokenizer.encode_prompt(chat.messages, chat.template_tools)
+        except InvalidRequestError:  # no template at all: says so itself
+            raise
         except Exception as e:  # a template that rejects the conversation (e.g. role order)
             raise InvalidRequestError(f"the model's chat template rejected these messages: {e}", "messages") from e
         check_prompt_length(lm, len(prompt_ids), "messages")
