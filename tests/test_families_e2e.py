@@ -95,6 +95,8 @@ def test_health_says_which_path_serves_each_model(family_server):
         **{f"tiny-{n}": "transformers" for n in FALLBACK},
         "tiny-gpt2-base": "transformers",
     }
+    assert "architecture GPT2LMHeadModel is not supported" in engines["tiny-gpt2"]["path_reason"]
+    assert "path_reason" not in engines["tiny-qwen3"]
 
 
 @pytest.mark.parametrize("name", NATIVE + FALLBACK)

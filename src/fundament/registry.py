@@ -79,7 +79,9 @@ def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaMod
         LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     except InvalidRequestError as e:
         log.info("model %s: served through transformers (the native engine does not take it: %s)", name, e.message)
-        return TransformersModel.from_dir(path, dtype=dtype, device=device)
+        model = TransformersModel.from_dir(path, dtype=dtype, device=device)
+        model.reason = e.message
+        return model
     log.info("model %s: served by the native engine", name)
     return LlamaModel.from_dir(
         path,

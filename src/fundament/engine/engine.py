@@ -75,6 +75,7 @@ class Engine:
         return {
             "backend": "fundament",
             "path": self.model.kind,  # "native" (fundament's engine) or "transformers" (the fallback)
+            **({"path_reason": self.model.reason} if isinstance(self.model, TransformersModel) else {}),
             "running": len(self.running),
             "waiting": len(self.waiting),
             "steps": self.steps,

@@ -76,6 +76,7 @@ class TransformersModel:
         # transformers 5.x names the cache argument `cache` (`past_key_values` before, deprecated).
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.peft: Any = None  # the PEFT wrapper (PeftModel), once an adapter is loaded
+        self.reason = ""  # why the native engine does not serve it (set by the registry; /health shows it)
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype=torch.float32, device="cpu") -> TransformersModel:
