@@ -47,8 +47,8 @@ SHAPE = dict(
 # engine path without the q/k norms.)
 # Nor Phi-3 and Gemma 2: their converters read a SentencePiece tokenizer.model, which real
 # checkpoints have and these tiny models (SmolLM2's BPE tokenizer) do not.
-NATIVE = ["llama", "mistral", "qwen3"]
-FALLBACK = ["gemma3", "gpt2"]
+NATIVE = ["llama", "mistral", "qwen3", "gemma3"]
+FALLBACK = ["gpt2"]
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
 
 
@@ -87,7 +87,7 @@ def family_gguf(root, tokenizer_files, name: str, quant: str):
     d = root / name
     if not d.exists():
         if name in NATIVE:  # Qwen3 head_dim 128, as real ones have: the GGUF reader assumes it
-            make_family(d, name, **SHAPE, **({"head_dim": 128} if name == "qwen3" else {}))
+            make_family(d, name, **SHAPE, **({"head_dim": 128} if name == "qwen3" else {"head_dim": 64}))
         elif name == "gpt2":  # its converter reads n_ctx; the GGUF reader assumes 1024 positions, as GPT-2 has
             make_model(
                 d, name, vocab_size=49152, bos_token_id=1, eos_token_id=None, n_embd=256, n_ctx=1024, n_positions=1024

@@ -368,6 +368,7 @@ class Engine:
             seg = Segment(req.cache, start, n, slot)
             if req.tree is not None:
                 seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
+                seg.key_positions = req.tree.positions[: start + n]
             segments.append(seg)
             tokens.extend(toks)
         if not plan:

@@ -64,6 +64,9 @@ class Segment:
     # length) bool. None: a plain causal run, where position = slot.
     positions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    # A token tree's positions of every cache slot up to this segment's end (start + length), for
+    # attention windows, which count positions, not slots (Gemma's sliding layers). None: slots.
+    key_positions: torch.Tensor | None = None
 
     @property
     def is_plain(self) -> bool:

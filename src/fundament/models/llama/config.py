@@ -1,7 +1,7 @@
 """The Llama family's configuration, read from a Hugging Face config.json: which architectures the
 engine's model takes (Llama incl. Llama 3.x, Mistral, Qwen2, Qwen3 with its per-head q/k norms,
-Phi-3/Phi-4 with their fused projections, with the rotary embedding's static scalings) and their
-shapes. A sliding attention window (Mistral
+Phi-3/Phi-4 with their fused projections, Gemma 2/3 with their norms, soft-capping and per-layer
+sliding windows, with the rotary embedding's static scalings) and their shapes. A sliding attention window (Mistral
 7B v0.1's, Qwen's when enabled) caps the context at the window, where full attention is the same."""
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
 }
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Rotary scalings whose frequencies do not depend on the sequence's length (transformers computes
 # them: modeling_rope_utils); "dynamic" and "longrope" do, and are not taken.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -41,6 +44,15 @@ class LlamaConfig:
     qk_norm: bool = False  # Qwen3: an RMS norm over each head of q and of k, before the rotary embedding
     fused_projections: bool = False  # Phi-3: stored as qkv_proj and gate_up_proj, the engine's own fusion
     hf: dict = field(default_factory=dict, repr=False)  # config.json as read: the rotary scaling's parameters
+    # Gemma 2/3: norms scale by (1 + w) (folded into the weights at load), embeddings are scaled by
+    # sqrt(hidden), attention and MLP outputs are normed too (four norms per layer), GELU (tanh).
+    gemma: bool = False
+    query_scale: float | None = None  # Gemma's query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: attention scores capped as tanh(s / cap) * cap
+    final_softcap: float | None = None  # Gemma 2: the logits likewise
+    windows: tuple[int | None, ...] = ()  # per layer: its sliding window, None for full attention
+    layer_types: tuple[str, ...] = ()  # per layer, as transformers names them (rotary tables differ by type: Gemma 3)
+    rope_by_layer_type: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -49,12 +61,30 @@ class LlamaConfig:
             raise InvalidRequestError(
                 f"architecture {arch} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}", "model"
             )
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise InvalidRequestError(
-                f"rope type {rope_type} is not supported; supported: {sorted(STATIC_ROPE_TYPES)}", "model"
+        gemma = {}
+        if arch in GEMMA:  # read through transformers' own config class: it normalizes older config.json forms
+            from transformers import AutoConfig
+
+            g = AutoConfig.for_model(**cfg)
+            types = tuple(g.layer_types)
+            nested = all(isinstance(v, dict) for v in (g.rope_parameters or {}).values())
+            gemma = dict(
+                gemma=True,
+                query_scale=g.query_pre_attn_scalar**-0.5,
+                attn_softcap=getattr(g, "attn_logit_softcapping", None),
+                final_softcap=getattr(g, "final_logit_softcapping", None),
+                windows=tuple(g.sliding_window if t == "sliding_attention" else None for t in types),
+                layer_types=types,
+                rope_by_layer_type=dict(g.rope_parameters) if nested else {},
             )
+        ropes = list(gemma["rope_by_layer_type"].values()) if gemma and gemma["rope_by_layer_type"] else []
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        for r in ropes or [rope]:
+            rope_type = r.get("rope_type", r.get("type", "default"))
+            if rope_type not in STATIC_ROPE_TYPES:
+                raise InvalidRequestError(
+                    f"rope type {rope_type} is not supported; supported: {sorted(STATIC_ROPE_TYPES)}", "model"
+                )
         heads = cfg["num_attention_heads"]
         if cfg.get("partial_rotary_factor", 1.0) != 1.0:
             raise InvalidRequestError(
@@ -79,23 +109,28 @@ class LlamaConfig:
             max_position_embeddings=context,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             fused_projections=arch == "Phi3ForCausalLM",
             hf=cfg,
+            **gemma,
         )
 
-    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+    def rope_frequencies(self, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
         """The rotary embedding's inverse frequencies (head_dim / 2,) and the factor its cos and
         sin are scaled by: the plain ones, or transformers' own computation of the model's
-        scaling (Llama 3.x's, linear, YaRN), so they are exactly the reference's."""
-        rope = self.hf.get("rope_parameters") or self.hf.get("rope_scaling") or {}
+        scaling (Llama 3.x's, linear, YaRN), so they are exactly the reference's. `layer_type`:
+        for a model whose rotary embedding differs by layer type (Gemma 3's local and global)."""
+        by_type = self.rope_by_layer_type.get(layer_type) if layer_type else None
+        rope = by_type or self.hf.get("rope_parameters") or self.hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "default":
+            theta = rope.get("rope_theta", self.rope_theta) if by_type else self.rope_theta
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-            return 1.0 / (self.rope_theta**exponents), 1.0
+            return 1.0 / (theta**exponents), 1.0
         from transformers import AutoConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         hf = AutoConfig.for_model(**self.hf)
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        kw = {"layer_type": layer_type} if by_type else {}
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"), **kw)
         return inv_freq.float(), float(scale)

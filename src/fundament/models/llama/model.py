@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ...errors import InvalidRequestError
 from .cache import KVCache, Segment
 from .config import LlamaConfig
+from .gemma import gemma_attention
 from .linear import Linear
 from .weights import Weights, _LazyWeights
 
@@ -42,7 +43,9 @@ class LlamaModel:
         self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
         self.native = False
-        if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        # Gemma's sandwich norms, soft-capping and per-layer windows are not in the native kernel:
+        # its rows take the PyTorch path (low-bit decode weights through torch's kernels).
+        if native_decode and not cfg.gemma and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from .. import native
 
             self.native = native.load()
@@ -52,6 +55,10 @@ class LlamaModel:
 
         def w(name):
             return weights.pop(name).to(dtype=dtype, device=self.device).contiguous()
+
+        def norm(name):  # Gemma scales by (1 + w): folded in once, in float32
+            t = weights.pop(name)
+            return (t.float() + 1.0 if cfg.gemma else t).to(dtype=dtype, device=self.device).contiguous()
 
         def lin(*names, bias=False):
             source = torch.cat([weights.pop(n + ".weight") for n in names])  # as stored (float32 from a GGUF)
@@ -67,16 +74,29 @@ class LlamaModel:
         self.embed = w("model.embed_tokens.weight")  # (V, C)
         head = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in weights else None
         self.lm_head = Linear(w(head) if head else self.embed, int8=int8, pack=pack)
-        self.norm = w("model.norm.weight")
+        self.norm = norm("model.norm.weight")
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            self.layers.append(
-                {
+            if (
+                cfg.gemma
+            ):  # the norm before the MLP is pre_feedforward's; attention's and the MLP's outputs are normed too
+                norms = {
+                    "in_norm": norm(p + "input_layernorm.weight"),
+                    "attn_out_norm": norm(p + "post_attention_layernorm.weight"),
+                    "post_norm": norm(p + "pre_feedforward_layernorm.weight"),
+                    "mlp_out_norm": norm(p + "post_feedforward_layernorm.weight"),
+                }
+            else:
+                norms = {
                     "in_norm": w(p + "input_layernorm.weight"),
                     "post_norm": w(p + "post_attention_layernorm.weight"),
+                }
+            self.layers.append(
+                {
+                    **norms,
                     **(
-                        {"q_norm": w(p + "self_attn.q_norm.weight"), "k_norm": w(p + "self_attn.k_norm.weight")}
+                        {"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight")}
                         if cfg.qk_norm
                         else {}
                     ),
@@ -91,14 +111,25 @@ class LlamaModel:
                     "down": lin(p + "mlp.down_proj"),
                 }
             )
-        inv_freq, rope_scale = cfg.rope_frequencies()
-        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
-        self.cos = (emb.cos() * rope_scale).to(dtype=dtype, device=self.device)
-        self.sin = (emb.sin() * rope_scale).to(dtype=dtype, device=self.device)
+        self.cos, self.sin = self._rope_tables(None)
+        # Per layer, its rotary table: one for all, or (Gemma 3) one per layer type
+        self._layer_rope = [0] * cfg.num_hidden_layers
+        self._ropes = [(self.cos, self.sin)]
+        if cfg.rope_by_layer_type:
+            kinds = sorted(set(cfg.layer_types))
+            self._ropes = [self._rope_tables(k) for k in kinds]
+            self._layer_rope = [kinds.index(t) for t in cfg.layer_types]
         if self.native:
             self._native_args()
+
+    def _rope_tables(self, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, rope_scale = self.cfg.rope_frequencies(layer_type)
+        t = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
+        cos = (emb.cos() * rope_scale).to(dtype=self.dtype, device=self.device)
+        sin = (emb.sin() * rope_scale).to(dtype=self.dtype, device=self.device)
+        return cos, sin
 
     def _native_args(self) -> None:
         """The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
@@ -289,7 +320,10 @@ class LlamaModel:
             ends = torch.tensor([s.length for s in segments]).cumsum(0)
             per_segment = torch.bucketize(logit_rows[fast:].cpu(), ends, right=True).bincount(minlength=len(segments))
             splits = [n for n in per_segment.tolist() if n]
-        return self.lm_head(x, fast, splits=splits).float().cpu()  # (R, V)
+        logits = self.lm_head(x, fast, splits=splits).float()  # (R, V)
+        if self.cfg.final_softcap:  # Gemma 2
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits.cpu()
 
     def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
         """Every layer for the segments' rows in one native call (each row with its cache and
@@ -349,10 +383,11 @@ class LlamaModel:
             for s in segments[:n_dec]
             for c in (s.cache,)
         ]
-        cos = self.cos[positions].unsqueeze(1)  # (N, 1, hd)
-        sin = self.sin[positions].unsqueeze(1)
+        ropes = [(c[positions].unsqueeze(1), s[positions].unsqueeze(1)) for c, s in self._ropes]  # (N, 1, hd)
         N = input_ids.shape[0]
         x = self.embed[input_ids]  # (N, C)
+        if cfg.gemma:  # embeddings scaled by sqrt(hidden), the factor rounded to the model's dtype as Gemma does
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         q_dim, kv_dim = H * hd, KVH * hd
         splits = (
             [s.length for s in segments[n_dec:]] if self.batch_invariant else None
@@ -365,12 +400,18 @@ class LlamaModel:
                 qk = torch.cat(
                     [self._rms_norm(qk[:, :H], layer["q_norm"]), self._rms_norm(qk[:, H:], layer["k_norm"])], 1
                 )
-            qk = self._rope(qk, cos, sin)  # q and k in one go
+            qk = self._rope(qk, *ropes[self._layer_rope[li]])  # q and k in one go
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, q_dim + kv_dim :].view(N, KVH, hd)
-            attn = self._attention(li, q, k, v, segments, n_dec, dec_views)  # (N, H, hd)
-            x = x + layer["o"](attn.view(N, q_dim), n_dec, lora_rows, splits)
+            if cfg.gemma:
+                attn = gemma_attention(cfg, li, q, k, v, segments, dec_views)  # (N, H, hd)
+            else:
+                attn = self._attention(li, q, k, v, segments, n_dec, dec_views)
+            out = layer["o"](attn.view(N, q_dim), n_dec, lora_rows, splits)
+            x = x + (self._rms_norm(out, layer["attn_out_norm"]) if cfg.gemma else out)
             h = self._rms_norm(x, layer["post_norm"])
             gate, up = layer["gate_up"](h, n_dec, lora_rows, splits).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up, n_dec, lora_rows, splits)
+            act = F.gelu(gate, approximate="tanh") if cfg.gemma else F.silu(gate)
+            out = layer["down"](act * up, n_dec, lora_rows, splits)
+            x = x + (self._rms_norm(out, layer["mlp_out_norm"]) if cfg.gemma else out)
         return x

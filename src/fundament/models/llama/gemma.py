@@ -1,0 +1,60 @@
+"""Gemma 2/3's attention for the engine's PyTorch path: transformers' eager attention (its query
+scale, Gemma 2's soft-capped scores, each layer's sliding window), per decode row and per prompt
+segment over the sequence's own cache, so a row's result never depends on its batch."""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import Segment
+from .config import LlamaConfig
+
+
+def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment], dec_views) -> torch.Tensor:
+    """LlamaModel._attention as Gemma computes it (transformers' eager attention): its query scale, Gemma
+    2's soft-capped scores, and this layer's sliding window (a query sees its last `window`
+    positions). Per row for decode rows and per segment for prompts, so batch-invariant."""
+    H, KVH, hd = q.shape[1], k.shape[1], q.shape[2]
+    G = H // KVH
+    window = cfg.windows[li] if cfg.windows else None
+    attn = torch.empty_like(q)
+    for i, (k_at, v_at, ks, vs) in enumerate(dec_views):
+        k_at[li] = k[i]
+        v_at[li] = v[i]
+        kk, vv = ks[li][0], vs[li][0]  # (KVH, len, hd)
+        if window:
+            kk, vv = kk[:, -window:], vv[:, -window:]
+        attn[i] = _attend(cfg, q[i].view(KVH, G, hd), kk, vv, None).reshape(H, hd)
+    n_dec = len(dec_views)  # the decode rows come first
+    off = n_dec
+    for s in segments[n_dec:]:
+        end = s.start + s.length
+        kc, vc = s.cache.k[li], s.cache.v[li]  # (KVH, cap, hd)
+        kc[:, s.start : end] = k[off : off + s.length].transpose(0, 1)
+        vc[:, s.start : end] = v[off : off + s.length].transpose(0, 1)
+        if s.mask is not None:  # a token tree: its mask, and the window over positions (depths)
+            allowed = s.mask.to(q.device)
+            key_pos = s.key_positions if s.key_positions is not None else torch.arange(end)
+            q_pos = key_pos[s.start : end]
+        else:
+            allowed = torch.ones(s.length, end, dtype=torch.bool, device=q.device).tril(diagonal=s.start)
+            key_pos, q_pos = torch.arange(end), torch.arange(s.start, end)
+        if window:
+            allowed = allowed & (q_pos[:, None] - key_pos[None, :] < window).to(q.device)
+        ks = kc[:, :end].repeat_interleave(G, dim=0)  # (H, end, hd)
+        vs = vc[:, :end].repeat_interleave(G, dim=0)
+        attn[off : off + s.length] = _attend(cfg, q[off : off + s.length].transpose(0, 1), ks, vs, allowed).transpose(
+            0, 1
+        )
+        off += s.length
+    return attn
+
+
+def _attend(cfg: LlamaConfig, q, k, v, allowed) -> torch.Tensor:
+    """q (B, n, hd), k and v (B, m, hd); `allowed` (n, m) or None (all): softmax(q k^T) v."""
+    scores = (q @ k.transpose(-1, -2)) * (cfg.query_scale or q.shape[-1] ** -0.5)
+    if cfg.attn_softcap:
+        scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
