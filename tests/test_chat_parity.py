@@ -182,8 +182,8 @@ def test_the_check_sees_a_trainer_that_renders_otherwise(tok, monkeypatch):
     """It can fail: a trainer that kept `developer` (templates know only `system`) is caught."""
     render = examples.render_chat
 
-    def keeps_developer(messages, tools=None, tool_choice=None):
-        chat = render(messages, tools, tool_choice)
+    def keeps_developer(messages, tools=None, tool_choice=None, **kw):
+        chat = render(messages, tools, tool_choice, **kw)
         roles = [m["role"] for m in messages]
         for j, m in enumerate(chat.messages[len(chat.messages) - len(roles) :]):
             m["role"] = roles[j] if roles[j] == "developer" else m["role"]
