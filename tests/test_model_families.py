@@ -83,12 +83,16 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def make_family(path, family: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    return make_random(path, config_cls, model_cls, {**SHAPE, **extra, **overrides}, seed)
+
+
+def make_random(path, config_cls: str, model_cls: str, config: dict, seed: int = 0):
+    """A random model of transformers' `model_cls` from `config_cls(**config)`, saved at path."""
     import transformers
 
-    config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, config_cls)(**{**SHAPE, **extra, **overrides})
-    model = getattr(transformers, model_cls)(cfg).eval()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
     with torch.no_grad():  # larger than the default init, so the tokens depend on every weight
         for p in model.parameters():
             if p.dim() == 2:

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from test_engine import greedy, run_all, score_request, tokens
+from test_model_families import make_random
 
 from fundament.config import EngineConfig
 from fundament.engine import Engine
@@ -22,6 +23,14 @@ from fundament.models.llama import LlamaModel, Segment
 from fundament.models.transformers_model import TransformersModel
 
 SHAPE = dict(vocab_size=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 FALLBACK = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "opt": (
@@ -39,63 +48,26 @@ FALLBACK = {
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=256,
-            sliding_window=16,  # shorter than the test's sequences: the local layers really slide
-        ),
+        dict(DECODER, head_dim=16, sliding_window=16),  # shorter than the test's sequences: the local layers slide
     ),
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=256,
-            sliding_window=16,
-        ),
+        dict(DECODER, head_dim=16, sliding_window=16),
     ),
     # Phi-4-mini's partial rotary embedding: a native family with a feature the engine refuses
     "phi3-partial-rotary": (
         "Phi3Config",
         "Phi3ForCausalLM",
-        dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            partial_rotary_factor=0.5,
-        ),
+        dict(DECODER, partial_rotary_factor=0.5),
     ),
 }
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
 
 
 def make_model(path, family: str, seed: int = 0, **overrides):
-    import transformers
-
     config_cls, model_cls, shape = FALLBACK[family]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(
-        getattr(transformers, config_cls)(**{**SHAPE, **shape, **overrides})
-    ).eval()
-    with torch.no_grad():  # larger than the default init, so the tokens depend on every weight
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    return model
+    return make_random(path, config_cls, model_cls, {**SHAPE, **shape, **overrides}, seed)
 
 
 @pytest.fixture(scope="module", params=list(FALLBACK))

@@ -60,18 +60,16 @@ def _capped_or_windowed(q, k, v, scaling, softcap, window) -> torch.Tensor:
     """Causal attention per example with soft-capped scores (tanh(s / cap) * cap, Gemma 2) and/or
     a sliding window (a query sees the last `window` positions), as transformers' eager attention
     computes them. q (S, H, L, D), k and v (S, KV heads, L, D); returns (S * L, H, D)."""
-    S, H, L, D = q.shape
+    from ..models.llama.gemma import eager_attention
+
+    H, L = q.shape[1], q.shape[2]
     if k.shape[1] != H:
         k, v = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (k, v))
-    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else D**-0.5)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
     i = torch.arange(L, device=q.device)
     allowed = i[None, :] <= i[:, None]
     if window:
         allowed &= i[:, None] - i[None, :] < window
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v).transpose(1, 2).flatten(0, 1)
+    return eager_attention(q, k, v, allowed, scaling, softcap).transpose(1, 2).flatten(0, 1)
 
 
 def register_packed_attention() -> None:

@@ -48,14 +48,6 @@ class TransformersCache:
     def reserve(self, n_tokens: int) -> None:
         assert n_tokens <= self.limit, "a sequence outgrew its reservation"
 
-    def nbytes(self) -> int:
-        total = 0
-        for layer in getattr(self.past, "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
-
 
 class TransformersModel:
     kind = "transformers"

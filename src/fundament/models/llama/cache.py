@@ -68,6 +68,14 @@ class Segment:
     # attention windows, which count positions, not slots (Gemma's sliding layers). None: slots.
     key_positions: torch.Tensor | None = None
 
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this segment's keys and values (length, KVH, hd) of one layer into its cache
+        slots; that layer's whole cache (KVH, cap, hd) for keys and for values."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[:, self.start : self.start + self.length] = k.transpose(0, 1)
+        vc[:, self.start : self.start + self.length] = v.transpose(0, 1)
+        return kc, vc
+
     @property
     def is_plain(self) -> bool:
         """A causal run of tokens, not a token tree."""

@@ -17,6 +17,7 @@ def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment],
     H, KVH, hd = q.shape[1], k.shape[1], q.shape[2]
     G = H // KVH
     window = cfg.windows[li] if cfg.windows else None
+    scaling = (cfg.query_scale, cfg.attn_softcap)
     attn = torch.empty_like(q)
     for i, (k_at, v_at, ks, vs) in enumerate(dec_views):
         k_at[li] = k[i]
@@ -24,14 +25,12 @@ def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment],
         kk, vv = ks[li][0], vs[li][0]  # (KVH, len, hd)
         if window:
             kk, vv = kk[:, -window:], vv[:, -window:]
-        attn[i] = _attend(cfg, q[i].view(KVH, G, hd), kk, vv, None).reshape(H, hd)
+        attn[i] = eager_attention(q[i].view(KVH, G, hd), kk, vv, None, *scaling).reshape(H, hd)
     n_dec = len(dec_views)  # the decode rows come first
     off = n_dec
     for s in segments[n_dec:]:
         end = s.start + s.length
-        kc, vc = s.cache.k[li], s.cache.v[li]  # (KVH, cap, hd)
-        kc[:, s.start : end] = k[off : off + s.length].transpose(0, 1)
-        vc[:, s.start : end] = v[off : off + s.length].transpose(0, 1)
+        kc, vc = s.store(li, k[off : off + s.length], v[off : off + s.length])  # (KVH, cap, hd)
         if s.mask is not None:  # a token tree: its mask, and the window over positions (depths)
             allowed = s.mask.to(q.device)
             key_pos = s.key_positions if s.key_positions is not None else torch.arange(end)
@@ -43,18 +42,20 @@ def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment],
             allowed = allowed & (q_pos[:, None] - key_pos[None, :] < window).to(q.device)
         ks = kc[:, :end].repeat_interleave(G, dim=0)  # (H, end, hd)
         vs = vc[:, :end].repeat_interleave(G, dim=0)
-        attn[off : off + s.length] = _attend(cfg, q[off : off + s.length].transpose(0, 1), ks, vs, allowed).transpose(
-            0, 1
-        )
+        attn[off : off + s.length] = eager_attention(
+            q[off : off + s.length].transpose(0, 1), ks, vs, allowed, *scaling
+        ).transpose(0, 1)
         off += s.length
     return attn
 
 
-def _attend(cfg: LlamaConfig, q, k, v, allowed) -> torch.Tensor:
-    """q (B, n, hd), k and v (B, m, hd); `allowed` (n, m) or None (all): softmax(q k^T) v."""
-    scores = (q @ k.transpose(-1, -2)) * (cfg.query_scale or q.shape[-1] ** -0.5)
-    if cfg.attn_softcap:
-        scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+def eager_attention(q, k, v, allowed, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v as transformers' eager attention computes it (Gemma 2's scores
+    capped as tanh(s / cap) * cap); serving and training (adapt/packed_attention.py) share it.
+    q (..., n, hd), k and v (..., m, hd); `allowed` (n, m) or None (all); scale None: hd ** -0.5."""
+    scores = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
