@@ -30,7 +30,7 @@ HERMES_TEMPLATE = (
     "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
-NATIVE = ["llama-3.x", "mistral", "qwen2", "qwen3", "phi3", "gemma2"]
+NATIVE = ["llama-3.x", "mistral", "qwen2", "qwen3", "phi4-mini", "gemma2"]
 FALLBACK = ["gpt2", "opt"]
 VOCAB = 49152  # SmolLM2's
 WEATHER = {

@@ -37,6 +37,24 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+
+
+def longrope(rotary_dims: int, partial: float = 1.0, original: int = 16) -> dict:
+    half = rotary_dims // 2
+    return {
+        "original_max_position_embeddings": original,
+        "partial_rotary_factor": partial,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "original_max_position_embeddings": original,
+            "partial_rotary_factor": partial,
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.0 + 2.0 * i for i in range(half)],
+        },
+    }
+
+
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "llama-3.x": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
@@ -61,6 +79,12 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    # Phi-3's LongRoPE (128k models): a short set of frequency factors up to original_max_position_embeddings
+    # (16 here, so 32 generated tokens cross it), the long set past it; Phi-4-mini's also over only
+    # part of each head (0.75 of 16: 12 dims, 6 factors)
+    "phi3-longrope": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, **longrope(16)}),
+    "phi4-mini": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, **longrope(12, partial=0.75)}),
+    "phi3-partial-rotary": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "partial_rotary_factor": 0.5}),
     # windows shorter than the test's sequences, so the sliding layers really slide
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16, "pad_token_id": 0}),
     "gemma3": (
@@ -78,7 +102,9 @@ FAMILIES = {
         },
     ),
 }
-LORA_TARGETS = {"phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
+LONGROPE = ("phi3-longrope", "phi4-mini")
+PHI = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3 stores them fused
+LORA_TARGETS = {name: PHI for name in ("phi3", "phi3-longrope", "phi4-mini", "phi3-partial-rotary")}
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -110,13 +136,20 @@ def family(request, tmp_path_factory):
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
 
 
+def prompt_for(name: str) -> list[int]:
+    """LongRoPE: a prompt past the original context, where transformers takes the long set from the
+    start, as the engine does for every sequence of a model whose context is longer."""
+    return PROMPT + PROMPT[::-1] if name in LONGROPE else PROMPT
+
+
 def test_float32_equals_transformers_generate_and_its_logits(family):
     name, path, hf = family
-    ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
+    prompt = prompt_for(name)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0].tolist()
     model = LlamaModel.from_dir(path, dtype=torch.float32)
-    req, outs = greedy(PROMPT, 32)
+    req, outs = greedy(prompt, 32)
     run_all(Engine(model, EngineConfig(), [2]), [req])
-    assert tokens(outs) == ref[len(PROMPT) :], name
+    assert tokens(outs) == ref[len(prompt) :], name
     # logits of every position of the whole sequence, against transformers' forward
     with torch.no_grad():
         want = hf(torch.tensor([ref])).logits[0]
@@ -135,15 +168,16 @@ def test_a_lora_adapter_equals_pefts_merged_model(family, tmp_path):
     lora = make_lora(path, tmp_path / "lora", targets=LORA_TARGETS.get(name, ALL_PROJECTIONS), std=0.1)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, lora).merge_and_unload().eval()
-    ref = merged.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
+    prompt = prompt_for(name)
+    ref = merged.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0].tolist()
     model = LlamaModel.from_dir(path, dtype=torch.float32)
     engine = Engine(model, EngineConfig(), [2])
     engine.load_adapter("a", lora)
-    req, outs = greedy(PROMPT, 32)
+    req, outs = greedy(prompt, 32)
     req.adapter = "a"
     run_all(engine, [req])
-    assert tokens(outs) == ref[len(PROMPT) :], name
-    plain, plain_outs = greedy(PROMPT, 32)
+    assert tokens(outs) == ref[len(prompt) :], name
+    plain, plain_outs = greedy(prompt, 32)
     run_all(engine, [plain])
     assert tokens(plain_outs) != tokens(outs)  # the adapter changes the tokens: the check can fail
 
@@ -173,6 +207,21 @@ def test_llama3_scaling_is_applied():
     scaled, factor = LlamaConfig.from_hf(dict(base, rope_parameters=LLAMA3_ROPE)).rope_frequencies()
     # the highest frequency kept, the lowest divided by the factor (8)
     assert factor == 1.0 and scaled[0] == plain[0] and torch.allclose(scaled[-2:], plain[-2:] / 8)
+
+
+def test_longrope_takes_the_short_set_within_the_original_context(tmp_path):
+    """A LongRoPE model whose context is its original one (Phi-3-mini-4k's form) keeps the short
+    factors, as transformers does for sequences that short; the family above takes the long."""
+    hf = make_family(tmp_path, "phi4-mini", **longrope(12, partial=0.75, original=256))
+    ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)[0].tolist()
+    model = LlamaModel.from_dir(tmp_path, dtype=torch.float32)
+    assert not model.cfg.long_rope
+    short = model.cfg.rope_frequencies()[0]
+    req, outs = greedy(PROMPT, 32)
+    run_all(Engine(model, EngineConfig(), [2]), [req])
+    assert tokens(outs) == ref[len(PROMPT) :]
+    model.cfg.max_position_embeddings = 1024  # a longer context: the long set, other frequencies
+    assert model.cfg.long_rope and not torch.equal(model.cfg.rope_frequencies()[0], short)
 
 
 def test_a_sliding_window_caps_the_context():
@@ -228,4 +277,4 @@ def test_fine_tuning_targets_name_the_modules_the_model_has(family):
     name, _, hf = family
     want = LORA_TARGETS.get(name, ALL_PROJECTIONS)
     assert stored_targets(hf, ALL_LINEAR) == sorted(want)
-    assert stored_targets(hf, ["q_proj"]) == (["qkv_proj"] if name == "phi3" else ["q_proj"])
+    assert stored_targets(hf, ["q_proj"]) == (["qkv_proj"] if name.startswith("phi") else ["q_proj"])

@@ -55,11 +55,12 @@ FALLBACK = {
         "Gemma3ForCausalLM",
         dict(DECODER, head_dim=16, sliding_window=16),
     ),
-    # Phi-4-mini's partial rotary embedding: a native family with a feature the engine refuses
-    "phi3-partial-rotary": (
-        "Phi3Config",
-        "Phi3ForCausalLM",
-        dict(DECODER, partial_rotary_factor=0.5),
+    # GPT-NeoX (Pythia): parallel attention and MLP, a rotary embedding over a quarter of each head
+    "gpt-neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        # 4 layers: with 2, this random one repeats a single token
+        dict(DECODER, rotary_pct=0.25, tie_word_embeddings=False, num_hidden_layers=4),
     ),
 }
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
@@ -126,8 +127,9 @@ def test_peft_adapters_equal_their_merged_models_two_in_one_batch(family, tmp_pa
     from transformers import AutoModelForCausalLM
 
     name, path, hf = family
-    modules = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
-    targets = sorted(modules - {"lm_head"})
+    head = hf.get_output_embeddings()  # lm_head, or GPT-NeoX's embed_out
+    linears = (m for m in hf.named_modules() if type(m[1]).__name__ in ("Linear", "Conv1D") and m[1] is not head)
+    targets = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
     refs, engine = {}, Engine(TransformersModel.from_dir(path, dtype=torch.float32), EngineConfig(), [2])
     for seed in (1, 2):
         lora = make_lora(path, tmp_path / f"lora{seed}", seed=seed, targets=targets, std=0.3)

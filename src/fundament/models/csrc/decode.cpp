@@ -81,11 +81,13 @@ void rms_norm(const T* x, const T* w, T* out, int64_t C, float eps) {
   for (int64_t i = 0; i < C; ++i) out[i] = static_cast<T>(f32(w[i]) * f32(static_cast<T>(f32(x[i]) * r)));
 }
 
-// Rotary embedding of one head (HF's rotate_half convention), rounded once to T. `out` may be
+// Rotary embedding of one head's first `rot` values (HF's rotate_half convention), rounded once to
+// T; the rest of the head (a partial rotary embedding: Phi-4-mini) passes through. `out` may be
 // `x`: each step reads x[i] and x[i + half] before it writes them.
 template <typename T>
-void rope(const T* x, const T* cos, const T* sin, T* out, int64_t hd) {
-  const int64_t half = hd / 2;
+void rope(const T* x, const T* cos, const T* sin, T* out, int64_t rot, int64_t hd) {
+  if (out != x) std::copy(x + rot, x + hd, out + rot);
+  const int64_t half = rot / 2;
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = f32(x[i]), x2 = f32(x[i + half]);
     out[i] = static_cast<T>(x1 * f32(cos[i]) - x2 * f32(sin[i]));
@@ -140,7 +142,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   // 2 norms a layer, or 4 with Qwen3's per-head q and k norms
   const int64_t n = x.size(0), C = x.size(1), L = static_cast<int64_t>(kinds.size()) / 4;
   const int64_t per_layer = static_cast<int64_t>(norms.size()) / L;
-  const int64_t hd = cos.size(1), G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
+  const int64_t rot = cos.size(1), hd = n > 0 ? k_caches[0].size(3) : rot, G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
   const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(hd));
   x = x.contiguous().clone();
   auto h = at::empty_like(x);
@@ -179,9 +181,9 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
         for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
         for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
       }
-      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cp + r * hd, sp + r * hd, row + hh * hd, hd);
+      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cp + r * rot, sp + r * rot, row + hh * hd, rot, hd);
       for (int64_t g = 0; g < KVH; ++g) {
-        rope(row + q_dim + g * hd, cp + r * hd, sp + r * hd, kc + (g * cap + pos) * hd, hd);
+        rope(row + q_dim + g * hd, cp + r * rot, sp + r * rot, kc + (g * cap + pos) * hd, rot, hd);
         std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
       }
     });
@@ -234,9 +236,11 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
 at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                          at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
                          at::TensorList v_caches, at::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads, double eps) {
-  TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0), "decode_layers: x (n, C), cos and sin (n, hd)");
+  TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0), "decode_layers: x (n, C), cos and sin (n, rotary dims)");
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == x.size(0) && static_cast<int64_t>(positions.size()) == x.size(0),
               "decode_layers: one cache and one position per row");
+  TORCH_CHECK(x.size(0) == 0 || (k_caches[0].dim() == 4 && cos.size(1) <= k_caches[0].size(3) && cos.size(1) % 2 == 0),
+              "decode_layers: caches (layers, kv heads, capacity, head dim), rotary dims even and within the head");
   TORCH_CHECK((kinds.size() == norms.size() * 2 || kinds.size() == norms.size()) && kinds.size() % 4 == 0 &&
                   lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
               "decode_layers: 2 norms (or 4, with q and k norms), 4 linears (3 tensors each) and 4 LoRA counts per layer");

@@ -126,7 +126,7 @@ class LlamaModel:
         inv_freq, rope_scale = self.cfg.rope_frequencies(layer_type)
         t = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), HF's rotate_half convention
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, rotary_dim), HF's rotate_half convention
         cos = (emb.cos() * rope_scale).to(dtype=self.dtype, device=self.device)
         sin = (emb.sin() * rope_scale).to(dtype=self.dtype, device=self.device)
         return cos, sin
@@ -223,7 +223,9 @@ class LlamaModel:
 
     @staticmethod
     def _rope(x, cos, sin):
-        # x: (N, heads, hd); cos/sin: (N, 1, hd)
+        # x: (N, heads, hd); cos/sin: (N, 1, rotary_dim): a partial rotary embedding passes the rest
+        if (rot := cos.shape[-1]) < x.shape[-1]:
+            return torch.cat([LlamaModel._rope(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
