@@ -214,3 +214,23 @@ def test_a_fine_tuning_job_on_every_family_serves_its_model(c):
         tuned = ask(c, job.fine_tuned_model, prompt).choices[0].message.content
         base = ask(c, f"tiny-{name}", prompt).choices[0].message.content
         assert tuned != base, name  # the adapter is applied to the served model
+
+
+def test_lora_targets_a_model_lacks_are_a_400_at_create_with_no_job(c):
+    """GPT-2 names its projections its own way (c_attn, c_proj): a job naming only q_proj and v_proj
+    would adapt nothing, so it is refused before it exists, not failed later in the worker."""
+    train = c.files.create(
+        file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in sst2_chat(4)).encode()), purpose="fine-tune"
+    ).id
+    before = len(c.fine_tuning.jobs.list(limit=100).data)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.fine_tuning.jobs.create(
+            model="tiny-gpt2", training_file=train, extra_body={"target_modules": ["q_proj", "v_proj"]}
+        )
+    assert e.value.body["param"] == "target_modules" and "no module of this gpt2 model" in e.value.body["message"]
+    assert len(c.fine_tuning.jobs.list(limit=100).data) == before
+    # where the model stores them fused (Phi-4-mini's qkv_proj), the same names are taken
+    job = c.fine_tuning.jobs.create(
+        model="tiny-phi4-mini", training_file=train, extra_body={"target_modules": ["q_proj", "v_proj"]}
+    )
+    c.fine_tuning.jobs.cancel(job.id)

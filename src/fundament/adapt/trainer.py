@@ -106,6 +106,16 @@ def stored_targets(model, targets) -> list[str] | str:
     )
 
 
+def check_targets(base_dir: Path, targets: list[str]) -> None:
+    """Refuse LoRA targets that name no module of the model in base_dir, as the trainer would, but
+    before a job exists: the model is built on the meta device, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
+    stored_targets(model, targets)
+
+
 class Trainer:
     def __init__(
         self,

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from ..adapt.hyperparameters import TuneConfig, resolve_hyperparameters
+from ..adapt.trainer import check_targets
 from ..config import fundament_home
 from ..errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from ..jobs import lifecycle
@@ -14,6 +15,7 @@ from ..jobs.files import FileStore
 from ..jobs.job_data import drop_job_files, keep_job_files
 from ..jobs.naming import ORGANIZATION_ID
 from ..jobs.store import new_id
+from ..models.loading import hf_dir_for
 from ..registry import ModelRegistry
 from .limits import check_limit
 from .protocol_fine_tuning import (
@@ -150,6 +152,8 @@ class FineTuningHandler:
             with open(kept["training_file"], "rb") as f:
                 n_lines = sum(1 for line in f if line.strip())
             self._resolve(requested, max(n_lines, 1), extensions, seed, prefix)
+            if "target_modules" in extensions:  # names the model may lack: GPT-2's are its own
+                check_targets(hf_dir_for(self.registry.generators[base].spec), extensions["target_modules"])
             row = self.store.create_job(
                 model=req.model,
                 base_model=base,
