@@ -86,7 +86,18 @@ FAMILIES = {
     "phi4-mini": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, **longrope(12, partial=0.75)}),
     "phi3-partial-rotary": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "partial_rotary_factor": 0.5}),
     # windows shorter than the test's sequences, so the sliding layers really slide
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16, "pad_token_id": 0}),
+    # and soft-capping at values these small random weights reach (Gemma 2's own, 50 and 30, they do not)
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": 16,
+            "pad_token_id": 0,
+            "attn_logit_softcapping": 0.1,
+            "final_logit_softcapping": 2.0,
+        },
+    ),
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
@@ -157,6 +168,13 @@ def test_float32_equals_transformers_generate_and_its_logits(family):
 
     got = model.forward(torch.tensor(ref), [Segment(model.new_cache(len(ref)), 0, len(ref))], torch.arange(len(ref)))
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+    # and one token at a time after the prompt: decode rows, the native kernel's where it builds
+    n, cache = len(prompt), model.new_cache(len(ref))
+    model.forward(torch.tensor(prompt), [Segment(cache, 0, n)], torch.tensor([n - 1]))
+    steps = [
+        model.forward(torch.tensor([t]), [Segment(cache, i, 1)], torch.tensor([0]))[0] for i, t in enumerate(ref[n:], n)
+    ]
+    assert (torch.stack(steps) - want[n:]).abs().max() <= 1e-4 * want.abs().max(), name
 
 
 def test_a_lora_adapter_equals_pefts_merged_model(family, tmp_path):

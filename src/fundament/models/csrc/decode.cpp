@@ -1,5 +1,5 @@
-// Every layer of a Llama-family decoder for a batch of decode rows (one new token per sequence),
-// in one call from Python. The matmuls stay ATen's (int4, int8 or dense kernels, the same ones
+// Every layer of a Llama-family decoder (Gemma's too) for a batch of decode rows (one new token per
+// sequence), in one call from Python. The matmuls stay ATen's (int4, int8 or dense kernels, the same ones
 // the Python path calls); what this file owns is the small work between them (norms, rotary
 // embedding, KV cache writes, attention over each row's own cache, SiLU, residuals), which in
 // Python costs ~40 tensor calls per layer per step. Built on first use by models/native.py.
@@ -96,11 +96,13 @@ void rope(const T* x, const T* cos, const T* sin, T* out, int64_t rot, int64_t h
 }
 
 // One query head over T_len cached keys and values (hd each): softmax(q k^T * scale) v, in
-// float32. HD > 0 fixes the head size at compile time (64 and 128 cover most models), so the
-// per-key loops are a few whole vectors with no loop overhead; HD = 0 takes it from hd.
+// float32; `softcap` > 0 caps each score as tanh(s / cap) * cap first (Gemma 2). HD > 0 fixes the
+// head size at compile time (64 and 128 cover most models), so the per-key loops are a few whole
+// vectors with no loop overhead; HD = 0 takes it from hd.
 template <typename T, int HD>
 void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restrict vc, int64_t T_len, float scale,
-            float* __restrict q, float* __restrict s, float* __restrict o, T* __restrict out, int64_t hd_runtime) {
+            float softcap, float* __restrict q, float* __restrict s, float* __restrict o, T* __restrict out,
+            int64_t hd_runtime) {
   const int64_t hd = HD > 0 ? HD : hd_runtime;
   for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
   float mx = -INFINITY;
@@ -110,6 +112,13 @@ void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restric
     for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
     s[t] = acc;
     mx = std::max(mx, acc);
+  }
+  if (softcap > 0.f) {
+    mx = -INFINITY;
+    for (int64_t t = 0; t < T_len; ++t) {
+      s[t] = std::tanh(s[t] / softcap) * softcap;
+      mx = std::max(mx, s[t]);
+    }
   }
   float sum = 0.f;
   for (int64_t t = 0; t < T_len; ++t) {
@@ -136,14 +145,23 @@ void by_rows(int64_t n, int64_t cost, const F& fn) {
 }
 
 template <typename T>
+// Gemma 2/3 (`gemma`): attention's and the MLP's outputs are RMS-normed before their residual
+// adds (norms per layer: input, attention out, pre-MLP, MLP out, then q and k where the model has
+// them), GELU (tanh) instead of SiLU, `query_scale` instead of hd ** -0.5, scores soft-capped at
+// `softcap` (> 0), each layer attending over its last `windows[li]` positions (> 0) and rotating by
+// its own table of `cos`/`sin` (types, n, rot), `layer_rope[li]`. Otherwise: 2 norms a layer, or
+// 4 with Qwen3's per-head q and k norms, and cos/sin (n, rot).
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
-                       at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d) {
-  // 2 norms a layer, or 4 with Qwen3's per-head q and k norms
+                       at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d, bool gemma,
+                       double query_scale, double softcap_d, at::IntArrayRef windows, at::IntArrayRef layer_rope) {
   const int64_t n = x.size(0), C = x.size(1), L = static_cast<int64_t>(kinds.size()) / 4;
   const int64_t per_layer = static_cast<int64_t>(norms.size()) / L;
-  const int64_t rot = cos.size(1), hd = n > 0 ? k_caches[0].size(3) : rot, G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
-  const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const bool qk_norm = per_layer == (gemma ? 6 : 4);
+  const int64_t rot = cos.size(-1), hd = n > 0 ? k_caches[0].size(3) : rot, G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
+  const int64_t table = cos.dim() == 3 ? n * rot : 0;  // one rotary table's size, where there are several
+  const float eps = static_cast<float>(eps_d), softcap = static_cast<float>(softcap_d);
+  const float scale = query_scale > 0 ? static_cast<float>(query_scale) : 1.f / std::sqrt(static_cast<float>(hd));
   x = x.contiguous().clone();
   auto h = at::empty_like(x);
   auto attn = at::empty({n, q_dim}, x.options());
@@ -163,10 +181,16 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   };
 
   for (int64_t li = 0; li < L; ++li) {
+    const int64_t at_qk = gemma ? 4 : 2;  // where this layer's q and k norms are, if any
     const T* in_norm = norms[per_layer * li].data_ptr<T>();
-    const T* post_norm = norms[per_layer * li + 1].data_ptr<T>();
-    const T* q_norm = per_layer == 4 ? norms[per_layer * li + 2].data_ptr<T>() : nullptr;
-    const T* k_norm = per_layer == 4 ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
+    const T* attn_out_norm = gemma ? norms[per_layer * li + 1].data_ptr<T>() : nullptr;
+    const T* post_norm = norms[per_layer * li + (gemma ? 2 : 1)].data_ptr<T>();
+    const T* mlp_out_norm = gemma ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
+    const T* q_norm = qk_norm ? norms[per_layer * li + at_qk].data_ptr<T>() : nullptr;
+    const T* k_norm = qk_norm ? norms[per_layer * li + at_qk + 1].data_ptr<T>() : nullptr;
+    const T* cl = cp + (layer_rope.empty() ? 0 : layer_rope[li]) * table;
+    const T* sl = sp + (layer_rope.empty() ? 0 : layer_rope[li]) * table;
+    const int64_t window = windows.empty() ? 0 : windows[li];
     by_rows(n, C, [&](int64_t r) { rms_norm(xp + r * C, in_norm, hp + r * C, C, eps); });
     at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)
     T* qp = qkv.data_ptr<T>();
@@ -181,9 +205,9 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
         for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
         for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
       }
-      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cp + r * rot, sp + r * rot, row + hh * hd, rot, hd);
+      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cl + r * rot, sl + r * rot, row + hh * hd, rot, hd);
       for (int64_t g = 0; g < KVH; ++g) {
-        rope(row + q_dim + g * hd, cp + r * rot, sp + r * rot, kc + (g * cap + pos) * hd, rot, hd);
+        rope(row + q_dim + g * hd, cl + r * rot, sl + r * rot, kc + (g * cap + pos) * hd, rot, hd);
         std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
       }
     });
@@ -193,22 +217,24 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       std::vector<float> q(hd), s(longest), o(hd);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / H, hh = item % H, g = hh / G;
-        const int64_t T_len = positions[r] + 1, cap = k_caches[r].size(2);
-        const T* kc = k_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
-        const T* vc = v_caches[r].data_ptr<T>() + (li * KVH + g) * cap * hd;
+        const int64_t first = window > 0 ? std::max<int64_t>(0, positions[r] + 1 - window) : 0;
+        const int64_t T_len = positions[r] + 1 - first, cap = k_caches[r].size(2);
+        const T* kc = k_caches[r].data_ptr<T>() + ((li * KVH + g) * cap + first) * hd;
+        const T* vc = v_caches[r].data_ptr<T>() + ((li * KVH + g) * cap + first) * hd;
         const T* qrow = qp + r * width + hh * hd;
         T* out = ap + r * q_dim + hh * hd;
         if (hd == 64)
-          attend<T, 64>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
+          attend<T, 64>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
         else if (hd == 128)
-          attend<T, 128>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
+          attend<T, 128>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
         else
-          attend<T, 0>(qrow, kc, vc, T_len, scale, q.data(), s.data(), o.data(), out, hd);
+          attend<T, 0>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
       }
     });
     at::Tensor o = proj(li, 1, attn).contiguous();
-    const T* op = o.data_ptr<T>();
+    T* op = o.data_ptr<T>();
     by_rows(n, C, [&](int64_t r) {
+      if (gemma) rms_norm(op + r * C, attn_out_norm, op + r * C, C, eps);
       for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
       rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
     });
@@ -220,13 +246,17 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
     by_rows(n, I * 4, [&](int64_t r) {
       for (int64_t i = 0; i < I; ++i) {
         const float gate = f32(gp[r * 2 * I + i]);
-        const T silu = static_cast<T>(gate / (1.f + fast_exp(-gate)));  // rounded as F.silu's output is
-        actp[r * I + i] = static_cast<T>(f32(silu) * f32(gp[r * 2 * I + I + i]));
+        // rounded as F.silu's (F.gelu's) output is; GELU's tanh(u) = 1 - 2 / (exp(2u) + 1)
+        const float u = 0.7978845608f * (gate + 0.044715f * gate * gate * gate);
+        const T a = static_cast<T>(gemma ? 0.5f * gate * (2.f - 2.f / (fast_exp(2.f * u) + 1.f))
+                                         : gate / (1.f + fast_exp(-gate)));
+        actp[r * I + i] = static_cast<T>(f32(a) * f32(gp[r * 2 * I + I + i]));
       }
     });
     at::Tensor down = proj(li, 3, act).contiguous();
-    const T* dp = down.data_ptr<T>();
+    T* dp = down.data_ptr<T>();
     by_rows(n, C, [&](int64_t r) {
+      if (gemma) rms_norm(dp + r * C, mlp_out_norm, dp + r * C, C, eps);
       for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
     });
   }
@@ -235,19 +265,31 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
 
 at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                          at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
-                         at::TensorList v_caches, at::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads, double eps) {
-  TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0), "decode_layers: x (n, C), cos and sin (n, rotary dims)");
+                         at::TensorList v_caches, at::IntArrayRef positions, int64_t n_heads, int64_t n_kv_heads, double eps,
+                         bool gemma, double query_scale, double softcap, at::IntArrayRef windows, at::IntArrayRef layer_rope) {
+  TORCH_CHECK(x.dim() == 2 && (cos.dim() == 2 || cos.dim() == 3) && cos.size(-2) == x.size(0) && cos.sizes() == sin.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "decode_layers: x (n, C), cos and sin (n, rotary dims) or (tables, n, rotary dims), contiguous");
+  const int64_t L = static_cast<int64_t>(kinds.size()) / 4;
+  TORCH_CHECK(windows.empty() || static_cast<int64_t>(windows.size()) == L, "decode_layers: one window per layer");
+  TORCH_CHECK(layer_rope.empty() || static_cast<int64_t>(layer_rope.size()) == L, "decode_layers: one rotary table per layer");
+  for (int64_t t : layer_rope) TORCH_CHECK(t >= 0 && t < (cos.dim() == 3 ? cos.size(0) : 1), "decode_layers: no such rotary table");
   TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == x.size(0) && static_cast<int64_t>(positions.size()) == x.size(0),
               "decode_layers: one cache and one position per row");
-  TORCH_CHECK(x.size(0) == 0 || (k_caches[0].dim() == 4 && cos.size(1) <= k_caches[0].size(3) && cos.size(1) % 2 == 0),
+  TORCH_CHECK(x.size(0) == 0 || (k_caches[0].dim() == 4 && cos.size(-1) <= k_caches[0].size(3) && cos.size(-1) % 2 == 0),
               "decode_layers: caches (layers, kv heads, capacity, head dim), rotary dims even and within the head");
-  TORCH_CHECK((kinds.size() == norms.size() * 2 || kinds.size() == norms.size()) && kinds.size() % 4 == 0 &&
+  const int64_t per_layer = L > 0 ? static_cast<int64_t>(norms.size()) / L : 0;
+  TORCH_CHECK(kinds.size() % 4 == 0 && per_layer * L == static_cast<int64_t>(norms.size()) &&
+                  (gemma ? (per_layer == 4 || per_layer == 6) : (per_layer == 2 || per_layer == 4)) &&
                   lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
-              "decode_layers: 2 norms (or 4, with q and k norms), 4 linears (3 tensors each) and 4 LoRA counts per layer");
+              "decode_layers: 2 norms a layer (4 with q and k norms; Gemma's 4 or 6), 4 linears (3 tensors each) and 4 LoRA "
+              "counts per layer");
   if (x.scalar_type() == at::kBFloat16)
-    return decode_impl<at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
+    return decode_impl<at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads,
+                                     n_kv_heads, eps, gemma, query_scale, softcap, windows, layer_rope);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: bfloat16 or float32 only");
-  return decode_impl<float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads, eps);
+  return decode_impl<float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads,
+                            eps, gemma, query_scale, softcap, windows, layer_rope);
 }
 
 at::Tensor qgemm_op(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
@@ -263,7 +305,8 @@ TORCH_LIBRARY(fundament, m) {
   m.def("qgemm(Tensor x, int kind, Tensor a, Tensor b, Tensor bias, bool out_float) -> Tensor");
   m.def("qgemm_available() -> bool", &qgemm_available);
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] lin, int[] kinds, Tensor[] lora, int[] lora_counts, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps) -> Tensor");
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps, bool gemma=False, "
+        "float query_scale=0., float softcap=0., int[] windows=[], int[] layer_rope=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fundament, CPU, m) {

@@ -43,9 +43,7 @@ class LlamaModel:
         self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
         int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
         self.native = False
-        # Gemma's sandwich norms, soft-capping and per-layer windows are not in the native kernel:
-        # its rows take the PyTorch path (low-bit decode weights through torch's kernels).
-        if native_decode and not cfg.gemma and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from .. import native
 
             self.native = native.load()
@@ -135,7 +133,11 @@ class LlamaModel:
         """The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
         (a kind, then 3 tensors) per layer."""
         none = torch.empty(0, dtype=self.dtype)
-        norms = ("in_norm", "post_norm", "q_norm", "k_norm") if self.cfg.qk_norm else ("in_norm", "post_norm")
+        # per layer, in the kernel's order: Gemma's four (outputs normed too), then q and k norms if any
+        norms: tuple[str, ...] = ("in_norm", "post_norm")
+        if self.cfg.gemma:
+            norms = ("in_norm", "attn_out_norm", "post_norm", "mlp_out_norm")
+        norms += ("q_norm", "k_norm") if self.cfg.qk_norm else ()
         self._native_norms = [layer[name] for layer in self.layers for name in norms]
         self._native_lin, self._native_kinds = [], []
         for layer in self.layers:
@@ -339,10 +341,18 @@ class LlamaModel:
                         lora += [rows, *lin.lora[slot]]
                         counts[k] += 1
         index = torch.tensor(positions)
+        x = self.embed[input_ids]
+        cfg = self.cfg
+        if cfg.gemma:  # as in _layers
+            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        if len(self._ropes) > 1:  # a table per layer type (Gemma 3): (types, rows, rotary dims)
+            cos, sin = (torch.stack([t[i][index] for t in self._ropes]) for i in (0, 1))
+        else:
+            cos, sin = self.cos[index], self.sin[index]
         return torch.ops.fundament.decode_layers(
-            self.embed[input_ids],
-            self.cos[index],
-            self.sin[index],
+            x,
+            cos,
+            sin,
             self._native_norms,
             self._native_lin,
             self._native_kinds,
@@ -351,9 +361,14 @@ class LlamaModel:
             [s.cache.k for s in segments for _ in range(s.length)],
             [s.cache.v for s in segments for _ in range(s.length)],
             positions,
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.rms_norm_eps,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.rms_norm_eps,
+            cfg.gemma,
+            cfg.query_scale or 0.0,
+            cfg.attn_softcap or 0.0,
+            [w or 0 for w in cfg.windows],
+            self._layer_rope if len(self._ropes) > 1 else [],
         )
 
     def _layers(self, input_ids: torch.Tensor, segments: list[Segment], n_dec: int) -> torch.Tensor:
