@@ -76,7 +76,7 @@ def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaMod
     device = resolve_device(engine_config.device)
     dtype = resolve_dtype(engine_config.dtype, device)
     try:
-        LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+        cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
     except InvalidRequestError as e:
         log.info("model %s: served through transformers (the native engine does not take it: %s)", name, e.message)
         model = TransformersModel.from_dir(path, dtype=dtype, device=device)
@@ -90,6 +90,7 @@ def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaMod
         int8_decode=engine_config.int8_decode,
         native_decode=engine_config.native_decode,
         batch_invariant=engine_config.batch_invariant,
+        cfg=cfg,
     )
 
 

@@ -175,9 +175,11 @@ class LlamaModel:
         int8_decode: bool = True,
         native_decode: bool = True,
         batch_invariant: bool = True,
+        cfg: LlamaConfig | None = None,
     ) -> LlamaModel:
+        """`cfg`: the directory's config where the caller has read it already."""
         path = Path(path)
-        cfg = LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+        cfg = cfg or LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise InvalidRequestError(f"no .safetensors weights in {path}", "model")
