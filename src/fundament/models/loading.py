@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import ModelSpec, fundament_home
 from ..errors import ConfigError
+from .gguf_rope import restore_rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,15 @@ def resolve_path(spec: ModelSpec) -> Path:
     return p
 
 
+# Part of each dequantized directory's key: raised when what a directory holds changes (2: the
+# rotary scaling restored), so one made by an older fundament is made again.
+GGUF_CACHE_VERSION = 2
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{GGUF_CACHE_VERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     return fundament_home() / "cache" / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -68,7 +75,7 @@ def dequantize_gguf(gguf: Path) -> Path:
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        cfg = model.config.to_dict()
+        cfg = restore_rope_scaling(gguf, model.config.to_dict())
         cfg.pop("quantization_config", None)
         cfg["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
