@@ -144,13 +144,13 @@ void by_rows(int64_t n, int64_t cost, const F& fn) {
   });
 }
 
-template <typename T>
 // Gemma 2/3 (`gemma`): attention's and the MLP's outputs are RMS-normed before their residual
 // adds (norms per layer: input, attention out, pre-MLP, MLP out, then q and k where the model has
 // them), GELU (tanh) instead of SiLU, `query_scale` instead of hd ** -0.5, scores soft-capped at
 // `softcap` (> 0), each layer attending over its last `windows[li]` positions (> 0) and rotating by
 // its own table of `cos`/`sin` (types, n, rot), `layer_rope[li]`. Otherwise: 2 norms a layer, or
 // 4 with Qwen3's per-head q and k norms, and cos/sin (n, rot).
+template <typename T>
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
                        at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d, bool gemma,
@@ -188,8 +188,9 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
     const T* mlp_out_norm = gemma ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
     const T* q_norm = qk_norm ? norms[per_layer * li + at_qk].data_ptr<T>() : nullptr;
     const T* k_norm = qk_norm ? norms[per_layer * li + at_qk + 1].data_ptr<T>() : nullptr;
-    const T* cl = cp + (layer_rope.empty() ? 0 : layer_rope[li]) * table;
-    const T* sl = sp + (layer_rope.empty() ? 0 : layer_rope[li]) * table;
+    const int64_t rope_at = (layer_rope.empty() ? 0 : layer_rope[li]) * table;  // this layer's rotary table
+    const T* cl = cp + rope_at;
+    const T* sl = sp + rope_at;
     const int64_t window = windows.empty() ? 0 : windows[li];
     by_rows(n, C, [&](int64_t r) { rms_norm(xp + r * C, in_norm, hp + r * C, C, eps); });
     at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)

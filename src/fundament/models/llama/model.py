@@ -130,8 +130,8 @@ class LlamaModel:
         return cos, sin
 
     def _native_args(self) -> None:
-        """The native kernel's view of the layers, in its argument order: 2 norms and 4 linears
-        (a kind, then 3 tensors) per layer."""
+        """The native kernel's view of the layers, in its argument order: 2 norms (Gemma 4; q and
+        k norms 2 more) and 4 linears (a kind, then 3 tensors) per layer."""
         none = torch.empty(0, dtype=self.dtype)
         # per layer, in the kernel's order: Gemma's four (outputs normed too), then q and k norms if any
         norms: tuple[str, ...] = ("in_norm", "post_norm")
@@ -343,16 +343,13 @@ class LlamaModel:
                         lora += [rows, *lin.lora[slot]]
                         counts[k] += 1
         index = torch.tensor(positions)
-        x = self.embed[input_ids]
         cfg = self.cfg
-        if cfg.gemma:  # as in _layers
-            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         if len(self._ropes) > 1:  # a table per layer type (Gemma 3): (types, rows, rotary dims)
             cos, sin = (torch.stack([t[i][index] for t in self._ropes]) for i in (0, 1))
         else:
             cos, sin = self.cos[index], self.sin[index]
         return torch.ops.fundament.decode_layers(
-            x,
+            self._embed(input_ids),
             cos,
             sin,
             self._native_norms,
@@ -372,6 +369,12 @@ class LlamaModel:
             [w or 0 for w in cfg.windows],
             self._layer_rope if len(self._ropes) > 1 else [],
         )
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed[input_ids]
+        if self.cfg.gemma:  # scaled by sqrt(hidden), the factor rounded to the model's dtype as Gemma does
+            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)
+        return x
 
     def _layers(self, input_ids: torch.Tensor, segments: list[Segment], n_dec: int) -> torch.Tensor:
         """Every layer through PyTorch calls; returns the last hidden states (N, C)."""
@@ -402,9 +405,7 @@ class LlamaModel:
         ]
         ropes = [(c[positions].unsqueeze(1), s[positions].unsqueeze(1)) for c, s in self._ropes]  # (N, 1, hd)
         N = input_ids.shape[0]
-        x = self.embed[input_ids]  # (N, C)
-        if cfg.gemma:  # embeddings scaled by sqrt(hidden), the factor rounded to the model's dtype as Gemma does
-            x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        x = self._embed(input_ids)  # (N, C)
         q_dim, kv_dim = H * hd, KVH * hd
         splits = (
             [s.length for s in segments[n_dec:]] if self.batch_invariant else None
