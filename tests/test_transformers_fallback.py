@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 from test_engine import greedy, run_all, score_request, tokens
+from test_model_families import SHAPE as FAMILY_SHAPE
 from test_model_families import make_random
 
 from fundament.config import EngineConfig
@@ -23,14 +24,9 @@ from fundament.models.llama import LlamaModel, Segment
 from fundament.models.transformers_model import TransformersModel
 
 SHAPE = dict(vocab_size=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-DECODER = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+# the decoder sizes of the native families' tiny models (test_model_families.py)
+DECODER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+DECODER = {k: FAMILY_SHAPE[k] for k in (*DECODER_KEYS, "max_position_embeddings")}
 FALLBACK = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "opt": (
