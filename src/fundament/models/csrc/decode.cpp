@@ -15,8 +15,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "attend.h"
 #include "qgemm.h"
 
 namespace {
@@ -135,6 +138,88 @@ void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restric
   for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
 }
 
+constexpr int64_t kMaxGroup = 64;  // query heads per cached head that attend_group takes
+
+#if FUNDAMENT_QGEMM
+// attend for the G query heads (q, HD apart) that share one cached head, bf16: attend.h's vector
+// sums read each cached key and value once for all G. `s`: G rows of `ld` floats, `o`: G * HD.
+template <int HD>
+void attend_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t T_len,
+                  float scale, float softcap, float* s, int64_t ld, float* o, at::BFloat16* out) {
+  attention::scores<HD>(q, G, kc, T_len, scale, s, ld);
+  float inv[kMaxGroup];
+  for (int64_t h = 0; h < G; ++h) {
+    float* sh = s + h * ld;
+    if (softcap > 0.f)
+      for (int64_t t = 0; t < T_len; ++t) sh[t] = std::tanh(sh[t] / softcap) * softcap;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T_len; ++t) mx = std::max(mx, sh[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < T_len; ++t) {
+      sh[t] = fast_exp(sh[t] - mx);
+      sum += sh[t];
+    }
+    inv[h] = 1.f / sum;
+  }
+  attention::weighted_sums<HD>(s, ld, G, vc, T_len, o);
+  for (int64_t h = 0; h < G; ++h)
+    for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = static_cast<at::BFloat16>(o[h * HD + d] * inv[h]);
+}
+#endif
+
+// Attention of layer li for every row: each (row, query head) over its own row's cache (the last
+// `window` positions where > 0), split across threads by work. In bf16 with AVX512-BF16 and heads
+// of 64 or 128, each (row, cached head) with the query heads that share it (attend_group).
+// q: rows `width` apart, heads hd apart; out: rows q_dim apart.
+template <typename T>
+void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorList k_caches, at::TensorList v_caches,
+                 at::IntArrayRef positions, int64_t li, int64_t H, int64_t KVH, int64_t hd, int64_t window, int64_t longest,
+                 float scale, float softcap) {
+  const int64_t n = static_cast<int64_t>(positions.size()), G = H / KVH;
+  auto cached = [&](int64_t r, int64_t g) {  // (length, keys, values) row r attends over in cached head g
+    const int64_t first = window > 0 ? std::max<int64_t>(0, positions[r] + 1 - window) : 0;
+    const int64_t cap = k_caches[r].size(2), at = ((li * KVH + g) * cap + first) * hd;
+    return std::make_tuple(positions[r] + 1 - first, k_caches[r].data_ptr<T>() + at, v_caches[r].data_ptr<T>() + at);
+  };
+#if FUNDAMENT_QGEMM
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if ((hd == 64 || hd == 128) && G <= kMaxGroup) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
+      at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> s(G * longest), o(G * hd);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t r = item / KVH, g = item % KVH;
+          const auto [len, kc, vc] = cached(r, g);
+          const T* q = qp + r * width + g * G * hd;
+          T* out = ap + r * q_dim + g * G * hd;
+          if (hd == 64)
+            attend_group<64>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
+          else
+            attend_group<128>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
+        }
+      });
+      return;
+    }
+  }
+#endif
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
+  at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(hd), s(longest), o(hd);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / H, hh = item % H;
+      const auto [len, kc, vc] = cached(r, hh / G);
+      const T* qrow = qp + r * width + hh * hd;
+      T* out = ap + r * q_dim + hh * hd;
+      if (hd == 64)
+        attend<T, 64>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+      else if (hd == 128)
+        attend<T, 128>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+      else
+        attend<T, 0>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+    }
+  });
+}
+
 // fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
 // how many elements a row touches); each row's work is the same whoever runs it.
 template <typename F>
@@ -212,26 +297,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
         std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
       }
     });
-    // Attention: each (row, query head) over its own row's cache, split across threads by work.
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
-    at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> q(hd), s(longest), o(hd);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / H, hh = item % H, g = hh / G;
-        const int64_t first = window > 0 ? std::max<int64_t>(0, positions[r] + 1 - window) : 0;
-        const int64_t T_len = positions[r] + 1 - first, cap = k_caches[r].size(2);
-        const T* kc = k_caches[r].data_ptr<T>() + ((li * KVH + g) * cap + first) * hd;
-        const T* vc = v_caches[r].data_ptr<T>() + ((li * KVH + g) * cap + first) * hd;
-        const T* qrow = qp + r * width + hh * hd;
-        T* out = ap + r * q_dim + hh * hd;
-        if (hd == 64)
-          attend<T, 64>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
-        else if (hd == 128)
-          attend<T, 128>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
-        else
-          attend<T, 0>(qrow, kc, vc, T_len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
-      }
-    });
+    attend_rows<T>(qp, width, ap, q_dim, k_caches, v_caches, positions, li, H, KVH, hd, window, longest, scale, softcap);
     at::Tensor o = proj(li, 1, attn).contiguous();
     T* op = o.data_ptr<T>();
     by_rows(n, C, [&](int64_t r) {
