@@ -119,3 +119,33 @@ def test_the_packed_kernel_refuses_what_does_not_fit():
         torch.ops.fundament.qgemm(x[:, :-32], PACK_BF16, wrong, torch.empty(0), torch.empty(0), False)
     with pytest.raises(RuntimeError, match="bfloat16"):
         torch.ops.fundament.qgemm(x.float(), PACK_BF16, wrong, torch.empty(0), torch.empty(0), False)
+
+
+@pytest.mark.skipif(not qgemm_available(), reason="the native build has no AVX512-BF16 kernel on this CPU")
+@pytest.mark.parametrize("out", [80, 144])  # 5 and 9 panels: two threads split a block of 4 between them
+@pytest.mark.parametrize("rows", [1, 64])
+def test_threads_sharing_a_block_of_panels_compute_what_one_thread_does(out, rows):
+    """Threads split the output panels evenly, so a block of the packed layout can be part one
+    thread's and part the other's: each must read its own panels of it, and every output keep its
+    bits whoever computes it."""
+    torch.manual_seed(3)
+    levels = torch.randint(0, 16, (out, IN)).float()
+    levels[:, 0::INT4_GROUP], levels[:, 1::INT4_GROUP] = 0, 15
+    w4 = (levels - 8) * torch.rand(out, IN // INT4_GROUP).repeat_interleave(INT4_GROUP, 1) * 0.01
+    w8 = torch.randn(out, IN) * 0.05
+    x = torch.randn(rows, IN).to(torch.bfloat16)
+    for lin, w in (
+        (Linear(w4.to(torch.bfloat16), int8=True, source=w4, pack=True), w4),
+        (Linear(w8.to(torch.bfloat16), int8=True, pack=True), w8.to(torch.bfloat16).float()),
+    ):
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            alone = lin(x, n_decode=rows)
+            torch.set_num_threads(2)
+            shared = lin(x, n_decode=rows)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(alone, shared)
+        want = x.float() @ w.t()
+        assert (shared.float() - want).abs().max() <= 2e-2 * want.abs().max()

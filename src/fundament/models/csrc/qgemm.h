@@ -215,18 +215,20 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
   // values, same order of each output's sums, either way. int4 tiles are 3 rows (two sums each).
   const int64_t tile_rows = kind == kI4 ? 3 : kMaxRows;
   const bool few = M <= tile_rows;
-  const int64_t blocks = (panels + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  // Threads split the panels evenly (a block of 4 may be shared: 36 panels are 18 and 18, where
+  // whole blocks were 20 and 16), each taking its panels a block's worth or less at a time.
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     // Kept per thread across calls: allocating it every call costs more than one row's arithmetic.
     thread_local std::vector<__m512bh> buf;
     thread_local std::vector<float> so;
     const int64_t span = few ? kPairs : K / 2, groups = few ? 1 : G;  // what the buffers hold per panel
     if (buf.size() < static_cast<size_t>(kBlock * span)) buf.resize(kBlock * span);
     if (so.size() < static_cast<size_t>(kBlock * groups * 32)) so.resize(kBlock * groups * 32);
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t P = std::min(kBlock, panels - blk * kBlock);
+    for (int64_t first = begin; first < end;) {
+      const int64_t blk = first / kBlock, skip = first % kBlock;  // the layout's block, panels of it before ours
+      const int64_t width = std::min(kBlock, panels - blk * kBlock), P = std::min(width - skip, end - first);
       const uint8_t* base = ap + blk * kBlock * G * U;
-      auto unit = [&](int64_t g, int64_t p) { return base + (g * P + p) * U; };
+      auto unit = [&](int64_t g, int64_t p) { return base + (g * width + skip + p) * U; };
       const __m512bh* w[kBlock];
       __m512 acc[kMaxRows][kBlock];
       for (auto& row : acc)
@@ -234,7 +236,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       auto store = [&](int64_t r0, int64_t mr) {
         for (int64_t r = 0; r < mr; ++r)
           for (int64_t p = 0; p < P; ++p) {
-            const int64_t col = (blk * kBlock + p) * kPanel;
+            const int64_t col = (first + p) * kPanel;
             __m512 v = acc[r][p];
             if (sp) v = _mm512_mul_ps(v, _mm512_loadu_ps(sp + col));
             if (biasp) v = _mm512_add_ps(v, _mm512_loadu_ps(biasp + col));
@@ -267,6 +269,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
           }
         }
         store(0, M);
+        first += P;
         continue;
       }
       for (int64_t g = 0; g < G; ++g)
@@ -285,6 +288,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
         }
         store(r0, mr);
       }
+      first += P;
     }
   });
 #endif
