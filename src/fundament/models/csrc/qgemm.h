@@ -277,8 +277,17 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
           dequantize(kind, unit(g, p), buf.data() + p * (K / 2) + g * kPairs, so.data() + (p * G + g) * 32);
       for (int64_t p = 0; p < P; ++p) w[p] = buf.data() + p * (K / 2);
       auto ready_all = [&](int64_t g) { return Group{w, so.data() + g * 32, G * 32}; };
+      // While the row tiles compute on these weights (from cache), the next panels' packed bytes
+      // are fetched from memory a share per tile, so the next dequantization does not wait on it.
+      const int64_t next = first + P, nblk = next / kBlock, nskip = next % kBlock;
+      const int64_t nwidth = next < end ? std::min(kBlock, panels - nblk * kBlock) : 0;
+      const int64_t nP = next < end ? std::min(nwidth - nskip, end - next) : 0;
+      const int64_t run = nP * U / 64, lines = G * run, tiles_n = (M + tile_rows - 1) / tile_rows;
+      const uint8_t* nbase = ap + nblk * kBlock * G * U + nskip * U;
       for (int64_t r0 = 0; r0 < M; r0 += tile_rows) {
-        const int64_t mr = std::min(tile_rows, M - r0);
+        const int64_t mr = std::min(tile_rows, M - r0), t = r0 / tile_rows;
+        for (int64_t i = lines * t / tiles_n; i < lines * (t + 1) / tiles_n; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(nbase + (i / run) * nwidth * U + (i % run) * 64), _MM_HINT_T1);
         if (kind == kI4) {
           tiles_i4(mr, P, xp + r0 * K, K, G, xsum.data() + r0 * G, ready_all, acc);
         } else {
