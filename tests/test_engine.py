@@ -193,6 +193,47 @@ def test_async_generate_on_the_thread_and_cancel(model):
     assert not engine.running and engine._reserved == 0
 
 
+def test_a_steps_outputs_wake_the_event_loop_once_and_arrive_in_order(model):
+    """8 streams on one asyncio loop: each step hands the loop all its outputs in one call (the
+    loop's thread then wakes once a step, not once a row while the engine thread still samples),
+    and every stream still gets its own tokens, in order, equal to the same request run alone."""
+    engine = Engine(model, EngineConfig(), [2])
+    prompts = [[5 + i, 6, 7 * i + 1] for i in range(8)]
+    alone = []
+    for p in prompts:
+        req, outs = greedy(p, 12)
+        run_all(engine, [req])
+        alone.append(tokens(outs))
+    engine.start()
+    wakes = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            wakes.append(engine.steps)
+            return plain(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+
+        async def one(p):
+            return [
+                o.token_id
+                async for o in engine.generate(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            ]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got == alone
+    assert len(wakes) == len(set(wakes))  # at most one call per step
+    assert len(wakes) < 8 * 12
+
+
 def test_memory_stays_within_the_bound_under_64_long_requests(model):
     """64 concurrent requests that each want 300 tokens against a 4,000-token KV budget: the
     allocated caches never exceed the bound, and every request still completes."""

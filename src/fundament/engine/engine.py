@@ -31,7 +31,7 @@ from ..errors import (
 from ..models.llama import LlamaModel, Segment
 from ..models.transformers_model import TransformersModel
 from .prefix import PrefixCache
-from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, ScoreOutput, check_context
+from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, LoopDelivery, ScoreOutput, check_context
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
 
@@ -52,6 +52,9 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        # A step's outputs, gathered while it samples and handed over at its end (_flush); None
+        # outside a step's sampling, where outputs go straight to their callers.
+        self._outbox: list[tuple[EngineRequest, object]] | None = None
         self.adapters: dict[str, int] = {}  # adapter name -> slot in the model
         self._slots = itertools.count()
         # Prompts' keys and values for reuse, where reusing them is exact (see engine/prefix.py).
@@ -147,9 +150,7 @@ class Engine:
         """Submit one sequence and yield its outputs; closing the iterator aborts the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req = EngineRequest(
-            list(prompt_ids), params, lambda o: loop.call_soon_threadsafe(queue.put_nowait, o), adapter=adapter
-        )
+        req = EngineRequest(list(prompt_ids), params, LoopDelivery(loop, queue.put_nowait), adapter=adapter)
         self.submit(req)
         done = False
         try:
@@ -189,7 +190,7 @@ class Engine:
         req = EngineRequest(
             list(prompt_ids),
             SamplingParams(max_tokens=0),
-            lambda o: loop.call_soon_threadsafe(deliver, o),
+            LoopDelivery(loop, deliver),
             adapter=adapter,
             tree=tree,
         )
@@ -274,10 +275,43 @@ class Engine:
         if req.finished:
             return
         self._release(req)
+        if self._outbox is not None:  # after the outputs it had this step, in order
+            self._outbox.append((req, error))
+            return
         try:
             req.on_output(error)
         except Exception:  # the caller's callback failed too: nothing more to tell it
             log.exception("could not deliver an error to request %s", req.request_id)
+
+    def _emit(self, req: EngineRequest, out: object) -> None:
+        """Hand one output to its request's caller: at once, or gathered for the step's _flush."""
+        if self._outbox is None:
+            req.on_output(out)
+        else:
+            self._outbox.append((req, out))
+
+    def _flush(self) -> None:
+        """Deliver a step's gathered outputs in order: one call per asyncio loop for those going to
+        a loop's thread (LoopDelivery), which then wakes once, while the next forward pass runs,
+        rather than once a row, competing with the sampling of the rows after it."""
+        outbox, self._outbox = self._outbox or [], None
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[EngineRequest, Callable, object]]] = {}
+        for req, out in outbox:
+            if isinstance(req.on_output, LoopDelivery):
+                loops.setdefault(req.on_output.loop, []).append((req, req.on_output.put, out))
+            elif isinstance(out, BaseException):
+                try:
+                    req.on_output(out)
+                except Exception:  # the caller's callback failed too: nothing more to tell it
+                    log.exception("could not deliver an error to request %s", req.request_id)
+            else:
+                self._isolated(req, req.on_output, out)
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(LoopDelivery.deliver_all, [(put, out) for _, put, out in items])
+            except RuntimeError as e:  # the loop is closed: its callers are gone
+                for req, _, _ in items:
+                    self._fail(req, e)
 
     def _isolated(self, req: EngineRequest, work: Callable[..., None], *args) -> None:
         """Run one sequence's own work (admission, sampling, its logits processors, delivery):
@@ -389,8 +423,16 @@ class Engine:
         n_sampled = sum(count for (req, _, _), (_, count) in zip(plan, read) if not req.reports_logits)
         logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long), n_sampled)
         self.steps += 1
-        for (req, _, n), (at, count) in zip(plan, read):
-            self._isolated(req, self._advance, req, logits[at : at + count], n)
+        # The sampled rows come first, one per request: their greedy choices in one call, not one
+        # call a row (each row's argmax is the same either way: the first of its largest logits).
+        best = logits[:n_sampled].argmax(dim=-1).tolist()
+        self._outbox = []
+        try:
+            for (req, _, n), (at, count) in zip(plan, read):
+                choice = best[at] if at < n_sampled and count == 1 else None
+                self._isolated(req, self._advance, req, logits[at : at + count], n, choice)
+        finally:
+            self._flush()
         self.running = [r for r in self.running if not r.finished]
 
     @staticmethod
@@ -402,8 +444,9 @@ class Engine:
             return 3 if req.tree is not None else 2
         return 0 if len(toks) == 1 else 1
 
-    def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int) -> None:
-        """One request's share of a step: its n tokens were computed, `mine` are its logit rows."""
+    def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int, best: int | None = None) -> None:
+        """One request's share of a step: its n tokens were computed, `mine` are its logit rows
+        (`best`: the argmax of the last, where the step took it)."""
         if req.tree is not None:
             self._record_scores(req, req.tree, mine, n)
             return
@@ -415,7 +458,7 @@ class Engine:
         if self.prefix is not None and req.prefix_key is not None and req.num_computed == len(req.prompt_ids):
             assert req.cache is not None
             self.prefix.store(req.prefix_key, req.prompt_ids, req.cache)
-        self._sample(req, mine[-1])
+        self._sample(req, mine[-1], best)
 
     def _record_scores(self, req: EngineRequest, tree: TokenTree, logits: torch.Tensor, n: int) -> None:
         if logits.shape[0]:
@@ -425,12 +468,17 @@ class Engine:
         req.num_computed += n
         if req.num_computed == len(tree):
             self._release(req)
-            req.on_output(ScoreOutput(tree.results()))
+            self._emit(req, ScoreOutput(tree.results()))
 
-    def _sample(self, req: EngineRequest, logits: torch.Tensor) -> None:
+    def _sample(self, req: EngineRequest, logits: torch.Tensor, best: int | None = None) -> None:
         for proc in req.processors:
             logits = proc(req.output_ids, logits)
-        token = sample_row(logits, req.params, req.generator)
+        greedy = req.params.temperature <= 0 or req.params.top_k == 1
+        token = (
+            best
+            if best is not None and greedy and not req.processors
+            else sample_row(logits, req.params, req.generator)
+        )
         out = EngineOutput(token_id=token)
         if req.params.logprobs is not None:
             # From the distribution the token was drawn from: after logit_bias, penalties and a
@@ -455,7 +503,7 @@ class Engine:
             out.finish_reason = "length"
         if out.finish_reason:
             self._release(req)
-        req.on_output(out)
+        self._emit(req, out)
 
 
 def reserve_cpu_for_engines() -> None:
