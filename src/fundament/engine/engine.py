@@ -54,7 +54,7 @@ class Engine:
         self.steps = 0
         # A step's outputs, gathered while it samples and handed over at its end (_flush); None
         # outside a step's sampling, where outputs go straight to their callers.
-        self._outbox: list[tuple[EngineRequest, object]] | None = None
+        self._outbox: list[tuple[EngineRequest, EngineOutput | ScoreOutput | BaseException]] | None = None
         self.adapters: dict[str, int] = {}  # adapter name -> slot in the model
         self._slots = itertools.count()
         # Prompts' keys and values for reuse, where reusing them is exact (see engine/prefix.py).
@@ -283,7 +283,7 @@ class Engine:
         except Exception:  # the caller's callback failed too: nothing more to tell it
             log.exception("could not deliver an error to request %s", req.request_id)
 
-    def _emit(self, req: EngineRequest, out: object) -> None:
+    def _emit(self, req: EngineRequest, out: EngineOutput | ScoreOutput) -> None:
         """Hand one output to its request's caller: at once, or gathered for the step's _flush."""
         if self._outbox is None:
             req.on_output(out)
@@ -313,7 +313,7 @@ class Engine:
                 for req, _, _ in items:
                     self._fail(req, e)
 
-    def _isolated(self, req: EngineRequest, work: Callable[..., None], *args) -> None:
+    def _isolated(self, req: EngineRequest, work: Callable[..., object], *args) -> None:
         """Run one sequence's own work (admission, sampling, its logits processors, delivery):
         an exception there fails that request alone."""
         try:
