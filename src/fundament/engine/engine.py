@@ -425,7 +425,8 @@ class Engine:
         self.steps += 1
         # The sampled rows come first, one per request: their greedy choices in one call, not one
         # call a row (each row's argmax is the same either way: the first of its largest logits).
-        best = logits[:n_sampled].argmax(dim=-1).tolist()
+        # (None sampled, as in a scoring-only step: its logits may have no columns at all.)
+        best = logits[:n_sampled].argmax(dim=-1).tolist() if n_sampled else []
         self._outbox = []
         try:
             for (req, _, n), (at, count) in zip(plan, read):
