@@ -277,7 +277,11 @@ class Engine:
         self._release(req)
         if self._outbox is not None:  # after the outputs it had this step, in order
             self._outbox.append((req, error))
-            return
+        else:
+            self._tell_error(req, error)
+
+    @staticmethod
+    def _tell_error(req: EngineRequest, error: BaseException) -> None:
         try:
             req.on_output(error)
         except Exception:  # the caller's callback failed too: nothing more to tell it
@@ -300,10 +304,7 @@ class Engine:
             if isinstance(req.on_output, LoopDelivery):
                 loops.setdefault(req.on_output.loop, []).append((req, req.on_output.put, out))
             elif isinstance(out, BaseException):
-                try:
-                    req.on_output(out)
-                except Exception:  # the caller's callback failed too: nothing more to tell it
-                    log.exception("could not deliver an error to request %s", req.request_id)
+                self._tell_error(req, out)
             else:
                 self._isolated(req, req.on_output, out)
         for loop, items in loops.items():
@@ -474,12 +475,8 @@ class Engine:
     def _sample(self, req: EngineRequest, logits: torch.Tensor, best: int | None = None) -> None:
         for proc in req.processors:
             logits = proc(req.output_ids, logits)
-        greedy = req.params.temperature <= 0 or req.params.top_k == 1
-        token = (
-            best
-            if best is not None and greedy and not req.processors
-            else sample_row(logits, req.params, req.generator)
-        )
+        plain_greedy = req.params.greedy and not req.processors
+        token = best if best is not None and plain_greedy else sample_row(logits, req.params, req.generator)
         out = EngineOutput(token_id=token)
         if req.params.logprobs is not None:
             # From the distribution the token was drawn from: after logit_bias, penalties and a

@@ -33,6 +33,11 @@ class SamplingParams:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     priority: int = 0  # lower first (vLLM's meaning): waiting requests start in (priority, arrival) order
 
+    @property
+    def greedy(self) -> bool:
+        """The token is the argmax of the processed logits."""
+        return self.temperature <= 0 or self.top_k == 1
+
     def processors(self, prompt_ids: Sequence[int] = ()) -> list[LogitsProcessor]:
         procs = list(self.logits_processors)
         if self.presence_penalty or self.frequency_penalty:
@@ -84,7 +89,7 @@ def _repetition(penalty: float, prompt_ids) -> LogitsProcessor:
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from one row of processed logits (V,)."""
-    if params.temperature <= 0 or params.top_k == 1:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if params.top_k > 0:
