@@ -27,6 +27,7 @@ from .models.embedder import Embedder
 from .models.llama import LlamaModel
 from .models.llama.config import LlamaConfig
 from .models.loading import context_length, hf_dir_for, resolve_path
+from .models.memory import release_free_memory
 from .models.tokenizer import ChatTokenizer
 from .models.transformers_model import TransformersModel
 
@@ -183,6 +184,7 @@ class ModelRegistry:
             self.add_adapter(a.name, a.path, a.base)
         names = set(self.generators) | set(self.embedders) | set(self.adapters)
         self.aliases = {a: t for a, t in self.aliases.items() if t in names and a not in names}
+        release_free_memory()  # loading's temporaries: ~200-300 MB that would stay resident
 
     def add_adapter(self, name: str, path, base: str) -> None:
         """Serve a PEFT LoRA directory as model `name` on top of the generation model `base` (from

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..memory import outside_heap
 from .config import LlamaConfig
 
 
@@ -39,9 +40,12 @@ class KVCache:
         assert cap >= n_tokens, "a sequence outgrew its reservation"
         shape = self._shape(cap)
         # empty, not zeros: attention reads only written positions, and untouched capacity then
-        # stays out of resident memory.
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # stays out of resident memory. On the CPU outside malloc's heap: see memory.outside_heap.
+        if self.device.type == "cpu":
+            k, v = outside_heap(shape, self.dtype), outside_heap(shape, self.dtype)
+        else:
+            k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            v = torch.empty(shape, dtype=self.dtype, device=self.device)
         if self.capacity:
             k[:, :, : self.capacity] = self.k
             v[:, :, : self.capacity] = self.v
