@@ -30,8 +30,9 @@ from ..errors import (
 )
 from ..models.llama import LlamaModel, Segment
 from ..models.transformers_model import TransformersModel
+from .outbox import LoopDelivery, Outbox
 from .prefix import PrefixCache
-from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, LoopDelivery, ScoreOutput, check_context
+from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, ScoreOutput, check_context
 from .sampling import SamplingParams, sample_row
 from .tree import TokenTree
 
@@ -52,9 +53,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        # A step's outputs, gathered while it samples and handed over at its end (_flush); None
-        # outside a step's sampling, where outputs go straight to their callers.
-        self._outbox: list[tuple[EngineRequest, EngineOutput | ScoreOutput | BaseException]] | None = None
+        self.outbox = Outbox()  # a step's outputs are gathered while it samples, delivered at its end
         self.adapters: dict[str, int] = {}  # adapter name -> slot in the model
         self._slots = itertools.count()
         # Prompts' keys and values for reuse, where reusing them is exact (see engine/prefix.py).
@@ -275,44 +274,7 @@ class Engine:
         if req.finished:
             return
         self._release(req)
-        if self._outbox is not None:  # after the outputs it had this step, in order
-            self._outbox.append((req, error))
-        else:
-            self._tell_error(req, error)
-
-    @staticmethod
-    def _tell_error(req: EngineRequest, error: BaseException) -> None:
-        try:
-            req.on_output(error)
-        except Exception:  # the caller's callback failed too: nothing more to tell it
-            log.exception("could not deliver an error to request %s", req.request_id)
-
-    def _emit(self, req: EngineRequest, out: EngineOutput | ScoreOutput) -> None:
-        """Hand one output to its request's caller: at once, or gathered for the step's _flush."""
-        if self._outbox is None:
-            req.on_output(out)
-        else:
-            self._outbox.append((req, out))
-
-    def _flush(self) -> None:
-        """Deliver a step's gathered outputs in order: one call per asyncio loop for those going to
-        a loop's thread (LoopDelivery), which then wakes once, while the next forward pass runs,
-        rather than once a row, competing with the sampling of the rows after it."""
-        outbox, self._outbox = self._outbox or [], None
-        loops: dict[asyncio.AbstractEventLoop, list[tuple[EngineRequest, Callable, object]]] = {}
-        for req, out in outbox:
-            if isinstance(req.on_output, LoopDelivery):
-                loops.setdefault(req.on_output.loop, []).append((req, req.on_output.put, out))
-            elif isinstance(out, BaseException):
-                self._tell_error(req, out)
-            else:
-                self._isolated(req, req.on_output, out)
-        for loop, items in loops.items():
-            try:
-                loop.call_soon_threadsafe(LoopDelivery.deliver_all, [(put, out) for _, put, out in items])
-            except RuntimeError as e:  # the loop is closed: its callers are gone
-                for req, _, _ in items:
-                    self._fail(req, e)
+        self.outbox.put_error(req, error)
 
     def _isolated(self, req: EngineRequest, work: Callable[..., object], *args) -> None:
         """Run one sequence's own work (admission, sampling, its logits processors, delivery):
@@ -428,13 +390,10 @@ class Engine:
         # call a row (each row's argmax is the same either way: the first of its largest logits).
         # (None sampled, as in a scoring-only step: its logits may have no columns at all.)
         best = logits[:n_sampled].argmax(dim=-1).tolist() if n_sampled else []
-        self._outbox = []
-        try:
+        with self.outbox.gathering(self._fail):
             for (req, _, n), (at, count) in zip(plan, read):
                 choice = best[at] if at < n_sampled and count == 1 else None
                 self._isolated(req, self._advance, req, logits[at : at + count], n, choice)
-        finally:
-            self._flush()
         self.running = [r for r in self.running if not r.finished]
 
     @staticmethod
@@ -470,7 +429,7 @@ class Engine:
         req.num_computed += n
         if req.num_computed == len(tree):
             self._release(req)
-            self._emit(req, ScoreOutput(tree.results()))
+            self.outbox.put(req, ScoreOutput(tree.results()))
 
     def _sample(self, req: EngineRequest, logits: torch.Tensor, best: int | None = None) -> None:
         for proc in req.processors:
@@ -501,7 +460,7 @@ class Engine:
             out.finish_reason = "length"
         if out.finish_reason:
             self._release(req)
-        self._emit(req, out)
+        self.outbox.put(req, out)
 
 
 def reserve_cpu_for_engines() -> None:

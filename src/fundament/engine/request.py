@@ -3,7 +3,6 @@ outputs, and the context check that fundament's engine and the vLLM one share.""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,23 +32,6 @@ class ScoreOutput:
     """A scoring request's one output: per continuation, log P(token | prompt, earlier tokens)."""
 
     logprobs: list[list[float]]
-
-
-class LoopDelivery:
-    """An on_output that hands each output to an asyncio loop's thread (`put` runs there). The
-    engine gathers a step's outputs for one loop into one call (`deliver_all`), so the loop's
-    thread wakes once a step, after sampling, instead of once a row in the middle of it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, put: Callable[[Any], object]):
-        self.loop, self.put = loop, put
-
-    def __call__(self, out: Any) -> None:
-        self.loop.call_soon_threadsafe(self.put, out)
-
-    @staticmethod
-    def deliver_all(items: list[tuple[Callable[[Any], object], Any]]) -> None:
-        for put, out in items:
-            put(out)
 
 
 @dataclass
