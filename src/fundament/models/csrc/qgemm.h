@@ -300,8 +300,10 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       first += P;
     }
   });
-#endif
   return y;
+#else
+  return at::Tensor();  // unreachable: the check above has thrown
+#endif
 }
 
 }  // namespace qgemm
