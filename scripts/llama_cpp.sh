@@ -3,7 +3,9 @@
 # the loader the GGUF export is checked with (tests/test_export.py) and the engine benchmark's peer;
 # and llama.cpp's own converter and quantizer (convert_hf_to_gguf.py with its gguf-py, llama-quantize),
 # which make the GGUF files of each model family, K-quants included, that tests/test_gguf_families.py loads.
-# AMX kernels off: they crash on this project's CPUs once a prompt has more than one token.
+# AMX kernels off: they crash on this project's CPUs once a prompt has more than one token. The
+# instruction sets are named, not -march=native (which would turn AMX on): AVX512 with VNNI and BF16
+# where the CPU has them, else AVX2 with FMA and F16C (a build for a newer CPU dies of SIGILL).
 # Usage: scripts/llama_cpp.sh DIR  (about 4 minutes on 2 cores; DIR/bin/llama-server when done)
 set -euo pipefail
 OUT=$(realpath -m "${1:-.llama.cpp}")
@@ -12,10 +14,15 @@ PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+  ISA="-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+else
+  ISA="-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+fi
 "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d sdist
 tar xzf "sdist/llama_cpp_python-$VERSION.tar.gz"
 cmake -S "llama_cpp_python-$VERSION/vendor/llama.cpp" -B build -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+  -DGGML_NATIVE=OFF $ISA \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
   -DBUILD_SHARED_LIBS=OFF > cmake.log
 cmake --build build --target llama-server llama-quantize -j"$(nproc)" > build.log
