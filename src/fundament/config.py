@@ -104,7 +104,9 @@ class EngineConfig:
     threads: Int | None = None  # torch threads; None = all cores
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
     dtype: Str = "auto"
-    int8_decode: Bool = True  # on CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows
+    # On CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows; in
+    # float32 only exact ones (int4, and int8 from Q8_0 GGUFs), for every row (the native AVX2 kernel).
+    int8_decode: Bool = True
     # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
     # models/native.py); without a compiler, or false, through PyTorch calls from Python.
     native_decode: Bool = True

@@ -21,6 +21,7 @@
 
 #include "attend.h"
 #include "qgemm.h"
+#include "qgemm_f32.h"
 
 namespace {
 
@@ -57,7 +58,9 @@ inline float fast_exp(float x) {
 at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                   const at::Tensor* lora, int64_t n_lora) {
   at::Tensor y;
-  if (kind >= kPacked) {
+  if (kind >= kPacked && x.scalar_type() == at::kFloat) {
+    y = qgemm32::gemm(x, kind - kPacked, a, b, bias, a.size(0) * qgemm32::kPanel);
+  } else if (kind >= kPacked) {
     y = qgemm::gemm(x, kind - kPacked, a, b, bias, a.size(0) * qgemm::kPanel, false);
   } else if (kind == kInt4) {
     y = at::_weight_int4pack_mm_for_cpu(x, a, kInt4Group, b);
@@ -369,16 +372,22 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
 
 at::Tensor qgemm_op(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                     bool out_float) {
+  if (x.scalar_type() == at::kFloat) {  // a float32 model's rows: qgemm_f32.h, float32 out
+    auto y = qgemm32::gemm(x, kind, a, b, bias, a.size(0) * qgemm32::kPanel);
+    return out_float ? y : y.to(at::kBFloat16);
+  }
   return qgemm::gemm(x, kind, a, b, bias, a.size(0) * qgemm::kPanel, out_float);
 }
 
 bool qgemm_available() { return qgemm::available(); }
+bool qgemm_f32_available() { return qgemm32::available(); }
 
 }  // namespace
 
 TORCH_LIBRARY(fundament, m) {
   m.def("qgemm(Tensor x, int kind, Tensor a, Tensor b, Tensor bias, bool out_float) -> Tensor");
   m.def("qgemm_available() -> bool", &qgemm_available);
+  m.def("qgemm_f32_available() -> bool", &qgemm_f32_available);
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] lin, int[] kinds, Tensor[] lora, int[] lora_counts, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps, bool gemma=False, "
         "float query_scale=0., float softcap=0., int[] windows=[], int[] layer_rope=[]) -> Tensor");

@@ -184,6 +184,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
   TORCH_CHECK(available(), "qgemm: this build has no AVX512-BF16");
 #if FUNDAMENT_QGEMM
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "qgemm: x must be (M, K) bfloat16");
+  TORCH_CHECK(kind >= kBF16 && kind <= kI4, "qgemm: bf16, int8 or int4 weights only (int8 per group: qgemm_f32.h)");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), panels = N / kPanel, G = K / kGroup, U = unit_bytes(kind);
   TORCH_CHECK(N % kPanel == 0 && K % kGroup == 0, "qgemm: N must be a multiple of 16 and K of 32");

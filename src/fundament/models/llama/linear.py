@@ -1,7 +1,9 @@
 """Linear layers for the engine: a bf16 weight for prompt rows, and a low-bit copy (int4 where
 exact, else int8) whose kernels compute each decode row alone; LoRA adapters ride on top. The
 low-bit copy is in the native build's own layout (csrc/qgemm.h: one AVX512-BF16 kernel for any
-number of rows) where it has that kernel, else in torch's for its int4/int8 kernels."""
+number of rows) where it has that kernel, else in torch's for its int4/int8 kernels. In float32
+only copies that are exact (int4 and int8 with a scale per group, a 4-bit or Q8_0 GGUF's weights),
+for csrc/qgemm_f32.h's AVX2 kernel, which every row then takes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 INT4_GROUP = 32
 PACK_PANEL, PACK_BLOCK = 16, 4  # csrc/qgemm.h's output columns per panel, panels per block
 PACK_BF16, PACK_INT8, PACK_INT4 = 0, 1, 2  # csrc/qgemm.h's kBF16, kI8, kI4
+PACK_INT8G = 3  # csrc/qgemm_f32.h's kI8G: int8 with a float16 scale per column and group of 32 (Q8_0)
 
 
 def _int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -30,6 +33,23 @@ def _int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     if ((q * scale[..., None] + lo[..., None] - w).abs() > 1e-3 * scale[..., None]).any():
         return None
     return q.view(N, K).to(torch.uint8), scale, lo
+
+
+def _int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`weight` as int8 levels with a float16 scale per group of 32 inputs (w = q * scale), but
+    only if that is exactly what it is: weights from a Q8_0 GGUF, where a group's largest
+    magnitude is 127 steps. None otherwise."""
+    N, K = weight.shape
+    if K % INT4_GROUP or weight.dtype != torch.float32:
+        return None
+    w = weight.view(N, K // INT4_GROUP, INT4_GROUP)
+    scale = w.abs().amax(-1) / 127  # (N, groups): exact where w is q * scale with max |q| = 127
+    if not torch.equal(scale.half().float(), scale):
+        return None
+    q = torch.round(w / scale.clamp(min=1e-30)[..., None])
+    if q.abs().amax() > 127 or not torch.equal(q * scale[..., None], w):
+        return None
+    return q.view(N, K).to(torch.int8), scale
 
 
 def _torch_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -68,9 +88,14 @@ def _blocks(units: torch.Tensor) -> torch.Tensor:
 
 def pack_weight(kind: int, weight: torch.Tensor, scale: torch.Tensor | None = None, lo: torch.Tensor | None = None):
     """csrc/qgemm.h's packed bytes of a weight: PACK_BF16 (weight bf16 (N, K)), PACK_INT8 (weight
-    int8), or PACK_INT4 (weight: levels 0..15, with `scale` and `lo` per group of 32: (N, K/32))."""
+    int8), or PACK_INT4 (weight: levels 0..15, with `scale` and `lo` per group of 32: (N, K/32));
+    csrc/qgemm_f32.h's PACK_INT8G (weight int8 with `scale` per group of 32)."""
     N, K = weight.shape
     lanes = _vnni(weight)  # (N/16, K/32, 16, 32)
+    if kind == PACK_INT8G:
+        assert scale is not None
+        sc = scale.half().view(N // PACK_PANEL, PACK_PANEL, K // INT4_GROUP).transpose(1, 2).contiguous()
+        return _blocks(torch.cat([sc.view(torch.uint8), lanes.contiguous().view(torch.uint8).flatten(2)], dim=-1))
     if kind == PACK_INT4:
         assert scale is not None and lo is not None
         q = (lanes[..., :16] | (lanes[..., 16:] << 4)).to(torch.uint8).flatten(2)  # (N/16, G, 256)
@@ -118,6 +143,19 @@ class Linear:
         # 0.722; bf16 0.724; float32 0.725)
         self.dense_prompts = False
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
+        if weight.dtype == torch.float32:
+            # float32: only a copy that is exact, for csrc/qgemm_f32.h, which every row then takes;
+            # else the float32 weight alone.
+            if pack and int8 and packable(weight):
+                exact = source.float() if source is not None else weight
+                levels = _int4_levels(exact)
+                if levels is not None:
+                    self.packed = (PACK_INT4, pack_weight(PACK_INT4, *levels), torch.empty(0))
+                elif (groups := _int8_groups(exact)) is not None:
+                    self.packed = (PACK_INT8G, pack_weight(PACK_INT8G, groups[0], groups[1]), torch.empty(0))
+                if self.packed is not None:
+                    self._drop_weight()
+            return
         pack = pack and int8 and weight.dtype == torch.bfloat16 and packable(weight)
         levels = _int4_levels(source) if int8 and source is not None else None
         if levels is not None:
@@ -157,7 +195,9 @@ class Linear:
         computed differently because other prompts share its step."""
         if self.packed is not None:
             kind, a, b = self.packed
-            if self.dense_prompts and x.shape[0] > n_decode:  # prompt rows: bf16, a matmul per run
+            if self.weight.dtype == torch.float32:  # every row, float32 in and out (csrc/qgemm_f32.h)
+                y = torch.ops.fundament.qgemm(x.float(), kind, a, b, self._bias_arg, True).to(x.dtype)
+            elif self.dense_prompts and x.shape[0] > n_decode:  # prompt rows: bf16, a matmul per run
                 ys = [torch.ops.fundament.qgemm(x[:n_decode].to(torch.bfloat16), kind, a, b, self._bias_arg, False)]
                 ys += [F.linear(r, self.weight, self.bias) for r in x[n_decode:].split(splits or [len(x) - n_decode])]
                 y = torch.cat(ys).to(x.dtype)

@@ -41,15 +41,20 @@ class LlamaModel:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.batch_invariant = batch_invariant
         self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
-        int8 = int8_decode and dtype == torch.bfloat16 and self.device.type == "cpu"
+        # float32 takes only exact low-bit copies (Linear), and only where they are packed
+        int8 = int8_decode and dtype in (torch.bfloat16, torch.float32) and self.device.type == "cpu"
         self.native = False
         if native_decode and self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from .. import native
 
             self.native = native.load()
-        # Low-bit weights in the native build's own layout, for its one kernel (AVX512-BF16) for
-        # every number of decode rows; else torch's int4/int8 kernels.
-        pack = self.native and bool(torch.ops.fundament.qgemm_available())
+        # Low-bit weights in the native build's own layout, for its one kernel (AVX512-BF16; in
+        # float32 AVX2's) for every number of rows; else torch's int4/int8 kernels (bf16 only).
+        pack = self.native and bool(
+            torch.ops.fundament.qgemm_available()
+            if dtype == torch.bfloat16
+            else torch.ops.fundament.qgemm_f32_available()
+        )
 
         def w(name):
             return weights.pop(name).to(dtype=dtype, device=self.device).contiguous()

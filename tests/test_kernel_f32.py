@@ -1,0 +1,120 @@
+"""The native float32 kernel (csrc/qgemm_f32.h, AVX2): low-bit copies of float32 weights only where
+they are exact (a Q4_0/Q4_1 or Q8_0 GGUF's weights), results as close to float32's matmul as a
+float32 sum in another order, and each row bit for bit the same whatever the number of rows beside
+it (its 1-, few- and many-row paths differ). On every x86 CPU of this project: all have AVX2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fundament.models.llama import INT4_GROUP, Linear
+from fundament.models.llama.linear import PACK_INT4, PACK_INT8, PACK_INT8G, pack_weight
+
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 33, 64)
+OUT, IN = 1520, 576  # 95 panels of 16: 23 blocks of 4 and a last block of 3
+
+
+def f32_available() -> bool:
+    from fundament.models import native
+
+    return native.load() and bool(torch.ops.fundament.qgemm_f32_available())
+
+
+pytestmark = pytest.mark.skipif(not f32_available(), reason="the native build has no AVX2 float32 kernel here")
+
+
+def q4_weight() -> torch.Tensor:
+    """As a Q4_1 GGUF's: levels 0..15 per group of 32, a float16 scale and minimum per group."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.randint(0, 16, (OUT, IN // INT4_GROUP, INT4_GROUP), generator=g).float()
+    levels[..., 0], levels[..., 1] = 0, 15
+    scale = (torch.rand(OUT, IN // INT4_GROUP, 1, generator=g) * 0.01 + 1e-3).half().float()
+    low = (-torch.rand(OUT, IN // INT4_GROUP, 1, generator=g) * 0.08).half().float()
+    return (levels * scale + low).view(OUT, IN)
+
+
+def q8_weight() -> torch.Tensor:
+    """As a Q8_0 GGUF's: int8 levels, a float16 scale per group of 32, the largest magnitude 127."""
+    g = torch.Generator().manual_seed(1)
+    levels = torch.randint(-127, 128, (OUT, IN // INT4_GROUP, INT4_GROUP), generator=g).float()
+    levels[..., 3] = -127
+    scale = (torch.rand(OUT, IN // INT4_GROUP, 1, generator=g) * 0.001 + 1e-4).half().float()
+    return (levels * scale).view(OUT, IN)
+
+
+def packed(w: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    return Linear(w.clone(), bias, int8=True, source=w.clone(), pack=True)
+
+
+def test_exact_weights_are_packed_and_others_are_not():
+    assert packed(q4_weight()).packed[0] == PACK_INT4
+    assert packed(q8_weight()).packed[0] == PACK_INT8G
+    noisy = torch.randn(OUT, IN) * 0.05  # no low-bit form holds it exactly: the float32 weight stays
+    lin = packed(noisy)
+    assert lin.packed is None and torch.equal(lin.weight, noisy)
+    assert Linear(q4_weight(), int8=True, source=q4_weight(), pack=False).packed is None
+
+
+@pytest.mark.parametrize("make", [q4_weight, q8_weight], ids=["int4", "int8g"])
+def test_dequantized_weights_are_the_float32_ones(make):
+    """x = I gives the weights back: every one equal to the float32 weight it replaced."""
+    w = make()
+    lin = packed(w)
+    got = lin(torch.eye(IN), n_decode=IN).t()
+    assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("make", [q4_weight, q8_weight], ids=["int4", "int8g"])
+def test_close_to_float32_matmul(make):
+    w = make()
+    bias = torch.randn(OUT)
+    x = torch.randn(40, IN)
+    y = packed(w, bias)(x, n_decode=40)
+    ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    assert (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("make", [q4_weight, q8_weight], ids=["int4", "int8g"])
+def test_rows_are_batch_invariant(make):
+    lin = packed(make(), torch.randn(OUT))
+    x = torch.randn(max(ROWS), IN)
+    alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
+    for n in ROWS:
+        assert torch.equal(lin(x[:n], n_decode=n), alone[:n]), f"{n} rows"
+
+
+def test_every_kind_of_the_layout():
+    """The other kinds qgemm.h's layout has (bf16, int8 with column scales) read right too."""
+    w = (torch.randn(OUT, IN) * 0.05).to(torch.bfloat16)
+    x = torch.randn(9, IN)
+    none = torch.empty(0)
+    bf16 = torch.ops.fundament.qgemm(x, 0, pack_weight(0, w), none, none, True)
+    ref = x.double() @ w.double().t()
+    assert (bf16 - ref).abs().max() < 1e-5 * ref.abs().max()
+    q = torch.randint(-127, 128, (OUT, IN), dtype=torch.int8)
+    s = torch.rand(OUT) * 0.01
+    i8 = torch.ops.fundament.qgemm(x, PACK_INT8, pack_weight(PACK_INT8, q), s, none, True)
+    ref = (x.double() @ q.double().t()) * s.double()
+    assert (i8 - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_float32_model_takes_exact_copies_only():
+    """A float32 LlamaModel on the default GGUF: int4 layers and an int8g head, every row through
+    the kernel, and the same greedy tokens as its float32 weights."""
+    from fundament.config import DEFAULT_MODELS
+    from fundament.models.llama import LlamaModel, Segment
+    from fundament.models.loading import hf_dir_for
+
+    d = hf_dir_for(DEFAULT_MODELS[0])
+    low = LlamaModel.from_dir(d, dtype=torch.float32, int8_decode=True)
+    full = LlamaModel.from_dir(d, dtype=torch.float32, int8_decode=False)
+    assert {layer[n].packed[0] for layer in low.layers for n in low.LORA_TARGETS} == {PACK_INT4}
+    assert low.lm_head.packed[0] == PACK_INT8G and low.rows_alone
+    assert full.lm_head.packed is None
+    ids = torch.tensor([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 2])
+    n = len(ids)
+    a = low.forward(ids, [Segment(low.new_cache(64), 0, n)], torch.arange(n))
+    b = full.forward(ids, [Segment(full.new_cache(64), 0, n)], torch.arange(n))
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
