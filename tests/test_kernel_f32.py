@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fundament.models.llama import INT4_GROUP, Linear
+from fundament.models.llama import linear as L
 from fundament.models.llama.linear import PACK_INT4, PACK_INT8, PACK_INT8G, pack_weight
 
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 33, 64)
@@ -53,6 +54,11 @@ def test_exact_weights_are_packed_and_others_are_not():
     noisy = torch.randn(OUT, IN) * 0.05  # no low-bit form holds it exactly: the float32 weight stays
     lin = packed(noisy)
     assert lin.packed is None and torch.equal(lin.weight, noisy)
+    # int4 to within a thousandth of a step (a K-quant's scales are not float16): bf16 would take
+    # it, float32 must not
+    close = q4_weight() * (1 + 1e-5)
+    assert L._int4_levels(close) is not None
+    assert packed(close).packed is None
     assert Linear(q4_weight(), int8=True, source=q4_weight(), pack=False).packed is None
 
 

@@ -35,6 +35,15 @@ def _int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return q.view(N, K).to(torch.uint8), scale, lo
 
 
+def _int4_is_bitwise(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> bool:
+    """Whether the packed int4 (float16 scale and offset) gives back exactly `weight`, as
+    csrc/qgemm_f32.h computes it: q * scale + offset with one rounding to float32 (exact in float64)."""
+    N, K = weight.shape
+    s, o = (t.half().double()[..., None] for t in (scale, lo))
+    w = (q.view(N, K // INT4_GROUP, INT4_GROUP).double() * s + o).float().view(N, K)
+    return torch.equal(w, weight)
+
+
 def _int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`weight` as int8 levels with a float16 scale per group of 32 inputs (w = q * scale), but
     only if that is exactly what it is: weights from a Q8_0 GGUF, where a group's largest
@@ -149,6 +158,8 @@ class Linear:
             if pack and int8 and packable(weight):
                 exact = source.float() if source is not None else weight
                 levels = _int4_levels(exact)
+                if levels is not None and not _int4_is_bitwise(exact, *levels):
+                    levels = None  # close (a K-quant's), not the same float32 weights: not in float32
                 if levels is not None:
                     self.packed = (PACK_INT4, pack_weight(PACK_INT4, *levels), torch.empty(0))
                 elif (groups := _int8_groups(exact)) is not None:
