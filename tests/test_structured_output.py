@@ -9,21 +9,24 @@ import json
 import openai
 import pytest
 from conftest import post
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.slow
 
 
+# Bounded strings: a 135M model sometimes runs a string on without end (in float32 on an AVX2 CPU,
+# one of the 20: "パッスティッカル_TOKYAMAKA_2023_2018_2019_..." as a city), which the schema
+# allows; maxLength is enforced by the grammar like the rest of the schema, so the object closes.
 class Address(BaseModel):
-    city: str
-    country: str
+    city: str = Field(max_length=40)
+    country: str = Field(max_length=40)
 
 
 class Person(BaseModel):
-    name: str
+    name: str = Field(max_length=40)
     age: int
     address: Address
-    hobbies: list[str]
+    hobbies: list[str] = Field(max_length=5)
 
 
 PROMPTS = [
@@ -63,6 +66,7 @@ def test_parse_with_a_nested_pydantic_model_over_20_prompts(client):
         )
         person = r.choices[0].message.parsed
         assert isinstance(person, Person) and isinstance(person.address, Address), r.choices[0].message.content
+        assert len(person.address.city) <= 40 and len(person.hobbies) <= 5  # enforced, not only parsed
         assert r.choices[0].finish_reason == "stop"
 
 
