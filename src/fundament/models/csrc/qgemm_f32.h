@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "qgemm.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define FUNDAMENT_QGEMM32 1
@@ -35,14 +37,13 @@
 
 namespace qgemm32 {
 
-// linear.py PACK_BF16, PACK_INT8, PACK_INT4, PACK_INT8G
-constexpr int64_t kBF16 = 0, kI8 = 1, kI4 = 2, kI8G = 3;
-constexpr int64_t kPanel = 16, kGroup = 32, kPairs = kGroup / 2, kBlock = 4, kTileRows = 6;
+// The layout is qgemm.h's: its kinds, panels, groups and blocks, and one kind more.
+using qgemm::kBF16, qgemm::kI8, qgemm::kI4, qgemm::kPanel, qgemm::kGroup, qgemm::kPairs, qgemm::kBlock;
+constexpr int64_t kI8G = 3;  // linear.py PACK_INT8G
+constexpr int64_t kTileRows = 6;
 constexpr int64_t kUnitFloats = kGroup * kPanel;  // one unit dequantized: [input][column]
 
-inline int64_t unit_bytes(int64_t kind) {
-  return kind == kBF16 ? 1024 : kind == kI8 ? 512 : kind == kI4 ? 320 : 544;
-}
+inline int64_t unit_bytes(int64_t kind) { return kind == kI8G ? 544 : qgemm::unit_bytes(kind); }
 
 inline bool available() { return FUNDAMENT_QGEMM32; }
 
