@@ -101,17 +101,20 @@ def pack_weight(kind: int, weight: torch.Tensor, scale: torch.Tensor | None = No
     csrc/qgemm_f32.h's PACK_INT8G (weight int8 with `scale` per group of 32)."""
     N, K = weight.shape
     lanes = _vnni(weight)  # (N/16, K/32, 16, 32)
+
+    def per_unit(t: torch.Tensor) -> torch.Tensor:  # (N, K/32) -> float16 (N/16, G, 16): one unit's columns
+        return t.half().view(N // PACK_PANEL, PACK_PANEL, K // INT4_GROUP).transpose(1, 2)
+
     if kind == PACK_INT8G:
         assert scale is not None
-        sc = scale.half().view(N // PACK_PANEL, PACK_PANEL, K // INT4_GROUP).transpose(1, 2).contiguous()
-        return _blocks(torch.cat([sc.view(torch.uint8), lanes.contiguous().view(torch.uint8).flatten(2)], dim=-1))
+        head = per_unit(scale).contiguous().view(torch.uint8)  # (N/16, G, 32)
+        return _blocks(torch.cat([head, lanes.contiguous().view(torch.uint8).flatten(2)], dim=-1))
     if kind == PACK_INT4:
         assert scale is not None and lo is not None
         q = (lanes[..., :16] | (lanes[..., 16:] << 4)).to(torch.uint8).flatten(2)  # (N/16, G, 256)
         # float16 scales: a dequantized weight is rounded to bf16 (8 bits) anyway, and 11 bits
         # read half the bytes of float32 where one decode row is bound by bytes read.
-        sl = [t.half().view(N // PACK_PANEL, PACK_PANEL, K // INT4_GROUP).transpose(1, 2) for t in (scale, lo)]
-        head = torch.cat(sl, dim=-1).contiguous().view(torch.uint8)  # (N/16, G, 64)
+        head = torch.cat([per_unit(scale), per_unit(lo)], dim=-1).contiguous().view(torch.uint8)  # (N/16, G, 64)
         return _blocks(torch.cat([head, q], dim=-1))
     return _blocks(lanes.contiguous().view(torch.uint8).flatten(2))
 
