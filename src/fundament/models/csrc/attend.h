@@ -8,11 +8,19 @@
 // Each head's sums are one fixed sequence of instructions for a given cache length: nothing in them
 // depends on other rows or heads, on threads, or on how many heads run together.
 
+// Below them the same two sums for float32 rows (a float32 model) in AVX2 vectors, over keys and
+// values cached in float32 or bfloat16 (a bf16 value is its float32's high half: widened by a
+// shift), 8 keys at a time.
+//
 #pragma once
 
 #include <algorithm>
 
 #include "qgemm.h"  // FUNDAMENT_QGEMM: this build has AVX512-BF16
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace attention {
 
@@ -116,5 +124,65 @@ inline void weighted_sums(const float* p, int64_t ld, int64_t G, const at::BFloa
 }
 
 #endif  // FUNDAMENT_QGEMM
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// 8 cached elements as float32: loaded, or widened from bfloat16.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+}
+
+// Lane j of the result: the sum of a[j]'s 8 lanes.
+inline __m256 sum8(const __m256 (&a)[8]) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // a0..a3, per half
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));  // a4..a7, per half
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// s[h * ld + t] = scale * (q_h . k_t) for the G float32 query heads h (q + h * HD) and keys t < n
+// (HD apart, HD a multiple of 8): 8 keys at a time, 8 independent sums, one block of keys read
+// from memory once for all G heads.
+template <int HD, typename KT>
+inline void scores(const float* __restrict q, int64_t G, const KT* __restrict k, int64_t n, float scale,
+                   float* __restrict s, int64_t ld) {
+  constexpr int C = HD / 8;
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < n; t0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - t0);
+    for (int64_t h = 0; h < G; ++h) {
+      const float* qh = q + h * HD;
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) {
+        acc[j] = _mm256_setzero_ps();
+        if (j < m)
+          for (int c = 0; c < C; ++c)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), load8(k + (t0 + j) * HD + 8 * c), acc[j]);
+      }
+      alignas(32) float r[8];
+      _mm256_store_ps(r, _mm256_mul_ps(sum8(acc), sc));
+      std::copy(r, r + m, s + h * ld + t0);
+    }
+  }
+}
+
+// o[d] = sum over t < n of p[t] * v_t[d] for one head (values HD apart): 64 columns at a time in 8
+// float32 accumulators, each column one sum in the order of t.
+template <int HD, typename KT>
+inline void weighted_sums(const float* __restrict p, const KT* __restrict v, int64_t n, float* __restrict o) {
+  static_assert(HD % 64 == 0, "weighted_sums: heads of whole 64-column blocks");
+  for (int d0 = 0; d0 < HD; d0 += 64) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 pt = _mm256_set1_ps(p[t]);
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pt, load8(v + t * HD + d0 + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+  }
+}
+
+#endif  // __AVX2__ && __FMA__
 
 }  // namespace attention

@@ -88,32 +88,34 @@ void rms_norm(const T* x, const T* w, T* out, int64_t C, float eps) {
 }
 
 // Rotary embedding of one head's first `rot` values (HF's rotate_half convention), rounded once to
-// T; the rest of the head (a partial rotary embedding: Phi-4-mini) passes through. `out` may be
-// `x`: each step reads x[i] and x[i + half] before it writes them.
-template <typename T>
-void rope(const T* x, const T* cos, const T* sin, T* out, int64_t rot, int64_t hd) {
-  if (out != x) std::copy(x + rot, x + hd, out + rot);
+// O (the cache's type, or T in place); the rest of the head (a partial rotary embedding:
+// Phi-4-mini) passes through. `out` may be `x`: each step reads x[i] and x[i + half] before it
+// writes them.
+template <typename T, typename O>
+void rope(const T* x, const T* cos, const T* sin, O* out, int64_t rot, int64_t hd) {
+  if (static_cast<const void*>(out) != static_cast<const void*>(x))
+    for (int64_t i = rot; i < hd; ++i) out[i] = static_cast<O>(f32(x[i]));
   const int64_t half = rot / 2;
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = f32(x[i]), x2 = f32(x[i + half]);
-    out[i] = static_cast<T>(x1 * f32(cos[i]) - x2 * f32(sin[i]));
-    out[i + half] = static_cast<T>(x2 * f32(cos[i + half]) + x1 * f32(sin[i + half]));
+    out[i] = static_cast<O>(x1 * f32(cos[i]) - x2 * f32(sin[i]));
+    out[i + half] = static_cast<O>(x2 * f32(cos[i + half]) + x1 * f32(sin[i + half]));
   }
 }
 
-// One query head over T_len cached keys and values (hd each): softmax(q k^T * scale) v, in
+// One query head over T_len cached keys and values (hd each, of type KT): softmax(q k^T * scale) v, in
 // float32; `softcap` > 0 caps each score as tanh(s / cap) * cap first (Gemma 2). HD > 0 fixes the
 // head size at compile time (64 and 128 cover most models), so the per-key loops are a few whole
 // vectors with no loop overhead; HD = 0 takes it from hd.
-template <typename T, int HD>
-void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restrict vc, int64_t T_len, float scale,
+template <typename T, typename KT, int HD>
+void attend(const T* __restrict qrow, const KT* __restrict kc, const KT* __restrict vc, int64_t T_len, float scale,
             float softcap, float* __restrict q, float* __restrict s, float* __restrict o, T* __restrict out,
             int64_t hd_runtime) {
   const int64_t hd = HD > 0 ? HD : hd_runtime;
   for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
   float mx = -INFINITY;
   for (int64_t t = 0; t < T_len; ++t) {
-    const T* __restrict kt = kc + t * hd;
+    const KT* __restrict kt = kc + t * hd;
     float acc = 0.f;
     for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
     s[t] = acc;
@@ -133,7 +135,7 @@ void attend(const T* __restrict qrow, const T* __restrict kc, const T* __restric
   }
   for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
   for (int64_t t = 0; t < T_len; ++t) {
-    const T* __restrict vt = vc + t * hd;
+    const KT* __restrict vt = vc + t * hd;
     const float p = s[t];
     for (int64_t d = 0; d < hd; ++d) o[d] += p * f32(vt[d]);
   }
@@ -170,11 +172,37 @@ void attend_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+// attend for the G float32 query heads that share one cached head (keys and values float32 or
+// bf16): attend.h's AVX2 sums, each block of 8 keys read once for all G.
+template <int HD, typename KT>
+void attend_group(const float* q, int64_t G, const KT* kc, const KT* vc, int64_t T_len, float scale, float softcap,
+                  float* s, int64_t ld, float* o, float* out) {
+  attention::scores<HD, KT>(q, G, kc, T_len, scale, s, ld);
+  for (int64_t h = 0; h < G; ++h) {
+    float* sh = s + h * ld;
+    if (softcap > 0.f)
+      for (int64_t t = 0; t < T_len; ++t) sh[t] = std::tanh(sh[t] / softcap) * softcap;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < T_len; ++t) mx = std::max(mx, sh[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < T_len; ++t) {
+      sh[t] = fast_exp(sh[t] - mx);
+      sum += sh[t];
+    }
+    attention::weighted_sums<HD, KT>(sh, vc, T_len, o);
+    const float inv = 1.f / sum;
+    for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = o[d] * inv;
+  }
+}
+#endif
+
 // Attention of layer li for every row: each (row, query head) over its own row's cache (the last
-// `window` positions where > 0), split across threads by work. In bf16 with AVX512-BF16 and heads
-// of 64 or 128, each (row, cached head) with the query heads that share it (attend_group).
-// q: rows `width` apart, heads hd apart; out: rows q_dim apart.
-template <typename T>
+// `window` positions where > 0), split across threads by work. With heads of 64 or 128, in bf16
+// with AVX512-BF16 or in float32 with AVX2, each (row, cached head) with the query heads that
+// share it (attend_group). q: rows `width` apart, heads hd apart; out: rows q_dim apart; the
+// caches hold KT.
+template <typename T, typename KT>
 void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorList k_caches, at::TensorList v_caches,
                  at::IntArrayRef positions, int64_t li, int64_t H, int64_t KVH, int64_t hd, int64_t window, int64_t longest,
                  float scale, float softcap) {
@@ -182,10 +210,10 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
   auto cached = [&](int64_t r, int64_t g) {  // (length, keys, values) row r attends over in cached head g
     const int64_t first = window > 0 ? std::max<int64_t>(0, positions[r] + 1 - window) : 0;
     const int64_t cap = k_caches[r].size(2), at = ((li * KVH + g) * cap + first) * hd;
-    return std::make_tuple(positions[r] + 1 - first, k_caches[r].data_ptr<T>() + at, v_caches[r].data_ptr<T>() + at);
+    return std::make_tuple(positions[r] + 1 - first, k_caches[r].data_ptr<KT>() + at, v_caches[r].data_ptr<KT>() + at);
   };
 #if FUNDAMENT_QGEMM
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<KT, at::BFloat16>) {
     if ((hd == 64 || hd == 128) && G <= kMaxGroup) {
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
       at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
@@ -205,6 +233,27 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
     }
   }
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (hd == 64 || hd == 128) {
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
+      at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> s(G * longest), o(hd);
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t r = item / KVH, g = item % KVH;
+          const auto [len, kc, vc] = cached(r, g);
+          const float* q = qp + r * width + g * G * hd;
+          float* out = ap + r * q_dim + g * G * hd;
+          if (hd == 64)
+            attend_group<64, KT>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
+          else
+            attend_group<128, KT>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
+        }
+      });
+      return;
+    }
+  }
+#endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
   at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(hd), s(longest), o(hd);
@@ -214,11 +263,11 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
       const T* qrow = qp + r * width + hh * hd;
       T* out = ap + r * q_dim + hh * hd;
       if (hd == 64)
-        attend<T, 64>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 64>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
       else if (hd == 128)
-        attend<T, 128>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 128>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
       else
-        attend<T, 0>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 0>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
     }
   });
 }
@@ -237,8 +286,9 @@ void by_rows(int64_t n, int64_t cost, const F& fn) {
 // them), GELU (tanh) instead of SiLU, `query_scale` instead of hd ** -0.5, scores soft-capped at
 // `softcap` (> 0), each layer attending over its last `windows[li]` positions (> 0) and rotating by
 // its own table of `cos`/`sin` (types, n, rot), `layer_rope[li]`. Otherwise: 2 norms a layer, or
-// 4 with Qwen3's per-head q and k norms, and cos/sin (n, rot).
-template <typename T>
+// 4 with Qwen3's per-head q and k norms, and cos/sin (n, rot). Keys and values are cached as KT
+// (T, or bf16 under a float32 model).
+template <typename T, typename KT>
 at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::TensorList norms, at::TensorList lin,
                        at::IntArrayRef kinds, at::TensorList lora, at::IntArrayRef lora_counts, at::TensorList k_caches,
                        at::TensorList v_caches, at::IntArrayRef positions, int64_t H, int64_t KVH, double eps_d, bool gemma,
@@ -288,8 +338,8 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
     by_rows(n, width, [&](int64_t r) {
       T* row = qp + r * width;
       const int64_t pos = positions[r], cap = k_caches[r].size(2);
-      T* kc = k_caches[r].data_ptr<T>() + li * KVH * cap * hd;
-      T* vc = v_caches[r].data_ptr<T>() + li * KVH * cap * hd;
+      KT* kc = k_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
+      KT* vc = v_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
       if (q_norm != nullptr) {
         for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
         for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
@@ -297,10 +347,11 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cl + r * rot, sl + r * rot, row + hh * hd, rot, hd);
       for (int64_t g = 0; g < KVH; ++g) {
         rope(row + q_dim + g * hd, cl + r * rot, sl + r * rot, kc + (g * cap + pos) * hd, rot, hd);
-        std::copy(row + q_dim + kv_dim + g * hd, row + q_dim + kv_dim + (g + 1) * hd, vc + (g * cap + pos) * hd);
+        const T* v = row + q_dim + kv_dim + g * hd;
+        for (int64_t d = 0; d < hd; ++d) vc[(g * cap + pos) * hd + d] = static_cast<KT>(f32(v[d]));
       }
     });
-    attend_rows<T>(qp, width, ap, q_dim, k_caches, v_caches, positions, li, H, KVH, hd, window, longest, scale, softcap);
+    attend_rows<T, KT>(qp, width, ap, q_dim, k_caches, v_caches, positions, li, H, KVH, hd, window, longest, scale, softcap);
     at::Tensor o = proj(li, 1, attn).contiguous();
     T* op = o.data_ptr<T>();
     by_rows(n, C, [&](int64_t r) {
@@ -362,12 +413,25 @@ at::Tensor decode_layers(const at::Tensor& x, const at::Tensor& cos, const at::T
                   lin.size() == kinds.size() * 3 && lora_counts.size() == kinds.size(),
               "decode_layers: 2 norms a layer (4 with q and k norms; Gemma's 4 or 6), 4 linears (3 tensors each) and 4 LoRA "
               "counts per layer");
-  if (x.scalar_type() == at::kBFloat16)
-    return decode_impl<at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads,
-                                     n_kv_heads, eps, gemma, query_scale, softcap, windows, layer_rope);
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "decode_layers: bfloat16 or float32 only");
-  return decode_impl<float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads, n_kv_heads,
-                            eps, gemma, query_scale, softcap, windows, layer_rope);
+  // the caches' type: the model's, or bf16 under a float32 model
+  const auto kv = x.size(0) > 0 ? k_caches[0].scalar_type() : x.scalar_type();
+  for (int64_t r = 0; r < x.size(0); ++r)
+    TORCH_CHECK(k_caches[r].scalar_type() == kv && v_caches[r].scalar_type() == kv && k_caches[r].is_contiguous() &&
+                    v_caches[r].is_contiguous(),
+                "decode_layers: every cache contiguous and of one type");
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(kv == at::kBFloat16, "decode_layers: a bfloat16 model caches bfloat16");
+    return decode_impl<at::BFloat16, at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches,
+                                                   positions, n_heads, n_kv_heads, eps, gemma, query_scale, softcap, windows,
+                                                   layer_rope);
+  }
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (kv == at::kFloat || kv == at::kBFloat16),
+              "decode_layers: bfloat16 or float32 only (a float32 model's cache: float32 or bfloat16)");
+  if (kv == at::kBFloat16)
+    return decode_impl<float, at::BFloat16>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions,
+                                            n_heads, n_kv_heads, eps, gemma, query_scale, softcap, windows, layer_rope);
+  return decode_impl<float, float>(x, cos, sin, norms, lin, kinds, lora, lora_counts, k_caches, v_caches, positions, n_heads,
+                                   n_kv_heads, eps, gemma, query_scale, softcap, windows, layer_rope);
 }
 
 at::Tensor qgemm_op(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
