@@ -27,6 +27,21 @@ def test_engine_settings_load_with_their_types(tmp_path):
         "float32",
     )
     assert cfg.engine.int8_decode is True and cfg.engine.batch_invariant is True  # left out: their defaults
+    assert cfg.engine.kv_cache_dtype == "auto"
+
+
+def test_the_kv_cache_is_bf16_under_a_float32_model_unless_told_otherwise(tiny_llama):
+    import torch
+
+    from fundament.config import EngineConfig
+    from fundament.registry import load_weights
+
+    def cache_dtype(**kw):
+        return load_weights("tiny", tiny_llama, EngineConfig(**kw)).new_cache(8).dtype
+
+    assert cache_dtype(dtype="float32") == torch.bfloat16  # the default: half the memory
+    assert cache_dtype(dtype="float32", kv_cache_dtype="model") == torch.float32
+    assert cache_dtype(dtype="bfloat16") == torch.bfloat16
 
 
 def test_models_and_keys_load_with_their_defaults(tmp_path):
@@ -87,6 +102,11 @@ def test_models_and_keys_load_with_their_defaults(tmp_path):
             "models:\n  - {name: m, task: chat}\n",
             "models[0].task",
             "models[0].task: must be 'generate' or 'embed', got 'chat'",
+        ),
+        (
+            "engine: {kv_cache_dtype: float8}\n",
+            "engine.kv_cache_dtype",
+            "engine.kv_cache_dtype: must be 'auto' or 'model', got 'float8'",
         ),
         ("models: smollm\n", "models", "models: must be a list, got 'smollm'"),
         ("port: abc\n", "port", "port: must be an integer, got 'abc'"),

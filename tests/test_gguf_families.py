@@ -51,6 +51,9 @@ SHAPE = dict(
 NATIVE = ["llama", "mistral", "qwen3", "phi3", "gemma2", "gemma3"]
 FALLBACK = ["gpt2"]
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 64, 12]
+# float32 throughout, KV cache too (its default under a float32 model is bf16): compared with
+# transformers' float32 to float32 rounding
+EXACT = EngineConfig(dtype="float32", kv_cache_dtype="model")
 
 
 def convert(d, out, quant: str):
@@ -149,7 +152,7 @@ def test_a_gguf_of_each_family_serves_what_transformers_reads_from_it(tmp_path_f
     # scaling it drops put back: the test below)
     ref_model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ref = ref_model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0].tolist()[len(PROMPT) :]
-    model = load_weights(name, d, EngineConfig(dtype="float32"))
+    model = load_weights(name, d, EXACT)
     assert isinstance(model, LlamaModel if name in NATIVE else TransformersModel)
     req, outs = greedy(PROMPT, 24)
     run_all(Engine(model, EngineConfig(), [2]), [req])
@@ -177,7 +180,7 @@ def test_a_k_quant_takes_int8_where_int4_would_not_be_exact(tmp_path_factory, to
     int4 = sum(lin.q4 is not None or (lin.packed is not None and lin.packed[0] == PACK_INT4) for lin in lins)
     low_bit = sum(lin.q4 is not None or lin.q8 is not None or lin.packed is not None for lin in lins)
     assert low_bit == len(lins) and int4 < len(lins)  # every layer low-bit, not every one int4
-    exact = load_weights(name, d, EngineConfig(dtype="float32"))
+    exact = load_weights(name, d, EXACT)
     got = []
     for m in (fast, exact):
         req, outs = greedy(PROMPT, 24)
@@ -223,7 +226,7 @@ def test_a_gguf_keeps_its_models_rotary_scaling(tmp_path, tokenizer_files, name)
         capture_output=True,
     )
     served = hf_dir_for(ModelSpec(name=name, path=str(f32)))
-    model = load_weights(name, served, EngineConfig(dtype="float32"))
+    model = load_weights(name, served, EXACT)
     seq = torch.tensor(PROMPT * 8)  # 72 positions: past each test model's original context
     with torch.no_grad():
         want = original(seq[None]).logits[0]
@@ -240,6 +243,6 @@ def test_a_gguf_keeps_its_models_rotary_scaling(tmp_path, tokenizer_files, name)
         else plain
     )
     (served / "config.json").write_text(json.dumps(config))
-    wrong = load_weights(name, served, EngineConfig(dtype="float32"))
+    wrong = load_weights(name, served, EXACT)
     bad = wrong.forward(seq, [Segment(wrong.new_cache(len(seq)), 0, len(seq))], torch.arange(len(seq)))
     assert (bad - want).abs().max() > 1e-2 * want.abs().max(), name

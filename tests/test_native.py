@@ -105,16 +105,23 @@ CLEAR_MARGIN = 2.0  # logits; the paths' logits differ by at most ~1 (a few bf16
 
 @needs_native
 @pytest.mark.parametrize(
+    "dtype,kv_dtype",
+    [(torch.bfloat16, None), (torch.float32, None), (torch.float32, torch.bfloat16)],
+    ids=["bf16", "f32", "f32-bf16-cache"],
+)
+@pytest.mark.parametrize(
     "head_dim,heads,kv_heads,hidden",
     [(64, 5, 1, 320), (128, 4, 1, 128), (64, 6, 2, 192)],  # 5 and 4 query heads a cached head: over one register-full
 )
-def test_bf16_attention_over_64_and_128_wide_heads_agrees_with_the_pytorch_path(
-    tmp_path, head_dim, heads, kv_heads, hidden
+def test_vector_attention_over_64_and_128_wide_heads_agrees_with_the_pytorch_path(
+    tmp_path, head_dim, heads, kv_heads, hidden, dtype, kv_dtype
 ):
-    """bf16 heads of 64 and 128 take the kernel's vector attention (csrc/attend.h: each cached
-    head read once for the query heads sharing it, keys 16 at a time). Its q, k and v weights are
-    scaled up so attention is sharp and decides the logits: a kernel that dropped one key of every
-    16 measured cosine 0.43-0.54 here, the correct one >= 0.9993 (the paths round differently)."""
+    """Heads of 64 and 128 take the kernel's vector attention (csrc/attend.h: each cached head
+    read once for the query heads sharing it; bf16 with AVX512-BF16 16 keys at a time, float32
+    with AVX2 8 at a time, over a float32 or bf16 cache). Its q, k and v weights are scaled up so
+    attention is sharp and decides the logits: a bf16 kernel that dropped one key of every 16
+    measured cosine 0.43-0.54 here, the correct one >= 0.9993 (the paths round differently); in
+    float32 the paths agree to float32 rounding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -137,10 +144,41 @@ def test_bf16_attention_over_64_and_128_wide_heads_agrees_with_the_pytorch_path(
     model.save_pretrained(tmp_path)
     prompts = [[5, 17, 99, 3, 8], list(range(3, 20)), list(range(100, 140))]  # caches end inside and on blocks of 16
     continuations = [[7 + i, 8 + i, 300 - i] * 4 for i in range(3)]
-    (nat, _), (py, _) = both_paths(tmp_path, torch.bfloat16, prompts, continuations)
+    (nat, _), (py, _) = both_paths(tmp_path, dtype, prompts, continuations, kv_dtype=kv_dtype)
+    # float32: the paths differ by float32 rounding, and with a bf16 cache where that flips a
+    # key's rounding into the cache (sharp attention here: measured 2e-4 at most)
+    tol, cos = {torch.float32: (1e-4, 0.99999), torch.bfloat16: (0.15, 0.995)}[dtype]
+    tol *= 10 if kv_dtype == torch.bfloat16 else 1
     for a, b in zip(nat, py):  # logits of magnitude ~1
-        assert (a - b).abs().max() < 0.15
-        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.995
+        assert (a - b).abs().max() < tol
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > cos
+
+
+@needs_native
+def test_a_float32_model_with_a_bf16_cache_computes_what_the_pytorch_path_does(tiny_llama):
+    """engine.kv_cache_dtype auto: a float32 model keeps keys and values in bfloat16 (half the
+    memory). Both paths round each key and value once into the cache and attend in float32 over
+    what it holds, so they agree as closely as with a float32 cache; the cache is bf16, its first
+    layer the float32 model's rounded once, and the logits within the rounding's effect."""
+    prompts = [[5, 17, 99, 3], [250, 41], list(range(3, 70))]
+    continuations = [[7 + i, 8 + i, 300 - i] * 4 for i in range(3)]
+    (nat, nat_caches), (py, py_caches) = both_paths(
+        tiny_llama, torch.float32, prompts, continuations, kv_dtype=torch.bfloat16
+    )
+    (full, full_caches), _ = both_paths(tiny_llama, torch.float32, prompts, continuations)
+    for a, b, f in zip(nat, py, full):
+        assert (a - b).abs().max() < 1e-4
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        assert (a - f).abs().max() < 0.05  # the bf16 cache's rounding, seen in the logits
+    for a, b, f, p, c in zip(nat_caches, py_caches, full_caches, prompts, continuations):
+        n = len(p) + len(c)
+        assert a.k.dtype == b.k.dtype == torch.bfloat16 and f.k.dtype == torch.float32
+        assert a.nbytes() * 2 == f.nbytes()
+        for x, y, z in ((a.k, b.k, f.k), (a.v, b.v, f.v)):
+            x, y, z = x[:, :, :n].float(), y[:, :, :n].float(), z[:, :, :n]
+            assert ((x - y).abs() <= y.abs() / 128 + 1e-6).all()  # at most one bf16 step apart
+            # layer 0's keys and values come before any attention: the float32 model's, rounded
+            assert ((x[0] - z[0]).abs() <= z[0].abs() / 256 + 1e-6).all()
 
 
 @needs_native

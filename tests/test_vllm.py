@@ -117,7 +117,9 @@ def local(smollm_dir):
     from fundament.config import EngineConfig, ModelSpec
     from fundament.registry import load_generator
 
-    lm = load_generator(ModelSpec(name=BASE, path=str(smollm_dir)), EngineConfig(dtype="float32"))
+    lm = load_generator(
+        ModelSpec(name=BASE, path=str(smollm_dir)), EngineConfig(dtype="float32", kv_cache_dtype="model")
+    )
     lm.engine.start()
     yield lm
     lm.engine.stop()

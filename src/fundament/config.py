@@ -104,6 +104,10 @@ class EngineConfig:
     threads: Int | None = None  # torch threads; None = all cores
     # "auto": bfloat16 where the hardware runs it natively (AVX512-BF16/AMX, GPUs), else float32.
     dtype: Str = "auto"
+    # The KV cache's type. "auto": a float32 model keeps keys and values in bfloat16 (half the
+    # memory a token holds, at the precision a bf16 model runs with, as llama.cpp keeps float16 by
+    # default); other models in their own dtype. "model": always the model's dtype.
+    kv_cache_dtype: Literal["auto", "model"] = "auto"
     # On CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows; in
     # float32 only exact ones (int4, and int8 from Q8_0 GGUFs), for every row (the native AVX2 kernel).
     int8_decode: Bool = True

@@ -22,7 +22,7 @@ from .config import EngineConfig, ModelSpec, SamplingDefaults, ServeConfig
 from .engine import Engine
 from .engine.vllm import VLLMEngine
 from .errors import ConfigError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
-from .models.device import resolve_device, resolve_dtype
+from .models.device import resolve_device, resolve_dtype, resolve_kv_dtype
 from .models.embedder import Embedder
 from .models.llama import LlamaModel
 from .models.llama.config import LlamaConfig
@@ -87,6 +87,7 @@ def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaMod
     return LlamaModel.from_dir(
         path,
         dtype=dtype,
+        kv_dtype=resolve_kv_dtype(engine_config.kv_cache_dtype, dtype),
         device=device,
         int8_decode=engine_config.int8_decode,
         native_decode=engine_config.native_decode,

@@ -37,6 +37,11 @@ def resolve_device(name: str) -> str:
     return str(device)
 
 
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`engine.kv_cache_dtype` for a model of `model_dtype` (see config.EngineConfig)."""
+    return torch.bfloat16 if name == "auto" and model_dtype == torch.float32 else model_dtype
+
+
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device != "cpu" or cpu_supports_bf16() else torch.float32

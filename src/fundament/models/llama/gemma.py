@@ -22,7 +22,7 @@ def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment],
     for i, (k_at, v_at, ks, vs) in enumerate(dec_views):
         k_at[li] = k[i]
         v_at[li] = v[i]
-        kk, vv = ks[li][0], vs[li][0]  # (KVH, len, hd)
+        kk, vv = ks[li][0].to(q.dtype), vs[li][0].to(q.dtype)  # (KVH, len, hd), float32 from a bf16 cache
         if window:
             kk, vv = kk[:, -window:], vv[:, -window:]
         attn[i] = eager_attention(q[i].view(KVH, G, hd), kk, vv, None, *scaling).reshape(H, hd)
@@ -40,8 +40,8 @@ def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment],
             key_pos, q_pos = torch.arange(end), torch.arange(s.start, end)
         if window:
             allowed = allowed & (q_pos[:, None] - key_pos[None, :] < window).to(q.device)
-        ks = kc[:, :end].repeat_interleave(G, dim=0)  # (H, end, hd)
-        vs = vc[:, :end].repeat_interleave(G, dim=0)
+        ks = kc[:, :end].to(q.dtype).repeat_interleave(G, dim=0)  # (H, end, hd)
+        vs = vc[:, :end].to(q.dtype).repeat_interleave(G, dim=0)
         attn[off : off + s.length] = eager_attention(
             q[off : off + s.length].transpose(0, 1), ks, vs, allowed, *scaling
         ).transpose(0, 1)

@@ -34,11 +34,16 @@ class LlamaModel:
         int8_decode: bool = True,
         native_decode: bool = True,
         batch_invariant: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ):
         """`native_decode`: run decode rows through the native kernel (models/native.py) when this
         machine can build it; on a CPU only, in bfloat16 or float32. `batch_invariant`: each
-        segment's prompt rows get matmuls of their own (see Linear)."""
+        segment's prompt rows get matmuls of their own (see Linear). `kv_dtype`: the KV cache's
+        type, the model's (None) or bfloat16 under a float32 model."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.kv_dtype = kv_dtype or dtype
+        if self.kv_dtype not in (dtype, torch.bfloat16) or (self.kv_dtype != dtype and dtype != torch.float32):
+            raise ValueError(f"a {dtype} model caches keys and values in its own dtype or (float32) in bfloat16")
         self.batch_invariant = batch_invariant
         self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
         # float32 takes only exact low-bit copies (Linear), and only where they are packed
@@ -181,6 +186,7 @@ class LlamaModel:
         native_decode: bool = True,
         batch_invariant: bool = True,
         cfg: LlamaConfig | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> LlamaModel:
         """`cfg`: the directory's config where the caller has read it already."""
         path = Path(path)
@@ -196,6 +202,7 @@ class LlamaModel:
             int8_decode=int8_decode,
             native_decode=native_decode,
             batch_invariant=batch_invariant,
+            kv_dtype=kv_dtype,
         )
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
@@ -222,7 +229,7 @@ class LlamaModel:
                 layer[name].lora.pop(slot, None)
 
     def new_cache(self, max_tokens: int) -> KVCache:
-        return KVCache(self.cfg, self.dtype, self.device, max_tokens)
+        return KVCache(self.cfg, self.kv_dtype, self.device, max_tokens)
 
     def _rms_norm(self, x, weight):
         # HF's order of operations (statistics in float32), so float32 greedy output matches it.
@@ -258,7 +265,11 @@ class LlamaModel:
         # its batch (seen on SmolLM2 in bf16). A request's tokens must not depend on its company.
         if n_dec:
             qd = q[:n_dec].view(n_dec, 1, KVH, G, hd)
-            outs = [F.scaled_dot_product_attention(qd[i], ks[li], vs[li]) for i, (_, _, ks, vs) in enumerate(dec_views)]
+            dt = q.dtype  # a bf16 cache under a float32 model: attended in float32
+            outs = [
+                F.scaled_dot_product_attention(qd[i], ks[li].to(dt), vs[li].to(dt))
+                for i, (_, _, ks, vs) in enumerate(dec_views)
+            ]
             attn[:n_dec] = torch.cat(outs).view(n_dec, H, hd)
         off = n_dec
         for s in segments[n_dec:]:
@@ -267,8 +278,8 @@ class LlamaModel:
             qs = q[off : off + s.length].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
             # Expanding kv heads to the query heads costs a small copy and beats SDPA's GQA path
             # (measured ~1.6x in bfloat16 on CPU for a 512-token prompt).
-            ks = kc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)  # (1, H, end, hd)
-            vs = vc[:, :end].repeat_interleave(G, dim=0).unsqueeze(0)
+            ks = kc[:, :end].to(q.dtype).repeat_interleave(G, dim=0).unsqueeze(0)  # (1, H, end, hd)
+            vs = vc[:, :end].to(q.dtype).repeat_interleave(G, dim=0).unsqueeze(0)
             if s.mask is not None:  # a packed token tree: each token sees its ancestors only
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=s.mask.to(q.device, non_blocking=True))
             elif s.start == 0:
