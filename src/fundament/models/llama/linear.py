@@ -16,6 +16,7 @@ INT4_GROUP = 32
 PACK_PANEL, PACK_BLOCK = 16, 4  # csrc/qgemm.h's output columns per panel, panels per block
 PACK_BF16, PACK_INT8, PACK_INT4 = 0, 1, 2  # csrc/qgemm.h's kBF16, kI8, kI4
 PACK_INT8G = 3  # csrc/qgemm_f32.h's kI8G: int8 with a float16 scale per column and group of 32 (Q8_0)
+PACK_INT8X = 4  # added to PACK_INT4 or PACK_INT8G: times int8 activations (csrc/qgemm_f32.h's kInt8X)
 
 
 def _int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -138,10 +139,13 @@ class Linear:
         int8: bool = False,
         source: torch.Tensor | None = None,
         pack: bool = False,
+        int8x: bool = False,
     ):
         """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
         int4 is exact; without it only int8 is considered. `pack`: keep the low-bit copy in
-        csrc/qgemm.h's layout (the native build has it, `qgemm_available()`) instead of torch's."""
+        csrc/qgemm.h's layout (the native build has it, `qgemm_available()`) instead of torch's.
+        `int8x`: a float32 weight's packed copy multiplies int8 copies of the rows (a scale per
+        32 inputs: integer dot products, csrc/qgemm_f32.h) instead of the float32 rows."""
         self.weight, self.bias = weight, bias
         self._bias_arg = bias if bias is not None else torch.empty(0)  # the packed kernel's: none = empty
         self.q4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed int4, scales and zeros)
@@ -168,6 +172,8 @@ class Linear:
                 elif (groups := _int8_groups(exact)) is not None:
                     self.packed = (PACK_INT8G, pack_weight(PACK_INT8G, groups[0], groups[1]), torch.empty(0))
                 if self.packed is not None:
+                    if int8x:
+                        self.packed = (self.packed[0] + PACK_INT8X, *self.packed[1:])
                     self._drop_weight()
             return
         pack = pack and int8 and weight.dtype == torch.bfloat16 and packable(weight)
