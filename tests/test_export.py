@@ -62,7 +62,9 @@ def tuned(server, tmp_path_factory):
     """A server on float32 weights with a real ft: model of the default model, and its home."""
     home = home_sharing_cache(server, tmp_path_factory, "export-home")
     cfg = home / "serve.yaml"
-    cfg.write_text("engine: {dtype: float32, kv_cache_dtype: model}\n")  # float32 throughout, as transformers
+    cfg.write_text(
+        "engine: {dtype: float32, kv_cache_dtype: model, int8_activations: false}\n"
+    )  # float32 throughout, as transformers
     srv = ServerProcess(["--config", str(cfg)], home)
     c = openai.OpenAI(base_url=srv.base_url, api_key="sk-test", max_retries=0, timeout=120)
     f = c.files.create(file=("train.jsonl", jsonl(sst2_chat(24))), purpose="fine-tune")

@@ -23,7 +23,7 @@ def lora_server(server, smollm_dir, tmp_path_factory):
     b = make_lora(smollm_dir, d / "b", seed=2, targets=("k_proj", "up_proj"))
     cfg = d / "serve.yaml"
     cfg.write_text(
-        "engine: {dtype: float32, kv_cache_dtype: model}\n"
+        "engine: {dtype: float32, kv_cache_dtype: model, int8_activations: false}\n"
         f"adapters:\n  - {{name: smol-a, path: '{a}'}}\n  - {{name: smol-b, path: '{b}', base: gpt-4o-mini}}\n"
     )
     srv = ServerProcess(["--config", str(cfg)], smollm_dir.parents[2])

@@ -118,7 +118,8 @@ def local(smollm_dir):
     from fundament.registry import load_generator
 
     lm = load_generator(
-        ModelSpec(name=BASE, path=str(smollm_dir)), EngineConfig(dtype="float32", kv_cache_dtype="model")
+        ModelSpec(name=BASE, path=str(smollm_dir)),
+        EngineConfig(dtype="float32", kv_cache_dtype="model", int8_activations=False),
     )
     lm.engine.start()
     yield lm

@@ -88,6 +88,7 @@ def load_weights(name: str, path: Path, engine_config: EngineConfig) -> LlamaMod
         path,
         dtype=dtype,
         kv_dtype=resolve_kv_dtype(engine_config.kv_cache_dtype, dtype),
+        int8_activations=engine_config.int8_activations,
         device=device,
         int8_decode=engine_config.int8_decode,
         native_decode=engine_config.native_decode,

@@ -35,11 +35,13 @@ class LlamaModel:
         native_decode: bool = True,
         batch_invariant: bool = True,
         kv_dtype: torch.dtype | None = None,
+        int8_activations: bool = False,
     ):
         """`native_decode`: run decode rows through the native kernel (models/native.py) when this
         machine can build it; on a CPU only, in bfloat16 or float32. `batch_invariant`: each
         segment's prompt rows get matmuls of their own (see Linear). `kv_dtype`: the KV cache's
-        type, the model's (None) or bfloat16 under a float32 model."""
+        type, the model's (None) or bfloat16 under a float32 model. `int8_activations`: a float32
+        model's packed low-bit weights multiply int8 copies of the rows (engine.int8_activations)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.kv_dtype = kv_dtype or dtype
         if self.kv_dtype not in (dtype, torch.bfloat16) or (self.kv_dtype != dtype and dtype != torch.float32):
@@ -77,11 +79,12 @@ class LlamaModel:
                 int8=int8,
                 source=source if int8 else None,
                 pack=pack,
+                int8x=int8_activations,
             )
 
         self.embed = w("model.embed_tokens.weight")  # (V, C)
         head = "lm_head.weight" if not cfg.tie_word_embeddings and "lm_head.weight" in weights else None
-        self.lm_head = Linear(w(head) if head else self.embed, int8=int8, pack=pack)
+        self.lm_head = Linear(w(head) if head else self.embed, int8=int8, pack=pack, int8x=int8_activations)
         self.norm = norm("model.norm.weight")
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -187,6 +190,7 @@ class LlamaModel:
         batch_invariant: bool = True,
         cfg: LlamaConfig | None = None,
         kv_dtype: torch.dtype | None = None,
+        int8_activations: bool = False,
     ) -> LlamaModel:
         """`cfg`: the directory's config where the caller has read it already."""
         path = Path(path)
@@ -203,6 +207,7 @@ class LlamaModel:
             native_decode=native_decode,
             batch_invariant=batch_invariant,
             kv_dtype=kv_dtype,
+            int8_activations=int8_activations,
         )
 
     def add_adapter(self, slot: int, path: str | Path) -> None:
