@@ -48,6 +48,10 @@ def packed(w: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     return Linear(w.clone(), bias, int8=True, source=w.clone(), pack=True)
 
 
+def int8x(w: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    return Linear(w.clone(), bias, int8=True, source=w.clone(), pack=True, int8x=True)
+
+
 def test_exact_weights_are_packed_and_others_are_not():
     assert packed(q4_weight()).packed[0] == PACK_INT4
     assert packed(q8_weight()).packed[0] == PACK_INT8G
@@ -81,9 +85,12 @@ def test_close_to_float32_matmul(make):
     assert (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("rows", ["float32", "int8"])
 @pytest.mark.parametrize("make", [q4_weight, q8_weight], ids=["int4", "int8g"])
-def test_rows_are_batch_invariant(make):
-    lin = packed(make(), torch.randn(OUT))
+def test_rows_are_batch_invariant(make, rows):
+    """Float32 rows, and int8 rows (engine.int8_activations): each row bit for bit the same alone
+    and beside 1 to 63 others."""
+    lin = (packed if rows == "float32" else int8x)(make(), torch.randn(OUT))
     x = torch.randn(max(ROWS), IN)
     alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
     for n in ROWS:
@@ -126,10 +133,6 @@ def test_float32_model_takes_exact_copies_only():
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def int8x(w: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-    return Linear(w.clone(), bias, int8=True, source=w.clone(), pack=True, int8x=True)
-
-
 def quantized_rows(x: torch.Tensor) -> torch.Tensor:
     """Each row as engine.int8_activations takes it: per 32 inputs d = max |x| / 127 and q =
     round(x / d), given back as q * d in float64 (what the integer dot products multiply)."""
@@ -155,15 +158,6 @@ def test_int8_activations_compute_the_quantized_rows_product(make):
     exact = torch.nn.functional.linear(x.double(), w.double(), bias.double())
     err = (y - exact).norm() / exact.norm()
     assert 1e-4 < err < 1e-2  # quantized (not float32 rows), and close
-
-
-@pytest.mark.parametrize("make", [q4_weight, q8_weight], ids=["int4", "int8g"])
-def test_int8_activations_keep_rows_batch_invariant(make):
-    lin = int8x(make(), torch.randn(OUT))
-    x = torch.randn(max(ROWS), IN)
-    alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
-    for n in ROWS:
-        assert torch.equal(lin(x[:n], n_decode=n), alone[:n]), f"{n} rows"
 
 
 def test_the_default_float32_model_multiplies_int8_activations():

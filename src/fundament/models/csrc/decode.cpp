@@ -145,6 +145,21 @@ void attend(const T* __restrict qrow, const KT* __restrict kc, const KT* __restr
 
 constexpr int64_t kMaxGroup = 64;  // query heads per cached head that attend_group takes
 
+// One head's n scores in place: capped as tanh(s / cap) * cap where `softcap` > 0, then exp(s -
+// max); returns 1 / their sum (the weighted sum of values is scaled by it after).
+inline float softmax(float* s, int64_t n, float softcap) {
+  if (softcap > 0.f)
+    for (int64_t t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = fast_exp(s[t] - mx);
+    sum += s[t];
+  }
+  return 1.f / sum;
+}
+
 #if FUNDAMENT_QGEMM
 // attend for the G query heads (q, HD apart) that share one cached head, bf16: attend.h's vector
 // sums read each cached key and value once for all G. `s`: G rows of `ld` floats, `o`: G * HD.
@@ -153,19 +168,7 @@ void attend_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, cons
                   float scale, float softcap, float* s, int64_t ld, float* o, at::BFloat16* out) {
   attention::scores<HD>(q, G, kc, T_len, scale, s, ld);
   float inv[kMaxGroup];
-  for (int64_t h = 0; h < G; ++h) {
-    float* sh = s + h * ld;
-    if (softcap > 0.f)
-      for (int64_t t = 0; t < T_len; ++t) sh[t] = std::tanh(sh[t] / softcap) * softcap;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T_len; ++t) mx = std::max(mx, sh[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < T_len; ++t) {
-      sh[t] = fast_exp(sh[t] - mx);
-      sum += sh[t];
-    }
-    inv[h] = 1.f / sum;
-  }
+  for (int64_t h = 0; h < G; ++h) inv[h] = softmax(s + h * ld, T_len, softcap);
   attention::weighted_sums<HD>(s, ld, G, vc, T_len, o);
   for (int64_t h = 0; h < G; ++h)
     for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = static_cast<at::BFloat16>(o[h * HD + d] * inv[h]);
@@ -181,17 +184,8 @@ void attend_group(const float* q, int64_t G, const KT* kc, const KT* vc, int64_t
   attention::scores<HD, KT>(q, G, kc, T_len, scale, s, ld);
   for (int64_t h = 0; h < G; ++h) {
     float* sh = s + h * ld;
-    if (softcap > 0.f)
-      for (int64_t t = 0; t < T_len; ++t) sh[t] = std::tanh(sh[t] / softcap) * softcap;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T_len; ++t) mx = std::max(mx, sh[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < T_len; ++t) {
-      sh[t] = fast_exp(sh[t] - mx);
-      sum += sh[t];
-    }
+    const float inv = softmax(sh, T_len, softcap);
     attention::weighted_sums<HD, KT>(sh, vc, T_len, o);
-    const float inv = 1.f / sum;
     for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = o[d] * inv;
   }
 }
