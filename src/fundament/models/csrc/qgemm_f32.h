@@ -277,6 +277,83 @@ inline void itile_i8g(const int16_t* q16, int64_t K, const float* d, int64_t G, 
   }
 }
 
+// One row over all G groups of P panels (a block's, units U apart from `base`, a group's units
+// `width` apart): itile_i4's and itile_i8g's arithmetic exactly (the same integer sums, the same
+// float steps per group in the same order), with every sum in registers from the first group to
+// the last. One row is bound by this work; out: 16 P sums.
+template <int64_t kind, int P>
+inline void irow(const int8_t* q, const int16_t* q16, const float* d, const float* s, const uint8_t* base, int64_t width,
+                 int64_t G, int64_t U, float* out) {
+  __m256 acc[P][2];
+  for (int p = 0; p < P; ++p) acc[p][0] = acc[p][1] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* unit = base + g * width * U;
+    __m256i isum[P][2];
+    if constexpr (kind == kI4) {
+      for (int h = 0; h < 2; ++h) {
+        __m256i s16[P];
+        for (int p = 0; p < P; ++p) s16[p] = _mm256_setzero_si256();
+        for (int64_t i = 8 * h; i < 8 * h + 8; ++i) {
+          int16_t pair;
+          std::memcpy(&pair, q + g * kGroup + 2 * i, 2);
+          const __m256i xv = _mm256_set1_epi16(pair);
+          for (int p = 0; p < P; ++p) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + p * U + 64 + i * 16));
+            const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low4);
+            s16[p] = _mm256_add_epi16(s16[p], _mm256_maddubs_epi16(w, xv));
+          }
+        }
+        for (int p = 0; p < P; ++p) {
+          const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[p]));
+          const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[p], 1));
+          isum[p][0] = h ? _mm256_add_epi32(isum[p][0], lo) : lo;
+          isum[p][1] = h ? _mm256_add_epi32(isum[p][1], hi) : hi;
+        }
+      }
+    } else {
+      for (int p = 0; p < P; ++p) isum[p][0] = isum[p][1] = _mm256_setzero_si256();
+      for (int64_t i = 0; i < kPairs; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, q16 + g * kGroup + 2 * i, 4);
+        const __m256i xv = _mm256_set1_epi32(pair);
+        for (int p = 0; p < P; ++p) {
+          const uint8_t* up = unit + p * U + 32 + i * 32;
+          const __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(up)));
+          const __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(up + 16)));
+          isum[p][0] = _mm256_add_epi32(isum[p][0], _mm256_madd_epi16(lo, xv));
+          isum[p][1] = _mm256_add_epi32(isum[p][1], _mm256_madd_epi16(hi, xv));
+        }
+      }
+    }
+    const __m256 dg = _mm256_set1_ps(d[g]);
+    for (int p = 0; p < P; ++p)
+      for (int c = 0; c < 2; ++c) {
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + p * U + 16 * c)));
+        acc[p][c] = _mm256_fmadd_ps(_mm256_mul_ps(sc, dg), _mm256_cvtepi32_ps(isum[p][c]), acc[p][c]);
+        if constexpr (kind == kI4) {
+          const __m256 off = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(unit + p * U + 32 + 16 * c)));
+          acc[p][c] = _mm256_fmadd_ps(off, _mm256_set1_ps(s[g]), acc[p][c]);
+        }
+      }
+  }
+  for (int p = 0; p < P; ++p) {
+    _mm256_storeu_ps(out + p * kPanel, acc[p][0]);
+    _mm256_storeu_ps(out + p * kPanel + 8, acc[p][1]);
+  }
+}
+
+template <int64_t kind>
+inline void irow_panels(int64_t P, const int8_t* q, const int16_t* q16, const float* d, const float* s,
+                        const uint8_t* base, int64_t width, int64_t G, int64_t U, float* out) {
+  switch (P) {
+    case 1: return irow<kind, 1>(q, q16, d, s, base, width, G, U, out);
+    case 2: return irow<kind, 2>(q, q16, d, s, base, width, G, U, out);
+    case 3: return irow<kind, 3>(q, q16, d, s, base, width, G, U, out);
+    default: return irow<kind, 4>(q, q16, d, s, base, width, G, U, out);
+  }
+}
+
 // Group g of P panels (units U apart from `unit`) for `mr` rows (at most kTileRows).
 inline void irows(int64_t kind, int64_t mr, const int8_t* q, const int16_t* q16, int64_t K, const float* d, const float* s,
                   int64_t G, const uint8_t* unit, int64_t U, int64_t P, float* acc) {
@@ -366,22 +443,32 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       const int64_t blk = first / kBlock, skip = first % kBlock;  // the layout's block, panels of it before ours
       const int64_t width = std::min(kBlock, panels - blk * kBlock), P = std::min(width - skip, end - first);
       const uint8_t* base = ap + blk * kBlock * G * U;
-      std::fill(acc.begin(), acc.begin() + M * lda, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        if (g + 1 < G)  // the next group's bytes on their way while these are used
-          for (int64_t p = 0; p < P; ++p)
-            for (int64_t off = 0; off < U; off += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(base + ((g + 1) * width + skip + p) * U + off), _MM_HINT_T0);
-        if (int8x) {
+      if (int8x && M == 1) {  // one row: its sums in registers over every group
+        const int8_t* q = xq.data();
+        const int16_t* q16 = xq16.empty() ? nullptr : xq16.data();
+        const uint8_t* ours = base + skip * U;
+        if (kind == kI4)
+          irow_panels<kI4>(P, q, q16, xd.data(), xs.data(), ours, width, G, U, acc.data());
+        else
+          irow_panels<kI8G>(P, q, q16, xd.data(), xs.data(), ours, width, G, U, acc.data());
+      } else {
+        std::fill(acc.begin(), acc.begin() + M * lda, 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          if (g + 1 < G)  // the next group's bytes on their way while these are used
+            for (int64_t p = 0; p < P; ++p)
+              for (int64_t off = 0; off < U; off += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(base + ((g + 1) * width + skip + p) * U + off), _MM_HINT_T0);
+          if (int8x) {
+            for (int64_t r0 = 0; r0 < M; r0 += kTileRows)
+              irows(kind, std::min(kTileRows, M - r0), xq.data() + r0 * K + g * kGroup,
+                    xq16.empty() ? nullptr : xq16.data() + r0 * K + g * kGroup, K, xd.data() + r0 * G + g,
+                    xs.data() + r0 * G + g, G, base + (g * width + skip) * U, U, P, acc.data() + r0 * lda);
+            continue;
+          }
+          for (int64_t p = 0; p < P; ++p) dequantize(kind, base + (g * width + skip + p) * U, w.data() + p * kUnitFloats);
           for (int64_t r0 = 0; r0 < M; r0 += kTileRows)
-            irows(kind, std::min(kTileRows, M - r0), xq.data() + r0 * K + g * kGroup,
-                  xq16.empty() ? nullptr : xq16.data() + r0 * K + g * kGroup, K, xd.data() + r0 * G + g,
-                  xs.data() + r0 * G + g, G, base + (g * width + skip) * U, U, P, acc.data() + r0 * lda);
-          continue;
+            rows(std::min(kTileRows, M - r0), xp + r0 * K + g * kGroup, K, w.data(), acc.data() + r0 * lda, lda, P);
         }
-        for (int64_t p = 0; p < P; ++p) dequantize(kind, base + (g * width + skip + p) * U, w.data() + p * kUnitFloats);
-        for (int64_t r0 = 0; r0 < M; r0 += kTileRows)
-          rows(std::min(kTileRows, M - r0), xp + r0 * K + g * kGroup, K, w.data(), acc.data() + r0 * lda, lda, P);
       }
       for (int64_t r = 0; r < M; ++r)
         for (int64_t p = 0; p < P; ++p)
