@@ -160,18 +160,18 @@ def test_int8_activations_compute_the_quantized_rows_product(make):
     assert 1e-4 < err < 1e-2  # quantized (not float32 rows), and close
 
 
-def test_the_default_float32_model_multiplies_int8_activations():
-    """engine.int8_activations (default true): the registry's float32 model of the default GGUF
-    takes int8 rows in every layer and the head; its logits stay close to the float32 rows' and
-    pick the same tokens where the choice is clear (perplexity: benchmarks/bench_quality.py)."""
+def test_a_float32_model_multiplies_int8_activations_when_asked():
+    """engine.int8_activations (default false): the registry's float32 model of the default GGUF
+    takes int8 rows in every layer and the head when set; its logits stay close to the float32
+    rows' and pick the same tokens where the choice is clear (perplexity: bench_quality.py)."""
     from fundament.config import DEFAULT_MODELS, EngineConfig
     from fundament.models.llama import Segment
     from fundament.models.loading import hf_dir_for
     from fundament.registry import load_weights
 
     d = hf_dir_for(DEFAULT_MODELS[0])
-    fast = load_weights("smol", d, EngineConfig(dtype="float32"))
-    exact = load_weights("smol", d, EngineConfig(dtype="float32", int8_activations=False))
+    fast = load_weights("smol", d, EngineConfig(dtype="float32", int8_activations=True))
+    exact = load_weights("smol", d, EngineConfig(dtype="float32"))  # the default: float32 rows
     kinds = {layer[n].packed[0] for layer in fast.layers for n in fast.LORA_TARGETS}
     assert kinds == {PACK_INT4 + L.PACK_INT8X} and fast.lm_head.packed[0] == PACK_INT8G + L.PACK_INT8X
     assert {layer[n].packed[0] for layer in exact.layers for n in exact.LORA_TARGETS} == {PACK_INT4}
