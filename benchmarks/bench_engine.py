@@ -428,6 +428,7 @@ def main():
                 for rep in range(args.reps):  # alternating, neither always first
                     pair = [("fundament", ours_url, "gpt-4o-mini"), ("llama.cpp llama-server", url, "smollm2")]
                     for engine, u, m in pair if rep % 2 == 0 else pair[::-1]:
+                        time.sleep(2)  # the last load's threads (ggml's poll, OpenMP's) spin on after it
                         measure(engine, u, m, c)
                 rss[f"llama-server -np {c}"] = peak_rss_mb(srv.pid)
             finally:

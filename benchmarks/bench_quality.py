@@ -1,7 +1,7 @@
 """Does the fast path keep the model's quality? Perplexity of SmolLM2 on SST-2 dev sentences
 with the engine's float32 weights (exactly transformers' model) and with its default fast paths
-(AVX512-BF16: bfloat16, int4/int8 decode copies; AVX2: float32 weights times int8 activations, a
-bfloat16 KV cache), teacher-forced token by token through the decode path, and
+(AVX512-BF16: bfloat16, int4/int8 decode copies; AVX2: float32 rows and a bfloat16 KV cache, and
+with engine.int8_activations int8 rows), teacher-forced token by token through the decode path, and
 llama.cpp's perplexity on the same tokens when its Python bindings are given. Not a test.
 
     .venv/bin/python benchmarks/bench_quality.py [--sentences 200] [--llama-py DIR --llama-lib DIR]
@@ -66,8 +66,9 @@ def main():
     for name, kw in (
         ("float32 (= transformers)", dict(dtype=torch.float32)),
         ("bfloat16 + int4/int8 decode (AVX512-BF16 default)", dict(dtype=torch.bfloat16, int8_decode=True)),
+        ("float32 rows, bf16 KV (AVX2 default)", dict(dtype=torch.float32, kv_dtype=torch.bfloat16)),
         (
-            "float32, int8 rows, bf16 KV (AVX2 default)",
+            "float32, int8 rows, bf16 KV (int8_activations)",
             dict(dtype=torch.float32, kv_dtype=torch.bfloat16, int8_activations=True),
         ),
     ):
