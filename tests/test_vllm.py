@@ -317,13 +317,15 @@ def test_vllm_killed_mid_request_fails_it_then_recovers_with_the_adapter(vsrv, v
         max_tokens=400,
         stream=True,
     )
-    t0, n = time.time(), 0
+    killed, n = None, 0
     with pytest.raises(openai.APIError, match="vLLM"):
         for _ in stream:
             n += 1
             if n == 3:
                 os.kill(pid, signal.SIGKILL)
-    assert time.time() - t0 < 30
+                killed = time.time()
+    # timed from the kill: the first chunks' latency (35 s once late in a full run) is not the point
+    assert killed is not None and time.time() - killed < 30
     with pytest.raises(openai.InternalServerError) as e:  # 503 while it restarts, naming the backend
         vc.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert e.value.status_code == 503 and "vLLM" in e.value.message and BASE in e.value.message
