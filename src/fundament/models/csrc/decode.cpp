@@ -206,22 +206,27 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
     const int64_t cap = k_caches[r].size(2), at = ((li * KVH + g) * cap + first) * hd;
     return std::make_tuple(positions[r] + 1 - first, k_caches[r].data_ptr<KT>() + at, v_caches[r].data_ptr<KT>() + at);
   };
+  // Each (row, cached head) with the query heads that share it, split across threads by work:
+  // group(hd64, q, kc, vc, len, s, o, out) runs one through attend_group<64 or 128>.
+  auto by_group = [&](const auto& group) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
+    at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> s(G * longest), o(G * hd);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / KVH, g = item % KVH;
+        const auto [len, kc, vc] = cached(r, g);
+        group(hd == 64, qp + r * width + g * G * hd, kc, vc, len, s.data(), o.data(), ap + r * q_dim + g * G * hd);
+      }
+    });
+  };
 #if FUNDAMENT_QGEMM
   if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<KT, at::BFloat16>) {
     if ((hd == 64 || hd == 128) && G <= kMaxGroup) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
-      at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> s(G * longest), o(G * hd);
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t r = item / KVH, g = item % KVH;
-          const auto [len, kc, vc] = cached(r, g);
-          const T* q = qp + r * width + g * G * hd;
-          T* out = ap + r * q_dim + g * G * hd;
-          if (hd == 64)
-            attend_group<64>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
-          else
-            attend_group<128>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
-        }
+      by_group([&](bool hd64, const T* q, const KT* kc, const KT* vc, int64_t len, float* s, float* o, T* out) {
+        if (hd64)
+          attend_group<64>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
+        else
+          attend_group<128>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
       });
       return;
     }
@@ -230,19 +235,11 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float>) {
     if (hd == 64 || hd == 128) {
-      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
-      at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> s(G * longest), o(hd);
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t r = item / KVH, g = item % KVH;
-          const auto [len, kc, vc] = cached(r, g);
-          const float* q = qp + r * width + g * G * hd;
-          float* out = ap + r * q_dim + g * G * hd;
-          if (hd == 64)
-            attend_group<64, KT>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
-          else
-            attend_group<128, KT>(q, G, kc, vc, len, scale, softcap, s.data(), longest, o.data(), out);
-        }
+      by_group([&](bool hd64, const T* q, const KT* kc, const KT* vc, int64_t len, float* s, float* o, T* out) {
+        if (hd64)
+          attend_group<64, KT>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
+        else
+          attend_group<128, KT>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
       });
       return;
     }
