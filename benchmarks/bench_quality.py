@@ -1,7 +1,7 @@
 """Does the fast path keep the model's quality? Perplexity of SmolLM2 on SST-2 dev sentences
 with the engine's float32 weights (exactly transformers' model) and with its default fast paths
-(AVX512-BF16: bfloat16, int4/int8 decode copies; AVX2: float32 rows and a bfloat16 KV cache, and
-with engine.int8_activations int8 rows), teacher-forced token by token through the decode path, and
+(AVX512-BF16: bfloat16, int4/int8 decode copies; AVX2: float32 with int8 rows for generated tokens
+and a bfloat16 KV cache, and without int8 rows), teacher-forced token by token through the decode path, and
 llama.cpp's perplexity on the same tokens when its Python bindings are given. Not a test.
 
     .venv/bin/python benchmarks/bench_quality.py [--sentences 200] [--llama-py DIR --llama-lib DIR]
@@ -32,7 +32,8 @@ def sentences(n: int) -> list[str]:
 
 
 def perplexity(model, seqs: list[list[int]]) -> float:
-    """Feed each sequence one token at a time (the decode path) and score the next token."""
+    """Feed each sequence one token at a time (the decode path, each token as a generated one, so
+    int8 rows where the model takes them) and score the next token."""
     from fundament.models.llama import Segment
 
     nll, count = 0.0, 0
@@ -40,7 +41,9 @@ def perplexity(model, seqs: list[list[int]]) -> float:
         for ids in seqs:
             cache = model.new_cache(len(ids))
             for pos in range(len(ids) - 1):
-                logits = model.forward(torch.tensor([ids[pos]]), [Segment(cache, pos, 1)], torch.tensor([0]))[0]
+                logits = model.forward(
+                    torch.tensor([ids[pos]]), [Segment(cache, pos, 1, generated=True)], torch.tensor([0])
+                )[0]
                 nll -= float(torch.log_softmax(logits, -1)[ids[pos + 1]])
                 count += 1
     return math.exp(nll / count)
@@ -66,9 +69,9 @@ def main():
     for name, kw in (
         ("float32 (= transformers)", dict(dtype=torch.float32)),
         ("bfloat16 + int4/int8 decode (AVX512-BF16 default)", dict(dtype=torch.bfloat16, int8_decode=True)),
-        ("float32 rows, bf16 KV (AVX2 default)", dict(dtype=torch.float32, kv_dtype=torch.bfloat16)),
+        ("float32 rows, bf16 KV (int8_activations false)", dict(dtype=torch.float32, kv_dtype=torch.bfloat16)),
         (
-            "float32, int8 rows, bf16 KV (int8_activations)",
+            "float32, int8 rows, bf16 KV (AVX2 default)",
             dict(dtype=torch.float32, kv_dtype=torch.bfloat16, int8_activations=True),
         ),
     ):

@@ -62,14 +62,21 @@ def test_bfloat16_int8_logits_stay_close_to_float32(smollm_dir, prompt):
     assert agree >= 0.9 * len(ref)
 
 
-def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
-    """bfloat16 + int8 decode: 16 prompts of different lengths (crossing the attention buckets)
-    give the same greedy tokens batched together as each alone."""
+@pytest.mark.parametrize("path", ["bf16", "float32-int8-rows"])
+def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir, path):
+    """bfloat16 + int8 decode, and float32 with int8 rows for generated tokens and a bf16 KV cache
+    (the default on a CPU without AVX512-BF16): 16 prompts of different lengths (crossing the
+    attention buckets) give the same greedy tokens batched together as each alone."""
     import random
 
-    fast = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, int8_decode=True)
-    if fast.native and torch.ops.fundament.qgemm_available():  # the default path: the packed kernel
-        assert all(layer[name].packed is not None for layer in fast.layers for name in fast.LORA_TARGETS)
+    if path == "bf16":
+        fast = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, int8_decode=True)
+        if fast.native and torch.ops.fundament.qgemm_available():  # the default path: the packed kernel
+            assert all(layer[name].packed is not None for layer in fast.layers for name in fast.LORA_TARGETS)
+    else:
+        fast = LlamaModel.from_dir(smollm_dir, kv_dtype=torch.bfloat16, int8_activations=True)
+        if not fast.int8_rows:
+            pytest.skip("no native AVX2 kernel here")
     tok = ChatTokenizer(smollm_dir)
     rng = random.Random(0)
     words = "the a model river city light small code green runs fast over under music data".split()
@@ -82,6 +89,15 @@ def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
     config = EngineConfig(max_num_batched_tokens=96)  # long prompts prefill in several chunks
     alone = [greedy_tokens(fast, p, 24, config) for p in prompts]
     engine = Engine(fast, config, [2])
+    generated = []  # per forward: how many of its segments were generated tokens, and their place
+    forward = fast.forward
+
+    def spy(ids, segments, rows, n_sampled=None):
+        flags = [s.generated for s in segments]
+        generated.append((sum(flags), flags == sorted(flags, reverse=True)))
+        return forward(ids, segments, rows, n_sampled)
+
+    fast.forward = spy
     outs = [[] for _ in prompts]
     reqs = [
         EngineRequest(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), o.append)
@@ -92,3 +108,5 @@ def test_fast_path_output_does_not_depend_on_the_batch(smollm_dir):
     while not all(r.finished for r in reqs):
         engine.step()
     assert [[o.token_id for o in out] for out in outs] == alone
+    # every token after each prompt's first was fed back as a generated one, in front of the batch
+    assert sum(n for n, _ in generated) == 16 * 23 and all(first for _, first in generated)

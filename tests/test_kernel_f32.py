@@ -92,9 +92,10 @@ def test_rows_are_batch_invariant(make, rows):
     and beside 1 to 63 others."""
     lin = (packed if rows == "float32" else int8x)(make(), torch.randn(OUT))
     x = torch.randn(max(ROWS), IN)
-    alone = torch.cat([lin(x[i : i + 1], n_decode=1) for i in range(max(ROWS))])
+    i8 = rows == "int8"
+    alone = torch.cat([lin(x[i : i + 1], n_decode=1, n_int8=int(i8)) for i in range(max(ROWS))])
     for n in ROWS:
-        assert torch.equal(lin(x[:n], n_decode=n), alone[:n]), f"{n} rows"
+        assert torch.equal(lin(x[:n], n_decode=n, n_int8=n if i8 else 0), alone[:n]), f"{n} rows"
 
 
 def test_every_kind_of_the_layout():
@@ -151,37 +152,55 @@ def test_int8_activations_compute_the_quantized_rows_product(make):
     x = torch.randn(40, IN)
     x[3, :64] = 0  # an all-zero group: scale 0, no division by it
     lin = int8x(w, bias)
-    assert lin.packed[0] == packed(w).packed[0] + L.PACK_INT8X
-    y = lin(x, n_decode=40).double()
+    assert lin.int8x and lin.packed[0] == packed(w).packed[0]
+    y = lin(x, n_decode=40, n_int8=40).double()
     want = torch.nn.functional.linear(quantized_rows(x), w.double(), bias.double())
     assert (y - want).abs().max() < 1e-5 * want.abs().max()
     exact = torch.nn.functional.linear(x.double(), w.double(), bias.double())
     err = (y - exact).norm() / exact.norm()
     assert 1e-4 < err < 1e-2  # quantized (not float32 rows), and close
+    # only the rows named: the first 7 as int8 rows, the rest exactly as without int8x
+    mixed = lin(x, n_decode=40, n_int8=7)
+    assert torch.equal(mixed[:7], y[:7].float()) and torch.equal(mixed[7:], packed(w, bias)(x[7:], n_decode=33))
 
 
-def test_a_float32_model_multiplies_int8_activations_when_asked():
-    """engine.int8_activations (default false): the registry's float32 model of the default GGUF
-    takes int8 rows in every layer and the head when set; its logits stay close to the float32
-    rows' and pick the same tokens where the choice is clear (perplexity: bench_quality.py)."""
+def test_a_float32_model_multiplies_generated_tokens_as_int8_rows():
+    """engine.int8_activations (the default): the registry's float32 model of the default GGUF
+    multiplies the rows of generated tokens (segments marked `generated`) as int8 copies in every
+    layer and the head, and a prompt's rows in float32, bit for bit as without int8 rows, so
+    classifications and prompt logprobs keep float32's scores. The int8 rows' logits stay close
+    and pick the same tokens where the choice is clear (perplexity: bench_quality.py)."""
     from fundament.config import DEFAULT_MODELS, EngineConfig
     from fundament.models.llama import Segment
     from fundament.models.loading import hf_dir_for
     from fundament.registry import load_weights
 
     d = hf_dir_for(DEFAULT_MODELS[0])
-    fast = load_weights("smol", d, EngineConfig(dtype="float32", int8_activations=True))
-    exact = load_weights("smol", d, EngineConfig(dtype="float32"))  # the default: float32 rows
-    kinds = {layer[n].packed[0] for layer in fast.layers for n in fast.LORA_TARGETS}
-    assert kinds == {PACK_INT4 + L.PACK_INT8X} and fast.lm_head.packed[0] == PACK_INT8G + L.PACK_INT8X
-    assert {layer[n].packed[0] for layer in exact.layers for n in exact.LORA_TARGETS} == {PACK_INT4}
+    fast = load_weights("smol", d, EngineConfig(dtype="float32"))
+    exact = load_weights("smol", d, EngineConfig(dtype="float32", int8_activations=False))
+    assert fast.int8_rows and not exact.int8_rows
+    assert all(layer[n].int8x and layer[n].packed[0] == PACK_INT4 for layer in fast.layers for n in fast.LORA_TARGETS)
+    assert fast.lm_head.int8x and fast.lm_head.packed[0] == PACK_INT8G
     ids = torch.tensor([1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 2, 198, 1, 4093, 198])
     n = len(ids)
-    a = fast.forward(ids, [Segment(fast.new_cache(64), 0, n)], torch.arange(n))
+
+    def run(model, generated):  # the prompt's first token in one segment, then one token at a time
+        cache = model.new_cache(64)
+        rows = [model.forward(ids[:1], [Segment(cache, 0, 1)], torch.tensor([0]))]
+        for i in range(1, n):
+            seg = Segment(cache, i, 1, generated=generated)
+            rows.append(model.forward(ids[i : i + 1], [seg], torch.tensor([0])))
+        return torch.cat(rows)
+
     b = exact.forward(ids, [Segment(exact.new_cache(64), 0, n)], torch.arange(n))
+    assert torch.equal(fast.forward(ids, [Segment(fast.new_cache(64), 0, n)], torch.arange(n)), b)
+    assert torch.equal(run(fast, generated=False), b)  # prompt rows, one at a time: float32 too
+    assert torch.equal(run(exact, generated=True), b)  # without int8 rows the flag changes nothing
+    a = run(fast, generated=True)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.mean() > 0.99 and cos.min() > 0.95  # measured 0.997 and 0.972
-    assert 0 < (a - b).abs().max() < 0.1 * b.abs().max()
+    # the prompt's row as float32's, every generated row through int8 rows (not float32's), and close
+    assert torch.equal(a[0], b[0]) and (a[1:] != b[1:]).any(-1).all() and (a - b).abs().max() < 0.1 * b.abs().max()
     top = b.topk(2, dim=-1).values
     clear = (top[:, 0] - top[:, 1]) >= 1.0
     assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])

@@ -344,9 +344,10 @@ class Engine:
                     break  # first come, first served: later prompts wait for the next step
                 budget -= n
                 work.append((req, req.prefill_ids[req.num_computed : req.num_computed + n]))
-        # Every plain one-token segment (a decode step, or a prompt's one-token last chunk) goes
-        # first: the model runs those rows through its decode kernels, and which kernels a row
-        # meets must not depend on what else is in the batch. (A scoring request's segments carry
+        # Every plain one-token segment goes first, generated tokens (decode steps) before a
+        # prompt's one-token last chunk: the model runs those rows through its decode kernels
+        # (generated ones maybe as int8 rows), and which kernels a row meets must not depend on
+        # what else is in the batch. (A scoring request's segments carry
         # a tree mask and always take the prompt path.)
         # Then plain prompt chunks, token trees last: the model runs the plain rows in front
         # through one kernel. Chunks whose logits are reported (prompt_logprobs) go after those
@@ -362,7 +363,7 @@ class Engine:
             plan.append((req, len(tokens), n))
             assert req.cache is not None  # a running request holds its cache until it is released
             slot = None if req.adapter is None else self.adapters.get(req.adapter)
-            seg = Segment(req.cache, start, n, slot)
+            seg = Segment(req.cache, start, n, slot, generated=start >= len(req.prompt_ids) and req.tree is None)
             if req.tree is not None:
                 seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
                 seg.key_positions = req.tree.positions[: start + n]
@@ -398,12 +399,14 @@ class Engine:
 
     @staticmethod
     def _order(w: tuple[EngineRequest, list[int]]) -> int:
-        """Where a request's tokens of this step go in the batch: 0 one plain token, 1 a prompt
-        chunk, 2 a prompt chunk with prompt_logprobs, 3 a token tree."""
+        """Where a request's tokens of this step go in the batch: 0 a generated token, 1 a prompt's
+        one-token chunk, 2 a prompt chunk, 3 a prompt chunk with prompt_logprobs, 4 a token tree."""
         req, toks = w
         if req.reports_logits:
-            return 3 if req.tree is not None else 2
-        return 0 if len(toks) == 1 else 1
+            return 4 if req.tree is not None else 3
+        if len(toks) > 1:
+            return 2
+        return 0 if req.num_computed >= len(req.prompt_ids) else 1
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int, best: int | None = None) -> None:
         """One request's share of a step: its n tokens were computed, `mine` are its logit rows

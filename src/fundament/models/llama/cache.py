@@ -71,6 +71,9 @@ class Segment:
     # A token tree's positions of every cache slot up to this segment's end (start + length), for
     # attention windows, which count positions, not slots (Gemma's sliding layers). None: slots.
     key_positions: torch.Tensor | None = None
+    # A generated token fed back (not a prompt's): a float32 model with engine.int8_activations
+    # multiplies its rows as int8 copies (LlamaModel.forward), prompts' rows stay float32.
+    generated: bool = False
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this segment's keys and values (length, KVH, hd) of one layer into its cache

@@ -144,8 +144,9 @@ class Linear:
         """`source`: the weight as loaded (before the cast to `weight`'s dtype), to tell whether
         int4 is exact; without it only int8 is considered. `pack`: keep the low-bit copy in
         csrc/qgemm.h's layout (the native build has it, `qgemm_available()`) instead of torch's.
-        `int8x`: a float32 weight's packed copy multiplies int8 copies of the rows (a scale per
-        32 inputs: integer dot products, csrc/qgemm_f32.h) instead of the float32 rows."""
+        `int8x`: a float32 weight's packed copy may multiply int8 copies of rows (a scale per 32
+        inputs: integer dot products, csrc/qgemm_f32.h) instead of the float32 rows: those the
+        caller names (`n_int8`), the model's generated tokens."""
         self.weight, self.bias = weight, bias
         self._bias_arg = bias if bias is not None else torch.empty(0)  # the packed kernel's: none = empty
         self.q4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed int4, scales and zeros)
@@ -158,6 +159,7 @@ class Linear:
         # classifications and prompt_logprobs (SmolLM2's int8 head, zero-shot SST-2 dev accuracy:
         # 0.722; bf16 0.724; float32 0.725)
         self.dense_prompts = False
+        self.int8x = False  # the packed float32 copy also takes int8 rows (the first `n_int8` of a call)
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter slot -> (A, B scaled)
         if weight.dtype == torch.float32:
             # float32: only a copy that is exact, for csrc/qgemm_f32.h, which every row then takes;
@@ -172,8 +174,7 @@ class Linear:
                 elif (groups := _int8_groups(exact)) is not None:
                     self.packed = (PACK_INT8G, pack_weight(PACK_INT8G, groups[0], groups[1]), torch.empty(0))
                 if self.packed is not None:
-                    if int8x:
-                        self.packed = (self.packed[0] + PACK_INT8X, *self.packed[1:])
+                    self.int8x = int8x
                     self._drop_weight()
             return
         pack = pack and int8 and weight.dtype == torch.bfloat16 and packable(weight)
@@ -205,9 +206,11 @@ class Linear:
         n_decode: int = 0,
         lora_rows: Sequence[tuple[int, torch.Tensor]] = (),
         splits: list[int] | None = None,
+        n_int8: int = 0,
     ) -> torch.Tensor:
         """x: (N, in). The first n_decode rows are decode tokens, the rest prompt rows in runs of
-        `splits` rows (one per sequence; None: one run). With the packed kernel every row goes
+        `splits` rows (one per sequence; None: one run). With `int8x`, the first `n_int8` rows
+        are multiplied as int8 copies, the rest in float32. With the packed kernel every row goes
         through it in one call: it computes each row alone, whatever the number of rows. Else the
         decode rows take torch's int4/int8 kernels (which do too) and each run of prompt rows is
         its own bf16 matmul, since that GEMM picks its kernel, and so its rounding, by the number
@@ -216,7 +219,16 @@ class Linear:
         if self.packed is not None:
             kind, a, b = self.packed
             if self.weight.dtype == torch.float32:  # every row, float32 in and out (csrc/qgemm_f32.h)
-                y = torch.ops.fundament.qgemm(x.float(), kind, a, b, self._bias_arg, True).to(x.dtype)
+                x = x.float()
+                n_int8 = n_int8 if self.int8x else 0
+                ys = (
+                    [torch.ops.fundament.qgemm(x[:n_int8], kind + PACK_INT8X, a, b, self._bias_arg, True)]
+                    if n_int8
+                    else []
+                )
+                if n_int8 < len(x) or not ys:
+                    ys.append(torch.ops.fundament.qgemm(x[n_int8:], kind, a, b, self._bias_arg, True))
+                y = torch.cat(ys) if len(ys) > 1 else ys[0]
             elif self.dense_prompts and x.shape[0] > n_decode:  # prompt rows: bf16, a matmul per run
                 ys = [torch.ops.fundament.qgemm(x[:n_decode].to(torch.bfloat16), kind, a, b, self._bias_arg, False)]
                 ys += [F.linear(r, self.weight, self.bias) for r in x[n_decode:].split(splits or [len(x) - n_decode])]

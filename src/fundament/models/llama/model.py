@@ -14,7 +14,7 @@ from ...errors import InvalidRequestError
 from .cache import KVCache, Segment
 from .config import LlamaConfig
 from .gemma import gemma_attention
-from .linear import Linear
+from .linear import PACK_INT8X, Linear
 from .weights import Weights, _LazyWeights
 
 # csrc/decode.cpp's kDense, kInt8, kInt4 (ATen's kernels), kPacked (+ csrc/qgemm.h's kind)
@@ -41,13 +41,15 @@ class LlamaModel:
         machine can build it; on a CPU only, in bfloat16 or float32. `batch_invariant`: each
         segment's prompt rows get matmuls of their own (see Linear). `kv_dtype`: the KV cache's
         type, the model's (None) or bfloat16 under a float32 model. `int8_activations`: a float32
-        model's packed low-bit weights multiply int8 copies of the rows (engine.int8_activations)."""
+        model's packed low-bit weights multiply int8 copies of generated tokens' rows (segments
+        marked `generated`; engine.int8_activations), prompts' rows stay float32."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.kv_dtype = kv_dtype or dtype
         if self.kv_dtype not in (dtype, torch.bfloat16) or (self.kv_dtype != dtype and dtype != torch.float32):
             raise ValueError(f"a {dtype} model caches keys and values in its own dtype or (float32) in bfloat16")
         self.batch_invariant = batch_invariant
         self.rows_alone = False  # set by _native_args: every plain row computed alone, whatever its batch
+        self.int8_rows = False  # set by _native_args: generated tokens' rows take int8 copies
         # float32 takes only exact low-bit copies (Linear), and only where they are packed
         int8 = int8_decode and dtype in (torch.bfloat16, torch.float32) and self.device.type == "cpu"
         self.native = False
@@ -152,7 +154,7 @@ class LlamaModel:
             norms = ("in_norm", "attn_out_norm", "post_norm", "mlp_out_norm")
         norms += ("q_norm", "k_norm") if self.cfg.qk_norm else ()
         self._native_norms = [layer[name] for layer in self.layers for name in norms]
-        self._native_lin, self._native_kinds = [], []
+        self._native_lin, self._native_kinds, self._native_kinds_int8 = [], [], []
         for layer in self.layers:
             for name in self.LORA_TARGETS:
                 lin: Linear = layer[name]
@@ -166,6 +168,7 @@ class LlamaModel:
                 else:
                     kind, a, b = NATIVE_DENSE, lin.weight, none
                 self._native_kinds.append(kind)
+                self._native_kinds_int8.append(kind + PACK_INT8X if lin.int8x else kind)
                 self._native_lin += [a, b, lin.bias if lin.bias is not None else none]
         # Every plain row (prompt chunks too) through the native kernel when its matmuls are the
         # packed ones: those compute each row alone and fast at any number of rows, and the
@@ -178,6 +181,8 @@ class LlamaModel:
             for layer in self.layers
             for name in self.LORA_TARGETS
         )
+        # Generated tokens' rows in int8 where some weight takes them (engine.int8_activations)
+        self.int8_rows = self._native_kinds_int8 != self._native_kinds
 
     @classmethod
     def from_dir(
@@ -316,10 +321,16 @@ class LlamaModel:
         Decode segments (one plain token) must come first, and their logit rows first too; then
         plain prompt chunks, then token trees. `n_sampled`: the first logit rows that are only
         sampled from (the rest are reported or scored); they may take the output head's int8
-        copy. None: the decode rows'."""
+        copy. None: the decode rows'. Leading segments marked `generated` (generated tokens fed
+        back) take int8 rows where the model has them (`int8_rows`), every layer and the head:
+        which rows do is a property of each request's own tokens, never of its batch."""
         n_dec = 0
         while n_dec < len(segments) and segments[n_dec].is_decode:
             n_dec += 1
+        n_gen = 0
+        if self.int8_rows:
+            while n_gen < n_dec and segments[n_gen].generated:
+                n_gen += 1
         # Rows for the native kernel: the decode rows, or with `rows_alone` every plain segment
         # in front (the engine puts token trees last).
         n_native = n_dec
@@ -331,11 +342,15 @@ class LlamaModel:
         for s in segments:
             s.cache.reserve(s.start + s.length)
         if self.native and n_native:
-            # Those rows through the native kernel, the rest (prefill chunks, token trees) here.
+            # Those rows through the native kernel (generated tokens' rows apart where they take
+            # int8 rows), the rest (prefill chunks, token trees) here.
             rows = sum(s.length for s in segments[:n_native])
-            x = self._decode_native(input_ids[:rows], segments[:n_native])
+            parts = [self._decode_native(input_ids[:n_gen], segments[:n_gen], int8=True)] if n_gen else []
+            if n_native > n_gen:
+                parts.append(self._decode_native(input_ids[n_gen:rows], segments[n_gen:n_native]))
             if n_native < len(segments):
-                x = torch.cat([x, self._layers(input_ids[rows:], segments[n_native:], 0)])
+                parts.append(self._layers(input_ids[rows:], segments[n_native:], 0))
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
         else:
             x = self._layers(input_ids, segments, n_dec)
         x = self._rms_norm(x[logit_rows], self.norm)
@@ -345,15 +360,17 @@ class LlamaModel:
             ends = torch.tensor([s.length for s in segments]).cumsum(0)
             per_segment = torch.bucketize(logit_rows[fast:].cpu(), ends, right=True).bincount(minlength=len(segments))
             splits = [n for n in per_segment.tolist() if n]
-        logits = self.lm_head(x, fast, splits=splits).float()  # (R, V)
+        n_int8 = int((logit_rows < n_gen).sum()) if n_gen else 0  # the generated rows' (their one each)
+        logits = self.lm_head(x, fast, splits=splits, n_int8=n_int8).float()  # (R, V)
         if self.cfg.final_softcap:  # Gemma 2
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits.cpu()
 
-    def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def _decode_native(self, input_ids: torch.Tensor, segments: list[Segment], int8: bool = False) -> torch.Tensor:
         """Every layer for the segments' rows in one native call (each row with its cache and
         position; a segment's rows attend causally, as the kernel writes every row's keys and
-        values before any row attends); returns the last hidden states (rows, C)."""
+        values before any row attends); returns the last hidden states (rows, C). `int8`: the
+        rows multiply int8 copies where a weight takes them."""
         positions = [p for s in segments for p in range(s.start, s.start + s.length)]
         lora, counts = [], [0] * len(self._native_kinds)
         groups = self._lora_rows(segments)
@@ -375,7 +392,7 @@ class LlamaModel:
             sin,
             self._native_norms,
             self._native_lin,
-            self._native_kinds,
+            self._native_kinds_int8 if int8 else self._native_kinds,
             lora,
             counts,
             [s.cache.k for s in segments for _ in range(s.length)],
