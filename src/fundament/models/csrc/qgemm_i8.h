@@ -24,6 +24,7 @@ using qgemm::kBF16, qgemm::kI8, qgemm::kI4, qgemm::kPanel, qgemm::kGroup, qgemm:
 constexpr int64_t kI8G = 3;  // int8 weights with a float16 scale per column and group (linear.py PACK_INT8G)
 constexpr int64_t kInt8X = 4;  // added to kI4 or kI8G: int8 activations (linear.py PACK_INT8X)
 constexpr int64_t kTileRows = 6;  // rows a tile takes at most
+constexpr int64_t kAhead = 8;  // groups a row's weights are prefetched ahead (4 to 16: the same)
 
 #if FUNDAMENT_QGEMM32
 
@@ -153,6 +154,10 @@ inline void irow(const int8_t* q, const int16_t* q16, const float* d, const floa
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* unit = base + g * width * U;
+    // Weights kAhead groups on (past the block: the next block's, where the thread goes next) on
+    // their way from memory while this group is summed: without it one row waits for each line.
+    const char* ahead = reinterpret_cast<const char*>(unit + kAhead * width * U);
+    for (int64_t off = 0; off < P * U; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
     __m256i isum[P][2];
     if constexpr (kind == kI4) {
       for (int h = 0; h < 2; ++h) {
