@@ -347,8 +347,8 @@ class Engine:
         # Every plain one-token segment goes first, generated tokens (decode steps) before a
         # prompt's one-token last chunk: the model runs those rows through its decode kernels
         # (generated ones maybe as int8 rows), and which kernels a row meets must not depend on
-        # what else is in the batch. (A scoring request's segments carry
-        # a tree mask and always take the prompt path.)
+        # what else is in the batch. (A scoring request's segments carry a tree mask and always
+        # take the prompt path.)
         # Then plain prompt chunks, token trees last: the model runs the plain rows in front
         # through one kernel. Chunks whose logits are reported (prompt_logprobs) go after those
         # whose logits are only sampled from, so the rows read from the model's output head are
