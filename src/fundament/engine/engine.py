@@ -330,7 +330,7 @@ class Engine:
         work: list[tuple[EngineRequest, list[int]]] = []  # (request, its tokens this step)
         # Decoding sequences first (one token each), so long prompts never stall them.
         for req in self.running:
-            if req.num_computed >= len(req.prompt_ids) and req.tree is None:
+            if req.decoding:
                 work.append((req, [(req.prompt_ids + req.output_ids)[req.num_computed]]))
         # Prompts are prefilled in chunks at fixed boundaries (multiples of the step budget from
         # the first token), never cut to whatever budget is left: the chunking, and so the
@@ -363,7 +363,7 @@ class Engine:
             plan.append((req, len(tokens), n))
             assert req.cache is not None  # a running request holds its cache until it is released
             slot = None if req.adapter is None else self.adapters.get(req.adapter)
-            seg = Segment(req.cache, start, n, slot, generated=start >= len(req.prompt_ids) and req.tree is None)
+            seg = Segment(req.cache, start, n, slot, generated=req.decoding)
             if req.tree is not None:
                 seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
                 seg.key_positions = req.tree.positions[: start + n]
@@ -406,7 +406,7 @@ class Engine:
             return 4 if req.tree is not None else 3
         if len(toks) > 1:
             return 2
-        return 0 if req.num_computed >= len(req.prompt_ids) else 1
+        return 0 if req.decoding else 1
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int, best: int | None = None) -> None:
         """One request's share of a step: its n tokens were computed, `mine` are its logit rows

@@ -61,6 +61,11 @@ class EngineRequest:
         return self.tree.ids if self.tree is not None else self.prompt_ids
 
     @property
+    def decoding(self) -> bool:
+        """Its prompt is prefilled: each step now feeds back the token it generated last."""
+        return self.tree is None and self.num_computed >= len(self.prompt_ids)
+
+    @property
     def reports_logits(self) -> bool:
         """Its logits this step are reported or scored (a token tree, prompt_logprobs while
         prefilling), not only sampled from."""

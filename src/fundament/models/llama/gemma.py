@@ -11,7 +11,7 @@ from .config import LlamaConfig
 
 
 def gemma_attention(cfg: LlamaConfig, li: int, q, k, v, segments: list[Segment], dec_views) -> torch.Tensor:
-    """LlamaModel._attention as Gemma computes it (transformers' eager attention): its query scale, Gemma
+    """attention.attention as Gemma computes it (transformers' eager attention): its query scale, Gemma
     2's soft-capped scores, and this layer's sliding window (a query sees its last `window`
     positions). Per row for decode rows and per segment for prompts, so batch-invariant."""
     H, KVH, hd = q.shape[1], k.shape[1], q.shape[2]

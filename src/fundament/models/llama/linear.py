@@ -219,15 +219,9 @@ class Linear:
         if self.packed is not None:
             kind, a, b = self.packed
             if self.weight.dtype == torch.float32:  # every row, float32 in and out (csrc/qgemm_f32.h)
-                x = x.float()
-                n_int8 = n_int8 if self.int8x else 0
-                ys = (
-                    [torch.ops.fundament.qgemm(x[:n_int8], kind + PACK_INT8X, a, b, self._bias_arg, True)]
-                    if n_int8
-                    else []
-                )
-                if n_int8 < len(x) or not ys:
-                    ys.append(torch.ops.fundament.qgemm(x[n_int8:], kind, a, b, self._bias_arg, True))
+                x, n = x.float(), n_int8 if self.int8x else 0
+                runs = [(x[:n], kind + PACK_INT8X), (x[n:], kind)] if n else [(x, kind)]
+                ys = [torch.ops.fundament.qgemm(r, k, a, b, self._bias_arg, True) for r, k in runs if len(r) or not n]
                 y = torch.cat(ys) if len(ys) > 1 else ys[0]
             elif self.dense_prompts and x.shape[0] > n_decode:  # prompt rows: bf16, a matmul per run
                 ys = [torch.ops.fundament.qgemm(x[:n_decode].to(torch.bfloat16), kind, a, b, self._bias_arg, False)]
