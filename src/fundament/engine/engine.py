@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..models.llama import LlamaModel, Segment
 from ..models.transformers_model import TransformersModel
+from .batch import build_step
 from .outbox import LoopDelivery, Outbox
 from .prefix import PrefixCache
 from .request import LOGPROB_FLOOR, EngineOutput, EngineRequest, ScoreOutput, check_context
@@ -326,87 +327,24 @@ class Engine:
         self._schedule()
         if not self.running:
             return
-        budget = self.config.max_num_batched_tokens
-        work: list[tuple[EngineRequest, list[int]]] = []  # (request, its tokens this step)
-        # Decoding sequences first (one token each), so long prompts never stall them.
-        for req in self.running:
-            if req.decoding:
-                work.append((req, [(req.prompt_ids + req.output_ids)[req.num_computed]]))
-        # Prompts are prefilled in chunks at fixed boundaries (multiples of the step budget from
-        # the first token), never cut to whatever budget is left: the chunking, and so the
-        # numerics, of a request's prefill must not depend on what else is running.
-        chunk = self.config.max_num_batched_tokens
-        for req in self.running:
-            remaining = len(req.prefill_ids) - req.num_computed
-            if remaining > 0:
-                n = min(remaining, chunk - req.num_computed % chunk)
-                if n > budget:
-                    break  # first come, first served: later prompts wait for the next step
-                budget -= n
-                work.append((req, req.prefill_ids[req.num_computed : req.num_computed + n]))
-        # Every plain one-token segment goes first, generated tokens (decode steps) before a
-        # prompt's one-token last chunk: the model runs those rows through its decode kernels
-        # (generated ones maybe as int8 rows), and which kernels a row meets must not depend on
-        # what else is in the batch. (A scoring request's segments carry a tree mask and always
-        # take the prompt path.)
-        # Then plain prompt chunks, token trees last: the model runs the plain rows in front
-        # through one kernel. Chunks whose logits are reported (prompt_logprobs) go after those
-        # whose logits are only sampled from, so the rows read from the model's output head are
-        # the sampled ones first (its fast int8 copy, if it has one), then the reported or scored
-        # ones (its exact weights): which one a row meets never depends on the batch.
-        work.sort(key=self._order)
-        tokens: list[int] = []
-        segments: list[Segment] = []
-        plan: list[tuple[EngineRequest, int, int]] = []  # (request, first row, length)
-        for req, toks in work:
-            start, n = req.num_computed, len(toks)
-            plan.append((req, len(tokens), n))
-            assert req.cache is not None  # a running request holds its cache until it is released
-            slot = None if req.adapter is None else self.adapters.get(req.adapter)
-            seg = Segment(req.cache, start, n, slot, generated=req.decoding)
-            if req.tree is not None:
-                seg.positions, seg.mask = req.tree.positions[start : start + n], req.tree.mask(start, n)
-                seg.key_positions = req.tree.positions[: start + n]
-            segments.append(seg)
-            tokens.extend(toks)
-        if not plan:
+        batch = build_step(self.running, self.config.max_num_batched_tokens, self.adapters)
+        if batch is None:
             return
-        # Rows whose logits are needed: each segment's last, every prompt row for prompt_logprobs,
-        # or a scoring request's rows that some continuation token follows (maybe none).
-        rows: list[int] = []
-        read: list[tuple[int, int]] = []  # per plan entry: (its first logit row, how many)
-        for req, first, n in plan:
-            at = len(rows)
-            if req.tree is not None:
-                rows.extend(first + r - req.num_computed for r in req.tree.read_rows(req.num_computed, n))
-            elif req.params.prompt_logprobs and req.num_computed < len(req.prompt_ids):
-                rows.extend(range(first, first + n))
-            else:
-                rows.append(first + n - 1)
-            read.append((at, len(rows) - at))
-        n_sampled = sum(count for (req, _, _), (_, count) in zip(plan, read) if not req.reports_logits)
-        logits = self.model.forward(torch.tensor(tokens), segments, torch.tensor(rows, dtype=torch.long), n_sampled)
+        n_sampled = batch.n_sampled
+        logits = self.model.forward(
+            torch.tensor(batch.tokens), batch.segments, torch.tensor(batch.rows, dtype=torch.long), n_sampled
+        )
         self.steps += 1
         # The sampled rows come first, one per request: their greedy choices in one call, not one
         # call a row (each row's argmax is the same either way: the first of its largest logits).
         # (None sampled, as in a scoring-only step: its logits may have no columns at all.)
         best = logits[:n_sampled].argmax(dim=-1).tolist() if n_sampled else []
         with self.outbox.gathering(self._fail):
-            for (req, _, n), (at, count) in zip(plan, read):
+            for e in batch.entries:
+                at, count = e.read_at, e.read_count
                 choice = best[at] if at < n_sampled and count == 1 else None
-                self._isolated(req, self._advance, req, logits[at : at + count], n, choice)
+                self._isolated(e.req, self._advance, e.req, logits[at : at + count], e.length, choice)
         self.running = [r for r in self.running if not r.finished]
-
-    @staticmethod
-    def _order(w: tuple[EngineRequest, list[int]]) -> int:
-        """Where a request's tokens of this step go in the batch: 0 a generated token, 1 a prompt's
-        one-token chunk, 2 a prompt chunk, 3 a prompt chunk with prompt_logprobs, 4 a token tree."""
-        req, toks = w
-        if req.reports_logits:
-            return 4 if req.tree is not None else 3
-        if len(toks) > 1:
-            return 2
-        return 0 if req.decoding else 1
 
     def _advance(self, req: EngineRequest, mine: torch.Tensor, n: int, best: int | None = None) -> None:
         """One request's share of a step: its n tokens were computed, `mine` are its logit rows
