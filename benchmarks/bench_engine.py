@@ -40,6 +40,10 @@ VLLM_NAME = "smollm2-135m-instruct"
 _loads = iter(range(100_000))
 
 
+# The CPU features the engines' kernels choose by (docs/engine.md), printed and recorded with the figures
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -374,10 +378,8 @@ def main():
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
     flags = set(open("/proc/cpuinfo").read().split())
-    print(
-        "cpu     : "
-        + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
-    )
+    cpu = {f: f in flags for f in CPU_FLAGS}
+    print("cpu     : " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
     vllm_dtype = args.vllm_dtype
     if vllm_dtype == "auto":
         vllm_dtype = "bfloat16" if "avx512_bf16" in flags else "float32"
@@ -474,7 +476,6 @@ def main():
     print("\npeak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cpu = {f: f in flags for f in ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")}
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
