@@ -348,6 +348,12 @@ def main():
     ap.add_argument("--llama-lib", help="folder with libllama.so for llama-cpp-python (LLAMA_CPP_LIB_PATH)")
     ap.add_argument("--llama-py", help="folder holding the llama_cpp Python package")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--reps-one",
+        type=int,
+        default=5,
+        help="loads per engine at one stream (at least --reps): a one-stream load is one ~1 s request, so a single one reads this machine's noise",
+    )
     ap.add_argument("--levels", default="1,16,64")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-memory", action="store_true")
@@ -400,6 +406,9 @@ def main():
     runs: dict[str, dict[int, list[dict]]] = {"fundament": {}}
     rss: dict[str, float] = {}
 
+    def reps(c: int) -> int:
+        return max(args.reps, args.reps_one) if c == 1 else args.reps
+
     def measure(engine: str, url: str, model: str, c: int) -> dict:
         r = asyncio.run(load(url, model, c, args.max_tokens, fresh_prompts(c)))
         runs.setdefault(engine, {}).setdefault(c, []).append(r)
@@ -427,7 +436,7 @@ def main():
             srv, url = start_llama_server(args.llama_server, gguf, c, 64 + args.max_tokens + 64)
             try:
                 warm_up(url, "smollm2", [])
-                for rep in range(args.reps):  # alternating, neither always first
+                for rep in range(reps(c)):  # alternating, neither always first
                     pair = [("fundament", ours_url, "gpt-4o-mini"), ("llama.cpp llama-server", url, "smollm2")]
                     for engine, u, m in pair if rep % 2 == 0 else pair[::-1]:
                         time.sleep(2)  # the last load's threads (ggml's poll, OpenMP's) spin on after it
@@ -449,7 +458,7 @@ def main():
                 try:
                     warm_up(url, VLLM_NAME, [])
                     for c in levels:
-                        for rep in range(args.reps):  # alternating, neither always first
+                        for rep in range(reps(c)):  # alternating, neither always first
                             pair = [("fundament", ours_url, "gpt-4o-mini"), (name, url, VLLM_NAME)]
                             for engine, u, m in pair if rep % 2 == 0 else pair[::-1]:
                                 time.sleep(2)  # vLLM's worker spins ~1 s after its last step
