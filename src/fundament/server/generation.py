@@ -9,10 +9,13 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from pydantic import BaseModel
 
 from ..engine import EngineOutput, SamplingParams
 from ..models.tokenizer import IncrementalDetokenizer
@@ -97,6 +100,11 @@ class _End:
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators, yielding (stream index, item) as items arrive."""
+    if len(streams) == 1 and hasattr(streams[0], "aclose"):  # one sequence: no task and queue hop per token
+        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for x in only:
+                yield 0, x
+        return
     queue: asyncio.Queue[tuple[int, T | BaseException | _End]] = asyncio.Queue()
     done = _End()
 
@@ -124,3 +132,26 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class TextChunks:
+    """A stream's chunks that differ only in one text (a delta's content, say), written from a
+    template: `make(key, text)` builds the chunk's model, which is dumped once per key with a
+    marker for the text; each chunk after is the two halves around the text's JSON string. The
+    same JSON as dumping the models each time, without building and dumping them per token on the
+    event loop (~0.25 ms a token there, beside the engine's threads on the same cores)."""
+
+    MARK = "\ue000fundament-text\ue001"
+
+    def __init__(self, make: Callable[[int, str], BaseModel]):
+        self._make = make
+        self._halves: dict[int, tuple[str, str] | None] = {}
+
+    def __call__(self, key: int, text: str) -> str:
+        if key not in self._halves:
+            parts = self._make(key, self.MARK).model_dump_json().split(json.dumps(self.MARK, ensure_ascii=False))
+            self._halves[key] = (parts[0], parts[1]) if len(parts) == 2 else None
+        halves = self._halves[key]
+        if halves is None:  # the marker did not come out as one plain string: dump the model
+            return f"data: {self._make(key, text).model_dump_json()}\n\n"
+        return f"data: {halves[0]}{json.dumps(text, ensure_ascii=False)}{halves[1]}\n\n"

@@ -13,7 +13,7 @@ from ..adapt.chat import render_chat
 from ..engine.constraints import GrammarConstraint, json_schema_grammar
 from ..errors import InvalidRequestError, error_payload
 from ..registry import ModelRegistry, ServedGenerator
-from .generation import Delta, merge, run_sequence, stop_list
+from .generation import Delta, TextChunks, merge, run_sequence, stop_list
 from .limits import check_capacity, check_prompt_length, completion_budget
 from .protocol import (
     AssistantMessage,
@@ -200,6 +200,16 @@ class ChatHandler:
             )
             return f"data: {c.model_dump_json(exclude_none=False)}\n\n"
 
+        # a plain content delta of choice i, the chunk of almost every token
+        content_chunk = TextChunks(
+            lambda i, text: ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[ChatChunkChoice(index=i, delta=DeltaMessage(content=text))],
+                system_fingerprint=lm.fingerprint,
+            )
+        )
         for i in range(n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * n
@@ -239,7 +249,10 @@ class ChatHandler:
                     continue
                 if d.text or lp is not None and lp.content:
                     streamed[i] += d.text
-                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
+                    if lp is None:
+                        yield content_chunk(i, d.text)
+                    else:
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text), logprobs=lp)])
                 if d.finish_reason:
                     refusal = schema_refusal(streamed[i], rules.check_schema) if d.finish_reason == "stop" else None
                     if refusal:

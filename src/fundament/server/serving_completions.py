@@ -9,7 +9,7 @@ from dataclasses import replace
 from ..engine.constraints import GrammarConstraint
 from ..errors import InvalidRequestError, error_payload
 from ..registry import ModelRegistry, ServedGenerator
-from .generation import Delta, merge, run_sequence, stop_list
+from .generation import Delta, TextChunks, merge, run_sequence, stop_list
 from .limits import check_capacity, check_prompt_length, completion_budget
 from .protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage, new_id, now
 from .structured import output_grammar
@@ -154,6 +154,16 @@ class CompletionHandler:
             )
             return f"data: {c.model_dump_json()}\n\n"
 
+        # choice i's text alone, the chunk of almost every token
+        text_chunk = TextChunks(
+            lambda i, text: Completion(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[CompletionChoice(index=i, text=text)],
+                system_fingerprint=lm.fingerprint,
+            )
+        )
         try:
             async for i, d in merge(streams):
                 generated[i] = d.num_generated
@@ -168,6 +178,9 @@ class CompletionHandler:
                     sent.offset = lp.offset
                 if texts[i]:  # the echoed prompt goes out with the first delta
                     text, texts[i] = texts[i] + text, ""
+                if lp is None and d.finish_reason is None:
+                    yield text_chunk(i, text)
+                    continue
                 yield chunk(
                     [
                         CompletionChoice(
