@@ -19,7 +19,6 @@ class Entry:
     """One request's share of the step."""
 
     req: EngineRequest
-    first: int  # its first row in the flat batch
     length: int  # its tokens this step
     read_at: int  # its first row among the logit rows read
     read_count: int  # how many logit rows it reads (0: a scoring chunk no continuation follows)
@@ -99,7 +98,7 @@ def build_step(running: list[EngineRequest], chunk: int, adapters: dict[str, int
             batch.rows.extend(range(first, first + n))
         else:
             batch.rows.append(first + n - 1)
-        batch.entries.append(Entry(req, first, n, at, len(batch.rows) - at))
+        batch.entries.append(Entry(req, n, at, len(batch.rows) - at))
         if not req.reports_logits:
             batch.n_sampled += len(batch.rows) - at
     return batch
