@@ -397,8 +397,8 @@ def main():
 
     flags = set(open("/proc/cpuinfo").read().split())
     cpu = {f: f in flags for f in CPU_FLAGS}
-    model = cpu_model()
-    print(f"cpu     : {model}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
+    cpu_name = cpu_model()
+    print(f"cpu     : {cpu_name}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
     vllm_dtype = args.vllm_dtype
     if vllm_dtype == "auto":
         vllm_dtype = "bfloat16" if "avx512_bf16" in flags else "float32"
@@ -501,7 +501,7 @@ def main():
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
-        "cpu": model,
+        "cpu": cpu_name,
         "cpu_flags": cpu,
         "vllm_dtype": vllm_dtype,
     }
