@@ -100,6 +100,38 @@ def test_native_decode_on_the_default_model_agrees_with_the_pytorch_path(smollm_
     assert agree >= 0.9 * total
 
 
+@pytest.mark.slow
+@needs_native
+def test_native_decode_gives_the_same_bits_whichever_threads_do_the_work(smollm_dir):
+    """The default model's decode rows (bf16, packed weights: the layers run as one team program,
+    csrc/team.h) on 1, 2 and 3 threads of this 2-core machine, the third thread off a core much
+    of the time, so the others take its queued items: every thread count must give the same
+    logits, bit for bit, and the same cache (an item lost or done twice, or done on a half-written
+    input, changes them). 24 rows of different lengths, 8 steps."""
+    from fundament.models import native as native_kernel
+
+    if not (native_kernel.load() and torch.ops.fundament.qgemm_available()):
+        pytest.skip("the packed kernel needs AVX512-BF16")
+    tok = ChatTokenizer(smollm_dir)
+    prompts = [tok.encode(f"Question {i}: " + "why is the sky blue? " * (i % 5 + 1)) for i in range(24)]
+    continuations = [tok.encode(" Because of Rayleigh scattering of sunlight.")[:8]] * 24
+    model = LlamaModel.from_dir(smollm_dir, dtype=torch.bfloat16, native_decode=True)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(decode_logits(model, prompts, continuations))
+    finally:
+        torch.set_num_threads(threads)
+    (ref, ref_caches), others = runs[0], runs[1:]
+    for steps, caches in others:
+        for a, b in zip(steps, ref):
+            assert torch.equal(a, b)
+        for a, b in zip(caches, ref_caches):
+            assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
 CLEAR_MARGIN = 2.0  # logits; the paths' logits differ by at most ~1 (a few bf16 steps at this magnitude)
 
 

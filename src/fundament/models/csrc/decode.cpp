@@ -6,6 +6,10 @@
 //
 // Each row is computed on its own: nothing a row computes depends on which other rows share its
 // batch (the ATen matmul kernels used here compute each row independently too).
+//
+// With bf16 rows and every weight packed for qgemm.h (the default on AVX512-BF16 CPUs), the
+// layers run as one team program (team.h): a loop ends when its items are done, so a thread the OS
+// takes off its core for a while does not stop the other at each of the step's ~300 loops.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +26,7 @@
 #include "attend.h"
 #include "qgemm.h"
 #include "qgemm_f32.h"
+#include "team.h"
 
 namespace {
 
@@ -191,13 +196,45 @@ void attend_group(const float* q, int64_t G, const KT* kc, const KT* vc, int64_t
 }
 #endif
 
+// The kernel's parallel loops: fn(begin, end) over items [0, n), split across threads in runs of
+// `grain` or more. Omp: at::parallel_for, a barrier at each loop's end (any layer: LoRA, ATen's
+// kernels). Team: team.h's loops inside one region, a loop over when its items are done.
+struct Omp {
+  template <typename F>
+  void items(int64_t n, int64_t grain, const F& fn) const {
+    at::parallel_for(0, n, grain, fn);
+  }
+};
+struct Team {
+  team::Member& member;
+  template <typename F>
+  void items(int64_t n, int64_t grain, const F& fn) const {
+    member.loop(n, grain, 1, [&](int64_t begin, int64_t end, int64_t) { fn(begin, end); });
+  }
+};
+
+// fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
+// how many elements a row touches); each row's work is the same whoever runs it.
+template <typename Par, typename F>
+void by_rows(const Par& par, int64_t n, int64_t cost, const F& fn) {
+  par.items(n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cost)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) fn(r);
+  });
+}
+
+// Per-thread scratch of at least `size` floats, kept across calls.
+inline float* scratch(std::vector<float>& v, int64_t size) {
+  if (v.size() < static_cast<size_t>(size)) v.resize(size);
+  return v.data();
+}
+
 // Attention of layer li for every row: each (row, query head) over its own row's cache (the last
 // `window` positions where > 0), split across threads by work. With heads of 64 or 128, in bf16
 // with AVX512-BF16 or in float32 with AVX2, each (row, cached head) with the query heads that
 // share it (attend_group). q: rows `width` apart, heads hd apart; out: rows q_dim apart; the
 // caches hold KT.
-template <typename T, typename KT>
-void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorList k_caches, at::TensorList v_caches,
+template <typename T, typename KT, typename Par>
+void attend_rows(const Par& par, const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorList k_caches, at::TensorList v_caches,
                  at::IntArrayRef positions, int64_t li, int64_t H, int64_t KVH, int64_t hd, int64_t window, int64_t longest,
                  float scale, float softcap) {
   const int64_t n = static_cast<int64_t>(positions.size()), G = H / KVH;
@@ -210,12 +247,14 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
   // group(hd64, q, kc, vc, len, s, o, out) runs one through attend_group<64 or 128>.
   auto by_group = [&](const auto& group) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
-    at::parallel_for(0, n * KVH, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> s(G * longest), o(G * hd);
+    par.items(n * KVH, grain, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> s_buf, o_buf;
+      float* s = scratch(s_buf, G * longest);
+      float* o = scratch(o_buf, G * hd);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / KVH, g = item % KVH;
         const auto [len, kc, vc] = cached(r, g);
-        group(hd == 64, qp + r * width + g * G * hd, kc, vc, len, s.data(), o.data(), ap + r * q_dim + g * G * hd);
+        group(hd == 64, qp + r * width + g * G * hd, kc, vc, len, s, o, ap + r * q_dim + g * G * hd);
       }
     });
   };
@@ -246,30 +285,48 @@ void attend_rows(const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorLis
   }
 #endif
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
-  at::parallel_for(0, n * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(hd), s(longest), o(hd);
+  par.items(n * H, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> q_buf, s_buf, o_buf;
+    float* q = scratch(q_buf, hd);
+    float* s = scratch(s_buf, longest);
+    float* o = scratch(o_buf, hd);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / H, hh = item % H;
       const auto [len, kc, vc] = cached(r, hh / G);
       const T* qrow = qp + r * width + hh * hd;
       T* out = ap + r * q_dim + hh * hd;
       if (hd == 64)
-        attend<T, KT, 64>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 64>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
       else if (hd == 128)
-        attend<T, KT, 128>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 128>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
       else
-        attend<T, KT, 0>(qrow, kc, vc, len, scale, softcap, q.data(), s.data(), o.data(), out, hd);
+        attend<T, KT, 0>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
     }
   });
 }
 
-// fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
-// how many elements a row touches); each row's work is the same whoever runs it.
-template <typename F>
-void by_rows(int64_t n, int64_t cost, const F& fn) {
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cost)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) fn(r);
-  });
+// Each group of 32 inputs' sum for one row (bf16 rows: what qgemm's int4 offsets multiply).
+template <typename T>
+void row_group_sums(const T* x, int64_t K, float* out) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) qgemm::group_sums(x, K, out);
+}
+
+// Whether the layers can run as one team program (team.h): bf16 rows, every weight packed for
+// qgemm (bf16, int8 or int4) with each layer's projections of one shape, no adapter rows.
+inline bool team_ready(at::IntArrayRef kinds, at::IntArrayRef lora_counts, at::TensorList lin, int64_t n, int64_t C,
+                       int64_t q_dim, int64_t width) {
+  if (n == 0 || !qgemm::available()) return false;
+  for (int64_t c : lora_counts)
+    if (c != 0) return false;
+  const int64_t L = static_cast<int64_t>(kinds.size()) / 4;
+  for (int64_t k = 0; k < L * 4; ++k) {
+    if (kinds[k] < kPacked || kinds[k] > kPacked + qgemm::kI4) return false;
+    if (lin[3 * k].size(0) != lin[3 * (k % 4)].size(0)) return false;
+  }
+  const int64_t N[4] = {lin[0].size(0) * qgemm::kPanel, lin[3].size(0) * qgemm::kPanel, lin[6].size(0) * qgemm::kPanel,
+                        lin[9].size(0) * qgemm::kPanel};
+  return L > 0 && N[0] == width && N[1] == C && N[2] % (2 * qgemm::kGroup) == 0 && N[3] == C && C % qgemm::kGroup == 0 &&
+         q_dim % qgemm::kGroup == 0;
 }
 
 // Gemma 2/3 (`gemma`): attention's and the MLP's outputs are RMS-normed before their residual
@@ -288,6 +345,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   const int64_t per_layer = static_cast<int64_t>(norms.size()) / L;
   const bool qk_norm = per_layer == (gemma ? 6 : 4);
   const int64_t rot = cos.size(-1), hd = n > 0 ? k_caches[0].size(3) : rot, G = H / KVH, q_dim = H * hd, kv_dim = KVH * hd;
+  const int64_t width = q_dim + 2 * kv_dim;  // a row of the q, k, v projection
   const int64_t table = cos.dim() == 3 ? n * rot : 0;  // one rotary table's size, where there are several
   const float eps = static_cast<float>(eps_d), softcap = static_cast<float>(softcap_d);
   const float scale = query_scale > 0 ? static_cast<float>(query_scale) : 1.f / std::sqrt(static_cast<float>(hd));
@@ -304,82 +362,141 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   int64_t longest = 0;
   for (int64_t r = 0; r < n; ++r) longest = std::max(longest, positions[r] + 1);
 
-  auto proj = [&](int64_t li, int64_t j, const at::Tensor& in) {
-    const int64_t k = li * 4 + j;
-    return linear(in, kinds[k], lin[3 * k], lin[3 * k + 1], lin[3 * k + 2], lora.data() + lora_start[k], lora_counts[k]);
+  // Every layer, its loops through `par` (Omp or Team). project(li, j, in) is projection j of
+  // layer li on the rows at `in` (h or attn: `in_t`); it returns where its output rows are.
+  // sums(li, j) is where the loop that writes projection j's input also puts each row's group sums
+  // (Team, int4 weights), else null. act_rows(I) is the MLP's activations' tensor, (n, I).
+  auto layers = [&](const auto& par, const auto& project, const auto& sums, const auto& act_rows) {
+    for (int64_t li = 0; li < L; ++li) {
+      const int64_t at_qk = gemma ? 4 : 2;  // where this layer's q and k norms are, if any
+      const T* in_norm = norms[per_layer * li].data_ptr<T>();
+      const T* attn_out_norm = gemma ? norms[per_layer * li + 1].data_ptr<T>() : nullptr;
+      const T* post_norm = norms[per_layer * li + (gemma ? 2 : 1)].data_ptr<T>();
+      const T* mlp_out_norm = gemma ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
+      const T* q_norm = qk_norm ? norms[per_layer * li + at_qk].data_ptr<T>() : nullptr;
+      const T* k_norm = qk_norm ? norms[per_layer * li + at_qk + 1].data_ptr<T>() : nullptr;
+      const int64_t rope_at = (layer_rope.empty() ? 0 : layer_rope[li]) * table;  // this layer's rotary table
+      const T* cl = cp + rope_at;
+      const T* sl = sp + rope_at;
+      const int64_t window = windows.empty() ? 0 : windows[li];
+      float* sums_qkv = sums(li, 0);
+      by_rows(par, n, C, [&](int64_t r) {
+        rms_norm(xp + r * C, in_norm, hp + r * C, C, eps);
+        if (sums_qkv) row_group_sums(hp + r * C, C, sums_qkv + r * (C / qgemm::kGroup));
+      });
+      T* qp = project(li, 0, h).first;  // (n, width)
+      // Rotary embedding of q (in place) and k (into the cache); v into the cache.
+      by_rows(par, n, width, [&](int64_t r) {
+        T* row = qp + r * width;
+        const int64_t pos = positions[r], cap = k_caches[r].size(2);
+        KT* kc = k_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
+        KT* vc = v_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
+        if (q_norm != nullptr) {
+          for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
+          for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
+        }
+        for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cl + r * rot, sl + r * rot, row + hh * hd, rot, hd);
+        for (int64_t g = 0; g < KVH; ++g) {
+          rope(row + q_dim + g * hd, cl + r * rot, sl + r * rot, kc + (g * cap + pos) * hd, rot, hd);
+          const T* v = row + q_dim + kv_dim + g * hd;
+          for (int64_t d = 0; d < hd; ++d) vc[(g * cap + pos) * hd + d] = static_cast<KT>(f32(v[d]));
+        }
+      });
+      attend_rows<T, KT>(par, qp, width, ap, q_dim, k_caches, v_caches, positions, li, H, KVH, hd, window, longest, scale,
+                         softcap);
+      if (float* sums_o = sums(li, 1))
+        by_rows(par, n, q_dim, [&](int64_t r) { row_group_sums(ap + r * q_dim, q_dim, sums_o + r * (q_dim / qgemm::kGroup)); });
+      T* op = project(li, 1, attn).first;  // (n, C)
+      float* sums_gu = sums(li, 2);
+      by_rows(par, n, C, [&](int64_t r) {
+        if (gemma) rms_norm(op + r * C, attn_out_norm, op + r * C, C, eps);
+        for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
+        rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
+        if (sums_gu) row_group_sums(hp + r * C, C, sums_gu + r * (C / qgemm::kGroup));
+      });
+      const auto gu = project(li, 2, h);  // (n, 2 I): gate then up
+      const T* gp = gu.first;
+      const int64_t I = gu.second / 2;
+      const at::Tensor act = act_rows(I);  // (n, I)
+      T* actp = act.data_ptr<T>();
+      float* sums_down = sums(li, 3);
+      // gate's activation times up, rounded as F.silu's (F.gelu's) output is; one loop per activation,
+      // so each vectorizes (a choice inside the loop would compute both)
+      by_rows(par, n, I * 4, [&](int64_t r) {
+        const T* gate = gp + r * 2 * I;
+        const T* up = gate + I;
+        T* out = actp + r * I;
+        if (gemma) {
+          for (int64_t i = 0; i < I; ++i) {  // GELU (tanh), with tanh(u) = 1 - 2 / (exp(2u) + 1)
+            const float g = f32(gate[i]), u = 0.7978845608f * (g + 0.044715f * g * g * g);
+            out[i] = static_cast<T>(f32(static_cast<T>(g - g / (fast_exp(2.f * u) + 1.f))) * f32(up[i]));
+          }
+        } else {
+          for (int64_t i = 0; i < I; ++i) {
+            const float g = f32(gate[i]);
+            out[i] = static_cast<T>(f32(static_cast<T>(g / (1.f + fast_exp(-g)))) * f32(up[i]));
+          }
+        }
+        if (sums_down) row_group_sums(out, I, sums_down + r * (I / qgemm::kGroup));
+      });
+      T* dp = project(li, 3, act).first;  // (n, C)
+      by_rows(par, n, C, [&](int64_t r) {
+        if (gemma) rms_norm(dp + r * C, mlp_out_norm, dp + r * C, C, eps);
+        for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
+      });
+    }
   };
 
-  for (int64_t li = 0; li < L; ++li) {
-    const int64_t at_qk = gemma ? 4 : 2;  // where this layer's q and k norms are, if any
-    const T* in_norm = norms[per_layer * li].data_ptr<T>();
-    const T* attn_out_norm = gemma ? norms[per_layer * li + 1].data_ptr<T>() : nullptr;
-    const T* post_norm = norms[per_layer * li + (gemma ? 2 : 1)].data_ptr<T>();
-    const T* mlp_out_norm = gemma ? norms[per_layer * li + 3].data_ptr<T>() : nullptr;
-    const T* q_norm = qk_norm ? norms[per_layer * li + at_qk].data_ptr<T>() : nullptr;
-    const T* k_norm = qk_norm ? norms[per_layer * li + at_qk + 1].data_ptr<T>() : nullptr;
-    const int64_t rope_at = (layer_rope.empty() ? 0 : layer_rope[li]) * table;  // this layer's rotary table
-    const T* cl = cp + rope_at;
-    const T* sl = sp + rope_at;
-    const int64_t window = windows.empty() ? 0 : windows[li];
-    by_rows(n, C, [&](int64_t r) { rms_norm(xp + r * C, in_norm, hp + r * C, C, eps); });
-    at::Tensor qkv = proj(li, 0, h).contiguous();  // (n, q_dim + 2 kv_dim)
-    T* qp = qkv.data_ptr<T>();
-    const int64_t width = q_dim + 2 * kv_dim;
-    // Rotary embedding of q (in place) and k (into the cache); v into the cache.
-    by_rows(n, width, [&](int64_t r) {
-      T* row = qp + r * width;
-      const int64_t pos = positions[r], cap = k_caches[r].size(2);
-      KT* kc = k_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
-      KT* vc = v_caches[r].data_ptr<KT>() + li * KVH * cap * hd;
-      if (q_norm != nullptr) {
-        for (int64_t hh = 0; hh < H; ++hh) rms_norm(row + hh * hd, q_norm, row + hh * hd, hd, eps);
-        for (int64_t g = 0; g < KVH; ++g) rms_norm(row + q_dim + g * hd, k_norm, row + q_dim + g * hd, hd, eps);
-      }
-      for (int64_t hh = 0; hh < H; ++hh) rope(row + hh * hd, cl + r * rot, sl + r * rot, row + hh * hd, rot, hd);
-      for (int64_t g = 0; g < KVH; ++g) {
-        rope(row + q_dim + g * hd, cl + r * rot, sl + r * rot, kc + (g * cap + pos) * hd, rot, hd);
-        const T* v = row + q_dim + kv_dim + g * hd;
-        for (int64_t d = 0; d < hd; ++d) vc[(g * cap + pos) * hd + d] = static_cast<KT>(f32(v[d]));
-      }
-    });
-    attend_rows<T, KT>(qp, width, ap, q_dim, k_caches, v_caches, positions, li, H, KVH, hd, window, longest, scale, softcap);
-    at::Tensor o = proj(li, 1, attn).contiguous();
-    T* op = o.data_ptr<T>();
-    by_rows(n, C, [&](int64_t r) {
-      if (gemma) rms_norm(op + r * C, attn_out_norm, op + r * C, C, eps);
-      for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(op[i]));
-      rms_norm(xp + r * C, post_norm, hp + r * C, C, eps);
-    });
-    at::Tensor gu = proj(li, 2, h).contiguous();  // (n, 2 I): gate then up
-    const int64_t I = gu.size(1) / 2;
-    auto act = at::empty({n, I}, x.options());
-    const T* gp = gu.data_ptr<T>();
-    T* actp = act.data_ptr<T>();
-    // gate's activation times up, rounded as F.silu's (F.gelu's) output is; one loop per activation,
-    // so each vectorizes (a choice inside the loop would compute both)
-    by_rows(n, I * 4, [&](int64_t r) {
-      const T* gate = gp + r * 2 * I;
-      const T* up = gate + I;
-      T* out = actp + r * I;
-      if (gemma) {
-        for (int64_t i = 0; i < I; ++i) {  // GELU (tanh), with tanh(u) = 1 - 2 / (exp(2u) + 1)
-          const float g = f32(gate[i]), u = 0.7978845608f * (g + 0.044715f * g * g * g);
-          out[i] = static_cast<T>(f32(static_cast<T>(g - g / (fast_exp(2.f * u) + 1.f))) * f32(up[i]));
-        }
-      } else {
-        for (int64_t i = 0; i < I; ++i) {
-          const float g = f32(gate[i]);
-          out[i] = static_cast<T>(f32(static_cast<T>(g / (1.f + fast_exp(-g)))) * f32(up[i]));
-        }
-      }
-    });
-    at::Tensor down = proj(li, 3, act).contiguous();
-    T* dp = down.data_ptr<T>();
-    by_rows(n, C, [&](int64_t r) {
-      if (gemma) rms_norm(dp + r * C, mlp_out_norm, dp + r * C, C, eps);
-      for (int64_t i = r * C; i < (r + 1) * C; ++i) xp[i] = static_cast<T>(f32(xp[i]) + f32(dp[i]));
-    });
+#if FUNDAMENT_QGEMM
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (team_ready(kinds, lora_counts, lin, n, C, q_dim, width)) {
+      // Every buffer before the region (its threads only read and write them).
+      auto cols = [&](int64_t j) { return lin[3 * j].size(0) * qgemm::kPanel; };  // layer 0's; team_ready: all alike
+      const int64_t I = cols(2) / 2;
+      const int64_t in_cols[4] = {C, q_dim, C, I};
+      at::Tensor out[4] = {at::empty({n, width}, x.options()), at::empty({n, C}, x.options()),
+                           at::empty({n, 2 * I}, x.options()), at::empty({n, C}, x.options())};
+      const at::Tensor act = at::empty({n, I}, x.options());
+      at::Tensor xs = at::empty({n * std::max({C, q_dim, I}) / qgemm::kGroup}, x.options().dtype(at::kFloat));
+      std::vector<at::Tensor> bias(kinds.size());  // float32, where a projection has one
+      for (size_t k = 0; k < kinds.size(); ++k)
+        if (lin[3 * k + 2].defined() && lin[3 * k + 2].numel()) bias[k] = lin[3 * k + 2].to(at::kFloat).contiguous();
+      float* xsp = xs.data_ptr<float>();
+      team::run([&](team::Member& member) {
+        auto project = [&](int64_t li, int64_t j, const at::Tensor& in) {
+          const int64_t k = li * 4 + j, kind = kinds[k] - kPacked, N = out[j].size(1);
+          const qgemm::Gemm g{kind,
+                              n,
+                              in_cols[j],
+                              N,
+                              in.data_ptr<at::BFloat16>(),
+                              lin[3 * k].data_ptr<uint8_t>(),
+                              kind == qgemm::kI8 ? lin[3 * k + 1].data_ptr<float>() : nullptr,
+                              bias[k].defined() ? bias[k].data_ptr<float>() : nullptr,
+                              kind == qgemm::kI4 ? xsp : nullptr,
+                              nullptr,
+                              out[j].data_ptr<at::BFloat16>()};
+          member.loop(N / qgemm::kPanel, qgemm::kBlock, qgemm::kBlock,
+                      [&](int64_t begin, int64_t end, int64_t hint) { g.run(begin, end, hint); });
+          return std::make_pair(out[j].data_ptr<T>(), N);
+        };
+        auto sums = [&](int64_t li, int64_t j) { return kinds[li * 4 + j] - kPacked == qgemm::kI4 ? xsp : nullptr; };
+        layers(Team{member}, project, sums, [&](int64_t) { return act; });
+      });
+      return x;
+    }
   }
+#endif
+  // Any other layers: each loop its own at::parallel_for, projections through linear().
+  at::Tensor held[4];  // the projections' outputs, kept until the next layer's
+  auto project = [&](int64_t li, int64_t j, const at::Tensor& in) {
+    const int64_t k = li * 4 + j;
+    held[j] = linear(in, kinds[k], lin[3 * k], lin[3 * k + 1], lin[3 * k + 2], lora.data() + lora_start[k], lora_counts[k])
+                  .contiguous();
+    return std::make_pair(held[j].data_ptr<T>(), held[j].size(1));
+  };
+  auto no_sums = [](int64_t, int64_t) -> float* { return nullptr; };
+  layers(Omp{}, project, no_sums, [&](int64_t I) { return at::empty({n, I}, x.options()); });
   return x;
 }
 

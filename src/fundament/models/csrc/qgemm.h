@@ -177,54 +177,48 @@ inline void tiles_i4(int64_t mr, int64_t P, const at::BFloat16* x, int64_t ldx, 
 
 inline bool available() { return FUNDAMENT_QGEMM; }
 
-// y (M, N) = x (M, K) W^T (+ bias), float32 or bf16 out. `a`: the packed units (uint8), `scales`:
-// int8's float32 column scales (empty otherwise).
-inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a, const at::Tensor& scales,
-                       const at::Tensor& bias, int64_t N, bool out_float) {
-  TORCH_CHECK(available(), "qgemm: this build has no AVX512-BF16");
-#if FUNDAMENT_QGEMM
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "qgemm: x must be (M, K) bfloat16");
-  TORCH_CHECK(kind >= kBF16 && kind <= kI4, "qgemm: bf16, int8 or int4 weights only (int8 per group: qgemm_f32.h)");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), panels = N / kPanel, G = K / kGroup, U = unit_bytes(kind);
-  TORCH_CHECK(N % kPanel == 0 && K % kGroup == 0, "qgemm: N must be a multiple of 16 and K of 32");
-  TORCH_CHECK(a.scalar_type() == at::kByte && a.numel() == panels * G * U, "qgemm: packed weights do not match (N, K)");
-  TORCH_CHECK(kind != kI8 || (scales.scalar_type() == at::kFloat && scales.numel() == N), "qgemm: int8 needs N float32 scales");
-  auto y = at::empty({M, N}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
-  if (M == 0) return y;
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const uint8_t* ap = a.data_ptr<uint8_t>();
-  const float* sp = kind == kI8 ? scales.data_ptr<float>() : nullptr;
-  const float* biasp = nullptr;
-  at::Tensor bias_f;
-  if (bias.defined() && bias.numel()) {
-    bias_f = bias.to(at::kFloat).contiguous();
-    biasp = bias_f.data_ptr<float>();
-  }
-  float* yf = out_float ? y.data_ptr<float>() : nullptr;
-  at::BFloat16* yb = out_float ? nullptr : y.data_ptr<at::BFloat16>();
-  // int4: each row's sum of x over each group, for the offsets.
-  const int64_t XG = kind == kI4 ? G : 0;
-  std::vector<float> xsum(M * XG);
-  for (int64_t r = 0; r < M * XG; ++r) {
+// Each group of 32 inputs' sum, for one row of K: what int4 weights' offsets multiply.
+inline void group_sums(const at::BFloat16* x, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / kGroup; ++g) {
     float t = 0.f;
-    for (int64_t k = r * kGroup; k < (r + 1) * kGroup; ++k) t += static_cast<float>(xp[k]);
-    xsum[r] = t;
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) t += static_cast<float>(x[k]);
+    out[g] = t;
   }
-  // Few rows (one tile): a group's weights dequantized into a buffer in L1 and used at once. More
-  // rows: a block's weights dequantized whole, once, then read by every row tile. Same weight
-  // values, same order of each output's sums, either way. int4 tiles are 3 rows (two sums each).
-  const int64_t tile_rows = kind == kI4 ? 3 : kMaxRows;
-  const bool few = M <= tile_rows;
-  // Threads split the panels evenly (a block of 4 may be shared: 36 panels are 18 and 18, where
-  // whole blocks were 20 and 16), each taking its panels a block's worth or less at a time.
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+}
+
+// One product y (M, N) = x (M, K) W^T (+ bias): its operands, checked by gemm() or its caller, and
+// the work of a range of output panels. Any thread may run any range, in any order.
+struct Gemm {
+  int64_t kind, M, K, N;
+  const at::BFloat16* x;  // (M, K)
+  const uint8_t* a;       // the packed units
+  const float* scales;    // int8's column scales, else null
+  const float* bias;      // float32 (N), or null
+  const float* xsum;      // int4: group_sums of each row (M, K / 32), else null
+  float* yf;              // the output, float32 (M, N), or
+  at::BFloat16* yb;       // bf16
+
+  // Panels [begin, end); the panels from end to `hint` are likely this thread's next, and their
+  // weights are fetched ahead.
+  void run(int64_t begin, int64_t end, int64_t hint) const {
+#if FUNDAMENT_QGEMM
+    const int64_t panels = N / kPanel, G = K / kGroup, U = unit_bytes(kind);
+    const at::BFloat16* xp = x;
+    const uint8_t* ap = a;
+    const float* sp = scales;
+    const float* biasp = bias;
+    // Few rows (one tile): a group's weights dequantized into a buffer in L1 and used at once. More
+    // rows: a block's weights dequantized whole, once, then read by every row tile. Same weight
+    // values, same order of each output's sums, either way. int4 tiles are 3 rows (two sums each).
+    const int64_t tile_rows = kind == kI4 ? 3 : kMaxRows;
+    const bool few = M <= tile_rows;
     // Kept per thread across calls: allocating it every call costs more than one row's arithmetic.
     thread_local std::vector<__m512bh> buf;
     thread_local std::vector<float> so;
     const int64_t span = few ? kPairs : K / 2, groups = few ? 1 : G;  // what the buffers hold per panel
     if (buf.size() < static_cast<size_t>(kBlock * span)) buf.resize(kBlock * span);
     if (so.size() < static_cast<size_t>(kBlock * groups * 32)) so.resize(kBlock * groups * 32);
+    // Panels a block's worth or less at a time (a range may start or end inside a block).
     for (int64_t first = begin; first < end;) {
       const int64_t blk = first / kBlock, skip = first % kBlock;  // the layout's block, panels of it before ours
       const int64_t width = std::min(kBlock, panels - blk * kBlock), P = std::min(width - skip, end - first);
@@ -262,7 +256,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       };
       if (few) {
         if (kind == kI4) {
-          tiles_i4(M, P, xp, K, G, xsum.data(), ready_one, acc);
+          tiles_i4(M, P, xp, K, G, xsum, ready_one, acc);
         } else {
           for (int64_t g = 0; g < G; ++g) {
             ready_one(g);
@@ -281,8 +275,8 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       // While the row tiles compute on these weights (from cache), the next panels' packed bytes
       // are fetched from memory a share per tile, so the next dequantization does not wait on it.
       const int64_t next = first + P, nblk = next / kBlock, nskip = next % kBlock;
-      const int64_t nwidth = next < end ? std::min(kBlock, panels - nblk * kBlock) : 0;
-      const int64_t nP = next < end ? std::min(nwidth - nskip, end - next) : 0;
+      const int64_t nwidth = next < hint ? std::min(kBlock, panels - nblk * kBlock) : 0;
+      const int64_t nP = next < hint ? std::min(nwidth - nskip, hint - next) : 0;
       const int64_t run = nP * U / 64, lines = G * run, tiles_n = (M + tile_rows - 1) / tile_rows;
       const uint8_t* nbase = ap + nblk * kBlock * G * U + nskip * U;
       for (int64_t r0 = 0; r0 < M; r0 += tile_rows) {
@@ -290,7 +284,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
         for (int64_t i = lines * t / tiles_n; i < lines * (t + 1) / tiles_n; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(nbase + (i / run) * nwidth * U + (i % run) * 64), _MM_HINT_T1);
         if (kind == kI4) {
-          tiles_i4(mr, P, xp + r0 * K, K, G, xsum.data() + r0 * G, ready_all, acc);
+          tiles_i4(mr, P, xp + r0 * K, K, G, xsum + r0 * G, ready_all, acc);
         } else {
           for (auto& row : acc)
             for (auto& v : row) v = _mm512_setzero_ps();
@@ -300,11 +294,48 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
       }
       first += P;
     }
-  });
-  return y;
 #else
-  return at::Tensor();  // unreachable: the check above has thrown
+    (void)begin, (void)end, (void)hint;
 #endif
+  }
+};
+
+// y (M, N) = x (M, K) W^T (+ bias), float32 or bf16 out. `a`: the packed units (uint8), `scales`:
+// int8's float32 column scales (empty otherwise).
+inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a, const at::Tensor& scales,
+                       const at::Tensor& bias, int64_t N, bool out_float) {
+  TORCH_CHECK(available(), "qgemm: this build has no AVX512-BF16");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "qgemm: x must be (M, K) bfloat16");
+  TORCH_CHECK(kind >= kBF16 && kind <= kI4, "qgemm: bf16, int8 or int4 weights only (int8 per group: qgemm_f32.h)");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), panels = N / kPanel, G = K / kGroup;
+  TORCH_CHECK(N % kPanel == 0 && K % kGroup == 0, "qgemm: N must be a multiple of 16 and K of 32");
+  TORCH_CHECK(a.scalar_type() == at::kByte && a.numel() == panels * G * unit_bytes(kind),
+              "qgemm: packed weights do not match (N, K)");
+  TORCH_CHECK(kind != kI8 || (scales.scalar_type() == at::kFloat && scales.numel() == N), "qgemm: int8 needs N float32 scales");
+  auto y = at::empty({M, N}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+  if (M == 0) return y;
+  at::Tensor bias_f;
+  if (bias.defined() && bias.numel()) bias_f = bias.to(at::kFloat).contiguous();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  std::vector<float> xsum(kind == kI4 ? M * G : 0);  // int4: each row's sum of x over each group, for the offsets
+  if (kind == kI4)
+    for (int64_t r = 0; r < M; ++r) group_sums(xp + r * K, K, xsum.data() + r * G);
+  const Gemm g{kind,
+               M,
+               K,
+               N,
+               xp,
+               a.data_ptr<uint8_t>(),
+               kind == kI8 ? scales.data_ptr<float>() : nullptr,
+               bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+               kind == kI4 ? xsum.data() : nullptr,
+               out_float ? y.data_ptr<float>() : nullptr,
+               out_float ? nullptr : y.data_ptr<at::BFloat16>()};
+  // Threads split the panels evenly (a block of 4 may be shared: 36 panels are 18 and 18, where
+  // whole blocks were 20 and 16).
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) { g.run(begin, end, end); });
+  return y;
 }
 
 }  // namespace qgemm
