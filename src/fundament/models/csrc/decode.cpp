@@ -196,23 +196,6 @@ void attend_group(const float* q, int64_t G, const KT* kc, const KT* vc, int64_t
 }
 #endif
 
-// The kernel's parallel loops: fn(begin, end) over items [0, n), split across threads in runs of
-// `grain` or more. Omp: at::parallel_for, a barrier at each loop's end (any layer: LoRA, ATen's
-// kernels). Team: team.h's loops inside one region, a loop over when its items are done.
-struct Omp {
-  template <typename F>
-  void items(int64_t n, int64_t grain, const F& fn) const {
-    at::parallel_for(0, n, grain, fn);
-  }
-};
-struct Team {
-  team::Member& member;
-  template <typename F>
-  void items(int64_t n, int64_t grain, const F& fn) const {
-    member.loop(n, grain, 1, [&](int64_t begin, int64_t end, int64_t) { fn(begin, end); });
-  }
-};
-
 // fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
 // how many elements a row touches); each row's work is the same whoever runs it.
 template <typename Par, typename F>
@@ -362,7 +345,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
   int64_t longest = 0;
   for (int64_t r = 0; r < n; ++r) longest = std::max(longest, positions[r] + 1);
 
-  // Every layer, its loops through `par` (Omp or Team). project(li, j, in) is projection j of
+  // Every layer, its loops through `par` (team.h's OmpLoops or TeamLoops). project(li, j, in) is projection j of
   // layer li on the rows at `in` (h or attn: `in_t`); it returns where its output rows are.
   // sums(li, j) is where the loop that writes projection j's input also puts each row's group sums
   // (Team, int4 weights), else null. act_rows(I) is the MLP's activations' tensor, (n, I).
@@ -481,7 +464,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
           return std::make_pair(out[j].data_ptr<T>(), N);
         };
         auto sums = [&](int64_t li, int64_t j) { return kinds[li * 4 + j] - kPacked == qgemm::kI4 ? xsp : nullptr; };
-        layers(Team{member}, project, sums, [&](int64_t) { return act; });
+        layers(team::TeamLoops{member}, project, sums, [&](int64_t) { return act; });
       });
       return x;
     }
@@ -496,7 +479,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
     return std::make_pair(held[j].data_ptr<T>(), held[j].size(1));
   };
   auto no_sums = [](int64_t, int64_t) -> float* { return nullptr; };
-  layers(Omp{}, project, no_sums, [&](int64_t I) { return at::empty({n, I}, x.options()); });
+  layers(team::OmpLoops{}, project, no_sums, [&](int64_t I) { return at::empty({n, I}, x.options()); });
   return x;
 }
 

@@ -176,6 +176,24 @@ class Member {
   uint64_t phase_ = 0;
 };
 
+// A kernel's parallel loops, either way: items(n, grain, fn) calls fn(begin, end) over items
+// [0, n), split across threads in runs of `grain` or more. OmpLoops: at::parallel_for, a barrier at
+// each loop's end (for loops that call ATen's kernels, which must not run inside run()).
+// TeamLoops: a Member's loops, inside run().
+struct OmpLoops {
+  template <typename F>
+  void items(int64_t n, int64_t grain, const F& fn) const {
+    at::parallel_for(0, n, grain, fn);
+  }
+};
+struct TeamLoops {
+  Member& member;
+  template <typename F>
+  void items(int64_t n, int64_t grain, const F& fn) const {
+    member.loop(n, grain, 1, [&](int64_t begin, int64_t end, int64_t) { fn(begin, end); });
+  }
+};
+
 // program(member) on each of the threads at::parallel_for would use, in one OpenMP region. If a
 // thread throws, the others stop where they wait and the first thread's exception is rethrown.
 template <typename F>
