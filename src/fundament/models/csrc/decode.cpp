@@ -34,30 +34,9 @@ namespace {
 constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2, kPacked = 3;
 constexpr int64_t kInt4Group = 32;
 
-template <typename T>
-inline float f32(T v) { return static_cast<float>(v); }
-
-// exp(x) for float in loops the compiler vectorizes (std::exp does not): x = k ln2 + r, |r| <=
-// ln2 / 2, exp(r) by its Taylor polynomial to degree 7 (relative error < 2e-7), 2^k put in the
-// exponent bits. Inputs below -87 give ~0 (never a NaN or denormal).
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float k = std::nearbyint(x * 1.44269504f);
-  const float r = x - k * 0.693145752f - k * 1.42860677e-6f;
-  float p = 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(k) << 23;
-  std::memcpy(&p, &bits, 4);
-  return p;
-}
+using attention::attend_rows;
+using attention::f32;
+using attention::fast_exp;
 
 // y = x W^T (+ b), then each LoRA group's rows get x A^T B^T added (B carries the scale).
 at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
@@ -108,183 +87,12 @@ void rope(const T* x, const T* cos, const T* sin, O* out, int64_t rot, int64_t h
   }
 }
 
-// One query head over T_len cached keys and values (hd each, of type KT): softmax(q k^T * scale) v, in
-// float32; `softcap` > 0 caps each score as tanh(s / cap) * cap first (Gemma 2). HD > 0 fixes the
-// head size at compile time (64 and 128 cover most models), so the per-key loops are a few whole
-// vectors with no loop overhead; HD = 0 takes it from hd.
-template <typename T, typename KT, int HD>
-void attend(const T* __restrict qrow, const KT* __restrict kc, const KT* __restrict vc, int64_t T_len, float scale,
-            float softcap, float* __restrict q, float* __restrict s, float* __restrict o, T* __restrict out,
-            int64_t hd_runtime) {
-  const int64_t hd = HD > 0 ? HD : hd_runtime;
-  for (int64_t d = 0; d < hd; ++d) q[d] = f32(qrow[d]) * scale;
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < T_len; ++t) {
-    const KT* __restrict kt = kc + t * hd;
-    float acc = 0.f;
-    for (int64_t d = 0; d < hd; ++d) acc += q[d] * f32(kt[d]);
-    s[t] = acc;
-    mx = std::max(mx, acc);
-  }
-  if (softcap > 0.f) {
-    mx = -INFINITY;
-    for (int64_t t = 0; t < T_len; ++t) {
-      s[t] = std::tanh(s[t] / softcap) * softcap;
-      mx = std::max(mx, s[t]);
-    }
-  }
-  float sum = 0.f;
-  for (int64_t t = 0; t < T_len; ++t) {
-    s[t] = fast_exp(s[t] - mx);
-    sum += s[t];
-  }
-  for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-  for (int64_t t = 0; t < T_len; ++t) {
-    const KT* __restrict vt = vc + t * hd;
-    const float p = s[t];
-    for (int64_t d = 0; d < hd; ++d) o[d] += p * f32(vt[d]);
-  }
-  const float inv = 1.f / sum;
-  for (int64_t d = 0; d < hd; ++d) out[d] = static_cast<T>(o[d] * inv);
-}
-
-constexpr int64_t kMaxGroup = 64;  // query heads per cached head that attend_group takes
-
-// One head's n scores in place: capped as tanh(s / cap) * cap where `softcap` > 0, then exp(s -
-// max); returns 1 / their sum (the weighted sum of values is scaled by it after).
-inline float softmax(float* s, int64_t n, float softcap) {
-  if (softcap > 0.f)
-    for (int64_t t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-  float sum = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = fast_exp(s[t] - mx);
-    sum += s[t];
-  }
-  return 1.f / sum;
-}
-
-#if FUNDAMENT_QGEMM
-// attend for the G query heads (q, HD apart) that share one cached head, bf16: attend.h's vector
-// sums read each cached key and value once for all G. `s`: G rows of `ld` floats, `o`: G * HD.
-template <int HD>
-void attend_group(const at::BFloat16* q, int64_t G, const at::BFloat16* kc, const at::BFloat16* vc, int64_t T_len,
-                  float scale, float softcap, float* s, int64_t ld, float* o, at::BFloat16* out) {
-  attention::scores<HD>(q, G, kc, T_len, scale, s, ld);
-  float inv[kMaxGroup];
-  for (int64_t h = 0; h < G; ++h) inv[h] = softmax(s + h * ld, T_len, softcap);
-  attention::weighted_sums<HD>(s, ld, G, vc, T_len, o);
-  for (int64_t h = 0; h < G; ++h)
-    for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = static_cast<at::BFloat16>(o[h * HD + d] * inv[h]);
-}
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__)
-// attend for the G float32 query heads that share one cached head (keys and values float32 or
-// bf16): attend.h's AVX2 sums, each block of 8 keys read once for all G.
-template <int HD, typename KT>
-void attend_group(const float* q, int64_t G, const KT* kc, const KT* vc, int64_t T_len, float scale, float softcap,
-                  float* s, int64_t ld, float* o, float* out) {
-  attention::scores<HD, KT>(q, G, kc, T_len, scale, s, ld);
-  for (int64_t h = 0; h < G; ++h) {
-    float* sh = s + h * ld;
-    const float inv = softmax(sh, T_len, softcap);
-    attention::weighted_sums<HD, KT>(sh, vc, T_len, o);
-    for (int64_t d = 0; d < HD; ++d) out[h * HD + d] = o[d] * inv;
-  }
-}
-#endif
-
 // fn(r) for every row, rows split across threads once a batch has enough of them (`cost`: about
 // how many elements a row touches); each row's work is the same whoever runs it.
 template <typename Par, typename F>
 void by_rows(const Par& par, int64_t n, int64_t cost, const F& fn) {
   par.items(n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cost)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) fn(r);
-  });
-}
-
-// Per-thread scratch of at least `size` floats, kept across calls.
-inline float* scratch(std::vector<float>& v, int64_t size) {
-  if (v.size() < static_cast<size_t>(size)) v.resize(size);
-  return v.data();
-}
-
-// Attention of layer li for every row: each (row, query head) over its own row's cache (the last
-// `window` positions where > 0), split across threads by work. With heads of 64 or 128, in bf16
-// with AVX512-BF16 or in float32 with AVX2, each (row, cached head) with the query heads that
-// share it (attend_group). q: rows `width` apart, heads hd apart; out: rows q_dim apart; the
-// caches hold KT.
-template <typename T, typename KT, typename Par>
-void attend_rows(const Par& par, const T* qp, int64_t width, T* ap, int64_t q_dim, at::TensorList k_caches, at::TensorList v_caches,
-                 at::IntArrayRef positions, int64_t li, int64_t H, int64_t KVH, int64_t hd, int64_t window, int64_t longest,
-                 float scale, float softcap) {
-  const int64_t n = static_cast<int64_t>(positions.size()), G = H / KVH;
-  auto cached = [&](int64_t r, int64_t g) {  // (length, keys, values) row r attends over in cached head g
-    const int64_t first = window > 0 ? std::max<int64_t>(0, positions[r] + 1 - window) : 0;
-    const int64_t cap = k_caches[r].size(2), at = ((li * KVH + g) * cap + first) * hd;
-    return std::make_tuple(positions[r] + 1 - first, k_caches[r].data_ptr<KT>() + at, v_caches[r].data_ptr<KT>() + at);
-  };
-  // Each (row, cached head) with the query heads that share it, split across threads by work:
-  // group(hd64, q, kc, vc, len, s, o, out) runs one through attend_group<64 or 128>.
-  auto by_group = [&](const auto& group) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd * G));
-    par.items(n * KVH, grain, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> s_buf, o_buf;
-      float* s = scratch(s_buf, G * longest);
-      float* o = scratch(o_buf, G * hd);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t r = item / KVH, g = item % KVH;
-        const auto [len, kc, vc] = cached(r, g);
-        group(hd == 64, qp + r * width + g * G * hd, kc, vc, len, s, o, ap + r * q_dim + g * G * hd);
-      }
-    });
-  };
-#if FUNDAMENT_QGEMM
-  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<KT, at::BFloat16>) {
-    if ((hd == 64 || hd == 128) && G <= kMaxGroup) {
-      by_group([&](bool hd64, const T* q, const KT* kc, const KT* vc, int64_t len, float* s, float* o, T* out) {
-        if (hd64)
-          attend_group<64>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
-        else
-          attend_group<128>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
-      });
-      return;
-    }
-  }
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (hd == 64 || hd == 128) {
-      by_group([&](bool hd64, const T* q, const KT* kc, const KT* vc, int64_t len, float* s, float* o, T* out) {
-        if (hd64)
-          attend_group<64, KT>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
-        else
-          attend_group<128, KT>(q, G, kc, vc, len, scale, softcap, s, longest, o, out);
-      });
-      return;
-    }
-  }
-#endif
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, longest * hd));
-  par.items(n * H, grain, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> q_buf, s_buf, o_buf;
-    float* q = scratch(q_buf, hd);
-    float* s = scratch(s_buf, longest);
-    float* o = scratch(o_buf, hd);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / H, hh = item % H;
-      const auto [len, kc, vc] = cached(r, hh / G);
-      const T* qrow = qp + r * width + hh * hd;
-      T* out = ap + r * q_dim + hh * hd;
-      if (hd == 64)
-        attend<T, KT, 64>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
-      else if (hd == 128)
-        attend<T, KT, 128>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
-      else
-        attend<T, KT, 0>(qrow, kc, vc, len, scale, softcap, q, s, o, out, hd);
-    }
   });
 }
 
