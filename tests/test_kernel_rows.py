@@ -2,7 +2,9 @@
 number of rows beside it. The engine's batch invariance rests on this for decode rows (prompt rows
 get matmuls of their own instead); if a CPU's kernels ever break it, this says so directly. Both
 kernels: torch's int4/int8 ones, and the native build's own (csrc/qgemm.h, AVX512-BF16), which
-takes other paths at 1-3, 4-6 and more rows and must still give each row the same bits."""
+takes other paths at 1-3, 4-6 and more rows and must still give each row the same bits; where the
+CPU has AMX, the native kernel's tile path (csrc/qgemm_amx.h, one tile of up to 16 rows or tiles of
+16 and a padded last one) is tested as well as its vector path."""
 
 from __future__ import annotations
 
@@ -27,6 +29,29 @@ def cpu_flags() -> str:
     except OSError:
         return "unknown"
     return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none of avx512_bf16/amx"
+
+
+def amx_available() -> bool:
+    return qgemm_available() and "amx_bf16" in cpu_flags()
+
+
+@pytest.fixture(params=["vector", "amx"])
+def unit(request):
+    """The native kernel's units for the test: AVX512-BF16's dot products, or AMX's tiles (where
+    the CPU has them; the default there). Put back as it was after."""
+    if not qgemm_available():
+        yield request.param
+        return
+    op = torch.ops.fundament.qgemm_amx
+    if request.param == "amx" and not amx_available():
+        assert op(1) is False  # never on where the CPU or the kernel lacks the tiles
+        pytest.skip("no AMX on this CPU")
+    before = op()
+    try:
+        assert op(int(request.param == "amx")) is (request.param == "amx")
+        yield request.param
+    finally:
+        op(int(before))
 
 
 # 1,520 outputs: 95 panels of 16, so 23 blocks of 4 and a last block of 3.
@@ -59,8 +84,10 @@ def weights(request):
 
 
 @pytest.mark.parametrize("kind", ["int4", "int4+bias", "int8"])
-def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind):
+def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind, unit):
     lin = weights[kind]
+    if lin.packed is None and unit == "amx":
+        pytest.skip("torch's kernels: no unit to choose")
     if lin.packed is not None:
         assert lin.packed[0] == (PACK_INT8 if kind == "int8" else PACK_INT4)
     else:
@@ -71,13 +98,13 @@ def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind):
     for m in ROWS:
         together = lin(x[:m], n_decode=m)
         assert torch.equal(together, alone[:m]), (
-            f"{kind}: rows computed {m} at a time differ from alone (CPU: {cpu_flags()})"
+            f"{kind}: rows computed {m} at a time differ from alone ({unit}; CPU: {cpu_flags()})"
         )
 
 
 @pytest.mark.skipif(not qgemm_available(), reason="the native build has no AVX512-BF16 kernel on this CPU")
 @pytest.mark.parametrize("rows", [1, 3, 5, 16, 64])
-def test_the_packed_kernel_computes_x_w_transposed(rows):
+def test_the_packed_kernel_computes_x_w_transposed(rows, unit):
     """Against float32 arithmetic on the same weights: int4 and bf16 weights are exact in the
     kernel, so the error is the bf16 inputs' and output's rounding; int8 is the int8 copy's."""
     from fundament.models import native
@@ -125,7 +152,7 @@ def test_the_packed_kernel_refuses_what_does_not_fit():
 @pytest.mark.skipif(not qgemm_available(), reason="the native build has no AVX512-BF16 kernel on this CPU")
 @pytest.mark.parametrize("out", [80, 144])  # 5 and 9 panels: two threads split a block of 4 between them
 @pytest.mark.parametrize("rows", [1, 64])
-def test_threads_sharing_a_block_of_panels_compute_what_one_thread_does(out, rows):
+def test_threads_sharing_a_block_of_panels_compute_what_one_thread_does(out, rows, unit):
     """Threads split the output panels evenly, so a block of the packed layout can be part one
     thread's and part the other's: each must read its own panels of it, and every output keep its
     bits whoever computes it."""
@@ -150,3 +177,32 @@ def test_threads_sharing_a_block_of_panels_compute_what_one_thread_does(out, row
         assert torch.equal(alone, shared)
         want = x.float() @ w.t()
         assert (shared.float() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX on this CPU")
+def test_amx_tiles_and_vector_units_agree_but_only_one_serves():
+    """Where the CPU has AMX, its tiles are the default for bf16, int8 and int4 weights: they sum a
+    tile's products in their own order and rounding, so the two units' results differ in the last
+    bits (which is why the kernel never mixes them by number of rows), and both are close to float32
+    arithmetic."""
+    op = torch.ops.fundament.qgemm_amx
+    assert op() is True
+    torch.manual_seed(4)
+    w4, w8 = int4_source(), torch.randn(OUT, IN) * 0.05
+    x = torch.randn(64, IN).to(torch.bfloat16)
+    for w, lin in (
+        (w4, Linear(w4.to(torch.bfloat16), int8=True, source=w4, pack=True)),
+        (w8.to(torch.bfloat16).float(), Linear(w8.to(torch.bfloat16), int8=True, pack=True)),
+    ):
+        assert lin.packed is not None
+        kind, a, b = lin.packed
+        try:  # float32 out: bf16's rounding would hide the last bits
+            tiles = torch.ops.fundament.qgemm(x, kind, a, b, torch.empty(0), True)
+            op(0)
+            vector = torch.ops.fundament.qgemm(x, kind, a, b, torch.empty(0), True)
+        finally:
+            op(1)
+        want = x.float() @ w.t()
+        assert not torch.equal(tiles, vector)
+        for got in (tiles, vector):
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max()

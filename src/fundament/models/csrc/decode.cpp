@@ -344,6 +344,9 @@ at::Tensor qgemm_op(const at::Tensor& x, int64_t kind, const at::Tensor& a, cons
 
 bool qgemm_available() { return qgemm::available(); }
 bool qgemm_f32_available() { return qgemm32::available(); }
+// Whether bf16 and int8 weights go through AMX's tiles (qgemm_amx.h); set 0 or 1 to change it
+// (tests only: a row's bits depend on it), -1 to ask.
+bool use_amx(int64_t set) { return set < 0 ? qgemm_amx::enabled() : qgemm_amx::set_enabled(set != 0); }
 
 }  // namespace
 
@@ -351,6 +354,7 @@ TORCH_LIBRARY(fundament, m) {
   m.def("qgemm(Tensor x, int kind, Tensor a, Tensor b, Tensor bias, bool out_float) -> Tensor");
   m.def("qgemm_available() -> bool", &qgemm_available);
   m.def("qgemm_f32_available() -> bool", &qgemm_f32_available);
+  m.def("qgemm_amx(int set=-1) -> bool", &use_amx);
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] lin, int[] kinds, Tensor[] lora, int[] lora_counts, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int[] positions, int n_heads, int n_kv_heads, float eps, bool gemma=False, "
         "float query_scale=0., float softcap=0., int[] windows=[], int[] layer_rope=[]) -> Tensor");

@@ -31,6 +31,8 @@
 #include <cstring>
 #include <vector>
 
+#include "qgemm_amx.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FUNDAMENT_QGEMM 1
@@ -211,6 +213,10 @@ struct Gemm {
     // rows: a block's weights dequantized whole, once, then read by every row tile. Same weight
     // values, same order of each output's sums, either way. int4 tiles are 3 rows (two sums each).
     const int64_t tile_rows = kind == kI4 ? 3 : kMaxRows;
+    const bool amx = qgemm_amx::enabled();
+#if FUNDAMENT_AMX
+    if (amx) qgemm_amx::configure(std::min(M, qgemm_amx::kRows));
+#endif
     const bool few = M <= tile_rows;
     // Kept per thread across calls: allocating it every call costs more than one row's arithmetic.
     thread_local std::vector<__m512bh> buf;
@@ -241,6 +247,18 @@ struct Gemm {
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(yb + (r0 + r) * N + col), (__m256i)_mm512_cvtneps_pbh(v));
           }
       };
+#if FUNDAMENT_AMX
+      if (amx) {  // qgemm_amx.h: every row through the tiles
+        auto tile_of = [&](int64_t g, int64_t p, uint8_t* dst, float* s) -> const uint8_t* {
+          if (kind == kBF16) return unit(g, p);
+          dequantize(kind, unit(g, p), reinterpret_cast<__m512bh*>(dst), s);
+          return dst;
+        };
+        qgemm_amx::chunk(M, K, P, xp, kind == kI4 ? xsum : nullptr, tile_of, acc, store);
+        first += P;
+        continue;
+      }
+#endif
       // Group g's weights into the buffer's first slots (few rows); w[p] then reads them at
       // absolute pairs (pointer offset back by the group's first pair).
       auto ready_one = [&](int64_t g) {
