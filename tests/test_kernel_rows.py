@@ -206,3 +206,20 @@ def test_amx_tiles_and_vector_units_agree_but_only_one_serves():
         assert not torch.equal(tiles, vector)
         for got in (tiles, vector):
             assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX on this CPU")
+def test_the_environment_can_keep_the_vector_units():
+    """FUNDAMENT_AMX=0 keeps a process off the tiles (asked once, at its first matmul); unset, a
+    process with AMX takes them."""
+    import os
+    import subprocess
+    import sys
+
+    ask = "from fundament.models import native; import torch; native.load(); print(torch.ops.fundament.qgemm_amx())"
+    for value, want in (("0", "False"), (None, "True")):
+        env = {k: v for k, v in os.environ.items() if k != "FUNDAMENT_AMX"}
+        if value is not None:
+            env["FUNDAMENT_AMX"] = value
+        out = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip().splitlines()[-1] == want, out.stderr[-2000:]
