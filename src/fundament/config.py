@@ -114,8 +114,9 @@ class EngineConfig:
     # prompt logprobs and prefix caching are as without it; generated text may differ from float32
     # rows' where two tokens are close (SmolLM2's perplexity through int8 rows: +1.6%).
     int8_activations: Bool = True
-    # On CPU in bfloat16: int4 (exact, from 4-bit GGUFs) or int8 weight copies for decode rows; in
-    # float32 only exact ones (int4, and int8 from Q8_0 GGUFs), for every row (the native AVX2 kernel).
+    # On CPU in bfloat16: int4 (exact, from 4-bit GGUFs; AMX's tiles take their bf16 values) or
+    # int8 weight copies for decode rows; in float32 only exact ones (int4, and int8 from Q8_0
+    # GGUFs), for every row (the native AVX2 kernel).
     int8_decode: Bool = True
     # On CPU: decode rows through the native kernel (built once per machine with its C++ compiler,
     # models/native.py); without a compiler, or false, through PyTorch calls from Python.

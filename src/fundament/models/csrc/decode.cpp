@@ -253,6 +253,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       for (size_t k = 0; k < kinds.size(); ++k)
         if (lin[3 * k + 2].defined() && lin[3 * k + 2].numel()) bias[k] = lin[3 * k + 2].to(at::kFloat).contiguous();
       float* xsp = xs.data_ptr<float>();
+      const bool i4_sums = !qgemm_amx::enabled();  // int4's group sums: the tiles take its offsets in the weights
       team::run([&](team::Member& member) {
         auto project = [&](int64_t li, int64_t j, const at::Tensor& in) {
           const int64_t k = li * 4 + j, kind = kinds[k] - kPacked, N = out[j].size(1);
@@ -264,14 +265,16 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
                               lin[3 * k].data_ptr<uint8_t>(),
                               kind == qgemm::kI8 ? lin[3 * k + 1].data_ptr<float>() : nullptr,
                               bias[k].defined() ? bias[k].data_ptr<float>() : nullptr,
-                              kind == qgemm::kI4 ? xsp : nullptr,
+                              kind == qgemm::kI4 && i4_sums ? xsp : nullptr,
                               nullptr,
                               out[j].data_ptr<at::BFloat16>()};
           member.loop(N / qgemm::kPanel, qgemm::kBlock, qgemm::kBlock,
                       [&](int64_t begin, int64_t end, int64_t hint) { g.run(begin, end, hint); });
           return std::make_pair(out[j].data_ptr<T>(), N);
         };
-        auto sums = [&](int64_t li, int64_t j) { return kinds[li * 4 + j] - kPacked == qgemm::kI4 ? xsp : nullptr; };
+        auto sums = [&](int64_t li, int64_t j) {
+          return i4_sums && kinds[li * 4 + j] - kPacked == qgemm::kI4 ? xsp : nullptr;
+        };
         layers(team::TeamLoops{member}, project, sums, [&](int64_t) { return act; });
       });
       return x;

@@ -83,6 +83,26 @@ inline void dequantize(int64_t kind, const uint8_t* unit, __m512bh* out, float* 
   }
 }
 
+// An int4 unit's 16 weight vectors as bf16 values, level * scale + offset rounded once: what AMX's
+// tiles multiply (qgemm_amx.h), so a tile's sums need no per-group scaling and its C tile adds up
+// every group as for bf16 and int8 weights. Lanes as dequantize's: lane l of a vector is column l / 2.
+inline void dequantize_i4_values(const uint8_t* unit, __m512bh* out) {
+  const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit)));
+  const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit + 32)));
+  const __m512i lo_cols = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_cols = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  const __m512 sc_lo = _mm512_permutexvar_ps(lo_cols, sc), sc_hi = _mm512_permutexvar_ps(hi_cols, sc);
+  const __m512 off_lo = _mm512_permutexvar_ps(lo_cols, off), off_hi = _mm512_permutexvar_ps(hi_cols, off);
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  const uint8_t* q = unit + 64;
+  for (int64_t i = 0; i < kPairs; ++i) {  // byte j: lane j's level in its low half, lane j + 16's in its high
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * 16)));
+    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sc_lo, off_lo);
+    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sc_hi, off_hi);
+    out[i] = _mm512_cvtne2ps_pbh(hi, lo);
+  }
+}
+
 // io[r][p] += rows [0, MR) of x (ld elements apart), pairs kp0 .. kp1, against P panels whose
 // weight vector for pair kp is w[p][kp]. Each accumulator adds its pairs in ascending order,
 // one dependent chain; the MR x P chains side by side keep the dot-product units busy.
@@ -196,7 +216,7 @@ struct Gemm {
   const uint8_t* a;       // the packed units
   const float* scales;    // int8's column scales, else null
   const float* bias;      // float32 (N), or null
-  const float* xsum;      // int4: group_sums of each row (M, K / 32), else null
+  const float* xsum;      // int4 on the vector units: group_sums of each row (M, K / 32), else null
   float* yf;              // the output, float32 (M, N), or
   at::BFloat16* yb;       // bf16
 
@@ -249,12 +269,15 @@ struct Gemm {
       };
 #if FUNDAMENT_AMX
       if (amx) {  // qgemm_amx.h: every row through the tiles
-        auto tile_of = [&](int64_t g, int64_t p, uint8_t* dst, float* s) -> const uint8_t* {
+        auto tile_of = [&](int64_t g, int64_t p, uint8_t* dst) -> const uint8_t* {
           if (kind == kBF16) return unit(g, p);
-          dequantize(kind, unit(g, p), reinterpret_cast<__m512bh*>(dst), s);
+          if (kind == kI4)
+            dequantize_i4_values(unit(g, p), reinterpret_cast<__m512bh*>(dst));
+          else
+            dequantize(kind, unit(g, p), reinterpret_cast<__m512bh*>(dst), nullptr);
           return dst;
         };
-        qgemm_amx::chunk(M, K, P, xp, kind == kI4 ? xsum : nullptr, tile_of, acc, store);
+        qgemm_amx::chunk(M, K, P, xp, tile_of, acc, store);
         first += P;
         continue;
       }
@@ -336,8 +359,11 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
   at::Tensor bias_f;
   if (bias.defined() && bias.numel()) bias_f = bias.to(at::kFloat).contiguous();
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  std::vector<float> xsum(kind == kI4 ? M * G : 0);  // int4: each row's sum of x over each group, for the offsets
-  if (kind == kI4)
+  // int4 on the vector units: each row's sum of x over each group, for the offsets (the tiles take
+  // int4 weights with their offsets in).
+  const bool sums = kind == kI4 && !qgemm_amx::enabled();
+  std::vector<float> xsum(sums ? M * G : 0);
+  if (sums)
     for (int64_t r = 0; r < M; ++r) group_sums(xp + r * K, K, xsum.data() + r * G);
   const Gemm g{kind,
                M,
@@ -347,7 +373,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
                a.data_ptr<uint8_t>(),
                kind == kI8 ? scales.data_ptr<float>() : nullptr,
                bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-               kind == kI4 ? xsum.data() : nullptr,
+               sums ? xsum.data() : nullptr,
                out_float ? y.data_ptr<float>() : nullptr,
                out_float ? nullptr : y.data_ptr<at::BFloat16>()};
   // Threads split the panels evenly (a block of 4 may be shared: 36 panels are 18 and 18, where

@@ -1,4 +1,4 @@
-// qgemm.h's bf16 and int8 weights through AMX's tiles (TDPBF16PS), where the CPU has them: a tile
+// qgemm.h's bf16, int8 and int4 weights through AMX's tiles (TDPBF16PS), where the CPU has them: a tile
 // instruction multiplies 16 rows by 32 inputs by 16 columns at once, where AVX512-BF16 does 1 x 2
 // x 16, so rows that share a step stop waiting on the vector units.
 //
@@ -9,7 +9,10 @@
 // the same tile instructions (its row's inputs against its panel's weights, groups of 32 inputs
 // ascending, into a float32 accumulator starting at zero), whichever tile, row or thread it falls in.
 // A row's result never depends on the tile's other rows. The panel's 16 vectors of 32 bf16 in
-// qgemm.h's layout are a B tile as they are (16 rows of input pairs, 64 bytes each).
+// qgemm.h's layout are a B tile as they are (16 rows of input pairs, 64 bytes each). int4 weights
+// enter the tiles as their bf16 values, level * scale + offset rounded once (the values a dense bf16
+// copy holds), not as levels scaled group by group: that per-group float32 work cost int4 half
+// again the time of int8 at 64 rows.
 
 #pragma once
 
@@ -100,34 +103,28 @@ inline void save(int64_t P, float (&c)[4][kRows * 16]) {
 }
 
 // acc = x[0, M) (K apart) times P panels' weights, handed to store(r0, mr) in acc's rows
-// [0, mr <= 6) (qgemm.h's epilogue: scale, bias, the output's type). tile_of(g, p, dst, so) is
-// where panel p's B tile for inputs [32 g, 32 g + 32) is: its packed unit (bf16), or dst (1 KB)
-// after dequantizing it there (int8; int4's levels, with the unit's 16 scales then 16 offsets
-// in float32 into so). int4 (xsum: each row's group sums, M x K / 32): a group's tile product
-// is its own sum, scaled and offset into a float32 total as qgemm.h's tile_i4 does. Up to 16
-// rows: one tile of M rows, each group's weights made as they are used (read once); more: the
-// chunk's weights made first, then read by every tile of 16 rows. The caller has configure()d the
-// tiles for these M.
+// [0, mr <= 6) (qgemm.h's epilogue: scale, bias, the output's type). tile_of(g, p, dst) is where
+// panel p's B tile for inputs [32 g, 32 g + 32) is: its packed unit (bf16), or dst (1 KB) after
+// making its bf16 values there (int8's levels, int4's levels scaled and offset). Up to 16 rows:
+// one tile of M rows, each group's weights made as they are used (read once); more: the chunk's
+// weights made first, then read by every tile of 16 rows. Either way each output's sum runs over
+// the groups in order in one C tile. The caller has configure()d the tiles for these M.
 template <typename TileOf, typename Store>
-inline void chunk(int64_t M, int64_t K, int64_t P, const at::BFloat16* x, const float* xsum, const TileOf& tile_of,
-                  __m512 (&acc)[6][4], const Store& store) {
+inline void chunk(int64_t M, int64_t K, int64_t P, const at::BFloat16* x, const TileOf& tile_of, __m512 (&acc)[6][4],
+                  const Store& store) {
   const int64_t G = K / 32, rows = std::min(M, kRows);
-  const bool few = M <= kRows, i4 = xsum != nullptr;
-  thread_local std::vector<__m512bh> wbuf;  // dequantized tiles (16 vectors each, aligned)
-  thread_local std::vector<float> so;       // int4's scales and offsets, 32 a tile
+  const bool few = M <= kRows;
+  thread_local std::vector<__m512bh> wbuf;  // made tiles (16 vectors each, aligned)
   thread_local std::vector<const uint8_t*> where;
   thread_local std::vector<at::BFloat16> pad;  // a last, partial tile's rows (its tiles load 16)
   alignas(64) float c[4][kRows * 16];
-  alignas(64) float tot[4][kRows * 16];
   const int64_t tiles = few ? P : P * G;
   if (wbuf.size() < static_cast<size_t>(tiles * 16)) wbuf.resize(tiles * 16);
-  if (so.size() < static_cast<size_t>(tiles * 32)) so.resize(tiles * 32);
   uint8_t* buf = reinterpret_cast<uint8_t*>(wbuf.data());
   if (!few) {
     where.resize(tiles);
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t p = 0; p < P; ++p)
-        where[g * P + p] = tile_of(g, p, buf + (g * P + p) * kTileBytes, so.data() + (g * P + p) * 32);
+      for (int64_t p = 0; p < P; ++p) where[g * P + p] = tile_of(g, p, buf + (g * P + p) * kTileBytes);
   }
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t mr = std::min(kRows, M - r0);
@@ -137,35 +134,17 @@ inline void chunk(int64_t M, int64_t K, int64_t P, const at::BFloat16* x, const 
       std::memcpy(static_cast<void*>(pad.data()), xa, mr * K * sizeof(at::BFloat16));
       xa = pad.data();
     }
-    if (i4) {
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t r = 0; r < mr; ++r) _mm512_store_ps(tot[p] + r * 16, _mm512_setzero_ps());
-    } else {
-      zero(P);
-    }
+    zero(P);
     for (int64_t g = 0; g < G; ++g) {
       _tile_loadd(4, xa + g * 32, K * sizeof(at::BFloat16));
-      if (i4) zero(P);
       for (int64_t p = 0; p < P; ++p)
-        product(p, few ? tile_of(g, p, buf + p * kTileBytes, so.data() + p * 32) : where[g * P + p]);
-      if (!i4) continue;
-      save(P, c);
-      for (int64_t p = 0; p < P; ++p) {
-        const float* sp = so.data() + (few ? p : g * P + p) * 32;
-        const __m512 sc = _mm512_loadu_ps(sp), off = _mm512_loadu_ps(sp + 16);
-        for (int64_t r = 0; r < mr; ++r) {
-          const __m512 part = _mm512_load_ps(c[p] + r * 16);
-          const __m512 t = _mm512_fmadd_ps(part, sc, _mm512_load_ps(tot[p] + r * 16));
-          _mm512_store_ps(tot[p] + r * 16, _mm512_fmadd_ps(_mm512_set1_ps(xsum[(r0 + r) * G + g]), off, t));
-        }
-      }
+        product(p, few ? tile_of(g, p, buf + p * kTileBytes) : where[g * P + p]);
     }
-    if (!i4) save(P, c);
-    float(&out)[4][kRows * 16] = i4 ? tot : c;
+    save(P, c);
     for (int64_t rr = 0; rr < mr; rr += 6) {
       const int64_t n = std::min<int64_t>(6, mr - rr);
       for (int64_t r = 0; r < n; ++r)
-        for (int64_t p = 0; p < P; ++p) acc[r][p] = _mm512_load_ps(out[p] + (rr + r) * 16);
+        for (int64_t p = 0; p < P; ++p) acc[r][p] = _mm512_load_ps(c[p] + (rr + r) * 16);
       store(r0 + rr, n);
     }
   }
