@@ -288,11 +288,17 @@ def test_a_two_process_ddp_job_on_the_default_model_matches_one_process_and_its_
         losses = {n: [e.data["train_loss"] for e in ev if e.type == "metrics"] for n, ev in events.items()}
         assert len(losses[1]) == len(losses[2]) == 4
         print(f"\nloss per step, 1 process: {losses[1]}\n                2 processes: {losses[2]}")
-        # Step 1 is the same forward on the same weights: equal but for summation order. Later steps
+        # Step 1 is the same forward on the same weights. With AVX512-BF16 alone, oneDNN's bf16
+        # matmuls sum K in one order whatever the rows: equal but for float32 summation. With AMX
+        # it picks its kernel by a matmul's rows, and the rows of 4 examples and of 2 round to
+        # bf16 apart, carried through 30 layers: measured 3.686 against 3.705 over the step's 8
+        # learned tokens, where float32 gives 3.707 and AVX512-BF16 3.593 (bf16's own error is the
+        # larger). Either way a loss scaled by the ranks (halved or doubled) moves it far more. Later steps
         # differ as bf16 gradients summed in another order differ, which Adam's first updates (about
         # lr * sign(g)) amplify where g is near 0: measured here up to 4% by step 4, as much as a
         # 1-process run differs from itself packed into other rows (benchmarks/bench_distributed.py).
-        assert losses[2][0] == pytest.approx(losses[1][0], rel=1e-5)
+        first_step = 0.02 if "amx_bf16" in open("/proc/cpuinfo").read() else 1e-5
+        assert losses[2][0] == pytest.approx(losses[1][0], rel=first_step)
         for a, b in zip(losses[1], losses[2]):
             assert b == pytest.approx(a, rel=DEFAULT_MODEL_TOLERANCE)
         assert {e.data["world_size"] for e in events[2] if e.type == "metrics"} == {2}
