@@ -388,6 +388,7 @@ def main():
     if args.llama_lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
     from fundament.config import DEFAULT_MODELS
+    from fundament.models.device import cpu_flags
     from fundament.models.loading import resolve_path
 
     gguf = str(resolve_path(DEFAULT_MODELS[0]))
@@ -395,13 +396,12 @@ def main():
     os.environ["FUNDAMENT_HOME"] = home
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
-    flags = set(open("/proc/cpuinfo").read().split())
-    cpu = {f: f in flags for f in CPU_FLAGS}
+    cpu = {f: f in cpu_flags() for f in CPU_FLAGS}
     cpu_name = cpu_model()
     print(f"cpu     : {cpu_name}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
     vllm_dtype = args.vllm_dtype
     if vllm_dtype == "auto":
-        vllm_dtype = "bfloat16" if "avx512_bf16" in flags else "float32"
+        vllm_dtype = "bfloat16" if "avx512_bf16" in cpu_flags() else "float32"
     if not args.skip_in_process:
         e = engine_figures(gguf, args.llama_py, args.reps)
         for what in ("decode", "prefill"):

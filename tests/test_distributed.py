@@ -29,6 +29,7 @@ from fundament.adapt.tune import TuneHooks
 from fundament.config import FineTuningConfig
 from fundament.errors import FundamentError
 from fundament.jobs.launch import TorchrunJob
+from fundament.models.device import cpu_flags
 from fundament.models.tokenizer import ChatTokenizer
 
 BASE = "smollm2-135m-instruct"
@@ -297,7 +298,7 @@ def test_a_two_process_ddp_job_on_the_default_model_matches_one_process_and_its_
         # differ as bf16 gradients summed in another order differ, which Adam's first updates (about
         # lr * sign(g)) amplify where g is near 0: measured here up to 4% by step 4, as much as a
         # 1-process run differs from itself packed into other rows (benchmarks/bench_distributed.py).
-        first_step = 0.02 if "amx_bf16" in open("/proc/cpuinfo").read() else 1e-5
+        first_step = 0.02 if "amx_bf16" in cpu_flags() else 1e-5
         assert losses[2][0] == pytest.approx(losses[1][0], rel=first_step)
         for a, b in zip(losses[1], losses[2]):
             assert b == pytest.approx(a, rel=DEFAULT_MODEL_TOLERANCE)

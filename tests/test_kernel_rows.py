@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fundament.models.device import cpu_flags
 from fundament.models.llama import INT4_GROUP, Linear
 from fundament.models.llama.linear import PACK_BF16, PACK_INT4, PACK_INT8, pack_weight
 
@@ -23,12 +24,9 @@ def qgemm_available() -> bool:
     return native.load() and bool(torch.ops.fundament.qgemm_available())
 
 
-def cpu_flags() -> str:
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return "unknown"
-    return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none of avx512_bf16/amx"
+def cpu_features() -> str:
+    found = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in cpu_flags()]
+    return ", ".join(found) or "none of avx512_bf16/amx"
 
 
 def amx_available() -> bool:
@@ -98,7 +96,7 @@ def test_a_decode_row_is_computed_alone_whatever_the_batch(weights, kind, unit):
     for m in ROWS:
         together = lin(x[:m], n_decode=m)
         assert torch.equal(together, alone[:m]), (
-            f"{kind}: rows computed {m} at a time differ from alone ({unit}; CPU: {cpu_flags()})"
+            f"{kind}: rows computed {m} at a time differ from alone ({unit}; CPU: {cpu_features()})"
         )
 
 

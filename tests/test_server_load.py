@@ -16,6 +16,8 @@ import pytest
 from conftest import ServerProcess
 from openai import AsyncOpenAI
 
+from fundament.models.device import cpu_flags
+
 pytestmark = pytest.mark.slow
 
 ENGINE = "smollm2-135m-instruct"
@@ -24,9 +26,8 @@ WORDS = "the a river model story cat dog data light music city night road paper 
 
 def cpu_features() -> str:
     """The CPU features that decide which kernels run (and so how they round)."""
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
     return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
 

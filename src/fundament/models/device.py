@@ -3,18 +3,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import InvalidRequestError
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (avx512_bf16, amx_tile, ...); none where
+    it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_supports_bf16() -> bool:
     """AVX512-BF16 (or AMX) makes bfloat16 matmuls fast; without it they are emulated and slow."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_device(name: str) -> str:

@@ -253,7 +253,7 @@ at::Tensor decode_impl(at::Tensor x, const at::Tensor& cos, const at::Tensor& si
       for (size_t k = 0; k < kinds.size(); ++k)
         if (lin[3 * k + 2].defined() && lin[3 * k + 2].numel()) bias[k] = lin[3 * k + 2].to(at::kFloat).contiguous();
       float* xsp = xs.data_ptr<float>();
-      const bool i4_sums = !qgemm_amx::enabled();  // int4's group sums: the tiles take its offsets in the weights
+      const bool i4_sums = qgemm::i4_needs_group_sums();
       team::run([&](team::Member& member) {
         auto project = [&](int64_t li, int64_t j, const at::Tensor& in) {
           const int64_t k = li * 4 + j, kind = kinds[k] - kPacked, N = out[j].size(1);

@@ -83,6 +83,10 @@ inline void dequantize(int64_t kind, const uint8_t* unit, __m512bh* out, float* 
   }
 }
 
+// Whether int4 products need each row's group sums (group_sums) for their offsets: on the vector
+// units, which multiply levels; not on the tiles, which take int4's values with the offsets in.
+inline bool i4_needs_group_sums() { return !qgemm_amx::enabled(); }
+
 // An int4 unit's 16 weight vectors as bf16 values, level * scale + offset rounded once: what AMX's
 // tiles multiply (qgemm_amx.h), so a tile's sums need no per-group scaling and its C tile adds up
 // every group as for bf16 and int8 weights. Lanes as dequantize's: lane l of a vector is column l / 2.
@@ -359,9 +363,7 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
   at::Tensor bias_f;
   if (bias.defined() && bias.numel()) bias_f = bias.to(at::kFloat).contiguous();
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  // int4 on the vector units: each row's sum of x over each group, for the offsets (the tiles take
-  // int4 weights with their offsets in).
-  const bool sums = kind == kI4 && !qgemm_amx::enabled();
+  const bool sums = kind == kI4 && i4_needs_group_sums();  // each row's sum of x over each group
   std::vector<float> xsum(sums ? M * G : 0);
   if (sums)
     for (int64_t r = 0; r < M; ++r) group_sums(xp + r * K, K, xsum.data() + r * G);
