@@ -97,12 +97,16 @@ inline void dequantize_i4_values(const uint8_t* unit, __m512bh* out) {
   const __m512i hi_cols = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
   const __m512 sc_lo = _mm512_permutexvar_ps(lo_cols, sc), sc_hi = _mm512_permutexvar_ps(hi_cols, sc);
   const __m512 off_lo = _mm512_permutexvar_ps(lo_cols, off), off_hi = _mm512_permutexvar_ps(hi_cols, off);
-  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  // A level as float32 by table lookup: vpermps reads only an index's low 4 bits, so a byte's low
+  // nibble needs no mask, and the lookup runs on the shuffle port where a mask and a convert took
+  // the port the FMAs and converts share. Same values; one row on the tiles is bound by this loop
+  // (1,536 x 576 at one row, one thread: ~14% faster).
+  const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint8_t* q = unit + 64;
   for (int64_t i = 0; i < kPairs; ++i) {  // byte j: lane j's level in its low half, lane j + 16's in its high
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i * 16)));
-    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sc_lo, off_lo);
-    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sc_hi, off_hi);
+    const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, levels), sc_lo, off_lo);
+    const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), levels), sc_hi, off_hi);
     out[i] = _mm512_cvtne2ps_pbh(hi, lo);
   }
 }
