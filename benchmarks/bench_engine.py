@@ -44,18 +44,6 @@ _loads = iter(range(100_000))
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_model() -> str:
-    """The CPU as /proc/cpuinfo names it, with its family and model numbers: a model name such as
-    "AMD EPYC" covers generations whose figures differ by 2x (family 25 and 26 both read so)."""
-    info: dict[str, str] = {}
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-        if not line.strip():
-            break
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -388,7 +376,7 @@ def main():
     if args.llama_lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
     from fundament.config import DEFAULT_MODELS
-    from fundament.models.device import cpu_flags
+    from fundament.models.device import cpu_flags, cpu_name
     from fundament.models.loading import resolve_path
 
     gguf = str(resolve_path(DEFAULT_MODELS[0]))
@@ -397,8 +385,7 @@ def main():
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
     cpu = {f: f in cpu_flags() for f in CPU_FLAGS}
-    cpu_name = cpu_model()
-    print(f"cpu     : {cpu_name}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
+    print(f"cpu     : {cpu_name()}; " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
     vllm_dtype = args.vllm_dtype
     if vllm_dtype == "auto":
         vllm_dtype = "bfloat16" if "avx512_bf16" in cpu_flags() else "float32"
@@ -501,7 +488,7 @@ def main():
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cores": os.cpu_count(),
-        "cpu": cpu_name,
+        "cpu": cpu_name(),
         "cpu_flags": cpu,
         "vllm_dtype": vllm_dtype,
     }

@@ -164,17 +164,11 @@ def run(
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{model}, {len(os.sched_getaffinity(0))} cores available, torch {torch.__version__}, Python {platform.python_version()}"
+    from ..models.device import cpu_name
+
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores available, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def markdown(

@@ -21,6 +21,23 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+@functools.cache
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers: a name such as "AMD
+    EPYC" covers generations whose figures differ by 2x (families 25 and 26 both read so)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
 def cpu_supports_bf16() -> bool:
     """AVX512-BF16 (or AMX) makes bfloat16 matmuls fast; without it they are emulated and slow."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

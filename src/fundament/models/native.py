@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .device import cpu_flags
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # included by SOURCE: part of the build's key
@@ -43,10 +45,7 @@ _loaded: bool | None = None  # load()'s answer, once asked
 def cache_dir() -> Path:
     """One build per machine, torch version, CPU and source: ~/.cache/fundament/kernels/<key>."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fundament" / "kernels"
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
+    flags = " ".join(sorted(cpu_flags()))  # -march=native builds for them
     key = hashlib.sha256(
         b"\0".join(
             x.encode()
