@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -35,7 +36,8 @@ def cpu_name() -> str:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    name = info.get("model name") or platform.processor() or platform.machine()  # no /proc/cpuinfo: what Python knows
+    return f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def cpu_supports_bf16() -> bool:
