@@ -12,20 +12,8 @@ from ..errors import InvalidRequestError
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (avx512_bf16, amx_tile, ...); none where
-    it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
-
-
-@functools.cache
-def cpu_name() -> str:
-    """The CPU as /proc/cpuinfo names it, with its family and model numbers: a name such as "AMD
-    EPYC" covers generations whose figures differ by 2x (families 25 and 26 both read so)."""
+def _first_processor() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as key -> value; empty where it cannot be read."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -36,6 +24,20 @@ def cpu_name() -> str:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (avx512_bf16, amx_tile, ...); none where
+    it cannot be read."""
+    return frozenset(_first_processor().get("flags", "").split())
+
+
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers: a name such as "AMD
+    EPYC" covers generations whose figures differ by 2x (families 25 and 26 both read so)."""
+    info = _first_processor()
     name = info.get("model name") or platform.processor() or platform.machine()  # no /proc/cpuinfo: what Python knows
     return f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
