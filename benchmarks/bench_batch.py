@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import openai
+
+from fundament.config import fundament_cache
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -50,13 +53,11 @@ def main() -> None:
     args = p.parse_args()
 
     home = tempfile.mkdtemp(prefix="bench-batch-")
-    cache = Path(os.environ.get("FUNDAMENT_HOME") or Path.home() / ".cache" / "fundament") / "cache"
-    if cache.exists():
-        os.symlink(cache, Path(home) / "cache")  # no second GGUF dequantization
     log = open(Path(home) / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "fundament.cli", "serve", "--port", str(args.port), "--log-level", "warning"],
-        env={**os.environ, "FUNDAMENT_HOME": home},
+        # a scratch home, the user's cache: no second GGUF dequantization
+        env={**os.environ, "FUNDAMENT_HOME": home, "FUNDAMENT_CACHE": str(fundament_cache())},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -110,6 +111,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+    shutil.rmtree(home, ignore_errors=True)  # kept, with the server's log, where the run failed
 
 
 if __name__ == "__main__":

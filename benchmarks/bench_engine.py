@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -375,12 +376,16 @@ def main():
     args = ap.parse_args()
     if args.llama_lib:
         os.environ["LLAMA_CPP_LIB_PATH"] = args.llama_lib
-    from fundament.config import DEFAULT_MODELS
+    from fundament.config import DEFAULT_MODELS, fundament_cache
     from fundament.models.device import cpu_flags, cpu_name
     from fundament.models.loading import resolve_path
 
     gguf = str(resolve_path(DEFAULT_MODELS[0]))
-    home = os.environ.get("FUNDAMENT_HOME") or tempfile.mkdtemp(prefix="fundament-bench-")
+    # the servers' home is a scratch folder, removed at the end; the dequantized GGUF stays in the
+    # user's cache, made once for every run
+    os.environ["FUNDAMENT_CACHE"] = str(fundament_cache())
+    scratch = None if os.environ.get("FUNDAMENT_HOME") else tempfile.mkdtemp(prefix="fundament-bench-")
+    home = scratch or os.environ["FUNDAMENT_HOME"]
     os.environ["FUNDAMENT_HOME"] = home
     print(f"machine: {os.cpu_count()} cores, {THREADS} threads each; GGUF {gguf}")
 
@@ -480,6 +485,8 @@ def main():
         stop(ours)
         if variant is not None:
             stop(variant)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     med = summary(runs)
     print("\n" + table(med, levels))
     print("\npeak RSS (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))

@@ -6,7 +6,7 @@ that vLLM (a model with `vllm: {}`: the proxy) costs, the three interleaved in o
 
 At each concurrency level: aggregate tokens/s and p50/p95 time to first token of C streaming chat
 requests (bench_engine's `load`), ours/vLLM (a/b), and the proxy's throughput c/b and overhead.
-Each server has its own $FUNDAMENT_HOME whose cache is this one's: no second dequantization. Not a
+Each server has a scratch $FUNDAMENT_HOME and this one's $FUNDAMENT_CACHE: no second dequantization. Not a
 test. Run it on an idle machine: every engine here spreads OpenMP threads over all cores, and one
 busy process beside them slows decode tenfold. vLLM's environment is built by scripts/vllm_env.sh. Run:
 
@@ -34,7 +34,7 @@ import httpx
 import yaml
 from bench_engine import load, peak_rss_mb, start_ours, stop, warm_up
 
-from fundament.config import DEFAULT_MODELS, VLLMSpec, fundament_home
+from fundament.config import DEFAULT_MODELS, VLLMSpec, fundament_cache
 from fundament.engine.vllm_server import vllm_python
 
 MODEL = DEFAULT_MODELS[0].name  # vLLM serves it under the same name
@@ -65,9 +65,6 @@ def vllm_version() -> str:
 
 def new_home(homes: list[Path]) -> str:
     home = Path(tempfile.mkdtemp(prefix="fundament-bench-vllm-"))
-    shared = fundament_home() / "cache"
-    shared.mkdir(parents=True, exist_ok=True)
-    (home / "cache").symlink_to(shared, target_is_directory=True)
     homes.append(home)
     return str(home)
 
@@ -252,6 +249,7 @@ def main():
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vllm.json"))
     args = ap.parse_args()
+    os.environ["FUNDAMENT_CACHE"] = str(fundament_cache())  # every server's
     flags = set(Path("/proc/cpuinfo").read_text().split())
     cpu = {f: f in flags for f in CPU_FLAGS}
     version = vllm_version()

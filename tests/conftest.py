@@ -37,6 +37,13 @@ def native_decode(request) -> bool:
     return request.param == "native"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_cache(tmp_path_factory):
+    """One $FUNDAMENT_CACHE for the session: each test's home is its own, but a GGUF is dequantized
+    once (not once per test and server: 0.5 GB and seconds each time)."""
+    os.environ["FUNDAMENT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNDAMENT_HOME", str(tmp_path / "home"))
@@ -93,7 +100,7 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def server(tmp_path_factory, _shared_cache):
     srv = ServerProcess([], tmp_path_factory.mktemp("server-home"))
     yield srv
     srv.stop()
@@ -109,7 +116,7 @@ def client(server):
 @pytest.fixture(scope="session")
 def smollm_dir(server):
     """The Hugging Face directory the session's server dequantized the default GGUF into."""
-    dirs = list((Path(server.log).parent / "cache" / "gguf").glob("SmolLM2-135M-Instruct*"))
+    dirs = list((Path(os.environ["FUNDAMENT_CACHE"]) / "gguf").glob("SmolLM2-135M-Instruct*"))
     assert len(dirs) == 1, dirs
     return dirs[0]
 

@@ -14,7 +14,6 @@ import time
 import openai
 import pytest
 from conftest import ServerProcess
-from test_fine_tuning import home_sharing_cache
 
 from fundament.server.serving_batches import parse_lines
 
@@ -82,7 +81,7 @@ def read_jsonl(c, file_id) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def home(server, tmp_path_factory):
-    return home_sharing_cache(server, tmp_path_factory, "batch-home")
+    return tmp_path_factory.mktemp("batch-home")
 
 
 def test_a_batch_survives_a_server_kill_and_bad_lines_land_in_the_error_file(home):

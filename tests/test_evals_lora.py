@@ -31,7 +31,6 @@ def _gone(pid: int) -> bool:
 def test_lora_fine_tunes_through_the_jobs_api_and_changes_the_probabilities(tmp_path, server, monkeypatch):
     home = Path(os.environ["FUNDAMENT_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    (home / "cache").symlink_to(Path(server.log).parent / "cache")  # the chat model, dequantized once per session
     stopped = []
     real_stop = eval_server.LocalServer.stop
 

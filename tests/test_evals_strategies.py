@@ -53,7 +53,6 @@ def run(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     home = root / "home"
     home.mkdir()
-    (home / "cache").symlink_to(Path(server.log).parent / "cache")  # the chat model, dequantized once per session
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUNDAMENT_HOME", str(home))
         results = evaluate(_config(server, root))

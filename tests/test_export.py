@@ -21,7 +21,7 @@ import openai
 import pytest
 import torch
 from conftest import REPO, ServerProcess, free_port
-from test_fine_tuning import home_sharing_cache, jsonl, wait
+from test_fine_tuning import jsonl, wait
 from tuning_data import sst2_chat
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tuned(server, tmp_path_factory):
     """A server on float32 weights with a real ft: model of the default model, and its home."""
-    home = home_sharing_cache(server, tmp_path_factory, "export-home")
+    home = tmp_path_factory.mktemp("export-home")
     cfg = home / "serve.yaml"
     cfg.write_text(
         "engine: {dtype: float32, kv_cache_dtype: model, int8_activations: false}\n"

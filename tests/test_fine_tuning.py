@@ -32,16 +32,9 @@ def jsonl(records) -> bytes:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
 
 
-def home_sharing_cache(server, tmp_path_factory, name: str) -> Path:
-    """A fresh $FUNDAMENT_HOME whose cache is the session server's: no second GGUF dequantization."""
-    home = tmp_path_factory.mktemp(name)
-    (home / "cache").symlink_to(Path(server.log).parent / "cache", target_is_directory=True)
-    return home
-
-
 @pytest.fixture(scope="module")
 def ft_server(server, tmp_path_factory):
-    srv = ServerProcess([], home_sharing_cache(server, tmp_path_factory, "ft-home"))
+    srv = ServerProcess([], tmp_path_factory.mktemp("ft-home"))
     srv.home = Path(srv.log).parent
     yield srv
     srv.stop()

@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 from conftest import ServerProcess
-from test_fine_tuning import BASE, home_sharing_cache, jsonl, metrics_steps, reply, wait
+from test_fine_tuning import BASE, jsonl, metrics_steps, reply, wait
 from tuning_data import sst2_chat
 
 from fundament.jobs.store import JobStore
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigkill_mid_training_then_restart_resumes_and_succeeds(server, tmp_path_factory):
-    home = home_sharing_cache(server, tmp_path_factory, "crash-home")
+    home = tmp_path_factory.mktemp("crash-home")
     srv = ServerProcess([], home)
     try:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)
@@ -80,7 +80,7 @@ def metrics_steps_from_store(store, job_id):
 def test_training_file_deleted_mid_job_then_worker_sigkill_resumes_and_succeeds(server, tmp_path_factory):
     """The job's own copy of its data: DELETE /v1/files of its training file while it trains is
     allowed (as on OpenAI), and the worker that resumes it after a SIGKILL reads that copy."""
-    home = home_sharing_cache(server, tmp_path_factory, "delete-home")
+    home = tmp_path_factory.mktemp("delete-home")
     srv = ServerProcess([], home)
     try:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=120)

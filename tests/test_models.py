@@ -3,8 +3,12 @@ aliases, API keys, and the dequantized-GGUF cache that makes later starts fast."
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -29,8 +33,7 @@ def test_default_entries_resolve_to_the_wheels():
     assert (resolve_path(DEFAULT_MODELS[1]) / "modules.json").exists()
 
 
-def test_gguf_is_dequantized_once_and_reused(server, smollm_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv("FUNDAMENT_HOME", str(smollm_dir.parents[2]))
+def test_gguf_is_dequantized_once_and_reused(server, smollm_dir):
     stamp = (smollm_dir / "model.safetensors").stat().st_mtime_ns
     t = time.perf_counter()
     assert hf_dir_for(DEFAULT_MODELS[0]) == smollm_dir
@@ -66,7 +69,7 @@ def test_config_file_rejects_unknown_keys(tmp_path):
 @pytest.fixture(scope="module")
 def by_path_server(server, smollm_dir, tmp_path_factory):
     """A second server with API keys, serving a tiny HF directory and the GGUF file by path from a
-    config file, sharing the first server's cache (so this is a second start of the GGUF)."""
+    config file, with a home of its own and the session's cache (a second start of the GGUF)."""
     tiny = make_tiny_llama(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat", vocab_size=49152)
     for f in [*smollm_dir.glob("tokenizer*"), smollm_dir / "chat_template.jinja"]:
         shutil.copy(f, tiny / f.name)
@@ -79,7 +82,7 @@ def by_path_server(server, smollm_dir, tmp_path_factory):
         "aliases: {gpt-4o-mini: smol-by-path}\n"
         "engine: {max_num_seqs: 1, max_queue: 1}\n"
     )
-    srv = ServerProcess(["--config", str(cfg), "--api-key", "sk-right"], smollm_dir.parents[2])
+    srv = ServerProcess(["--config", str(cfg), "--api-key", "sk-right"], tmp_path_factory.mktemp("by-path-home"))
     yield srv
     srv.stop()
 
@@ -98,9 +101,30 @@ def test_models_load_by_path_from_a_config_file(by_path_server):
     assert "4" in r.choices[0].message.content
 
 
-def test_second_start_reuses_the_dequantized_gguf(by_path_server, server):
-    # The first server dequantized the GGUF; this one found it in the shared cache.
-    assert by_path_server.ready_s < server.ready_s
+def test_one_cache_serves_every_home_and_two_loaders_at_once_build_it_once(tmp_path):
+    """$FUNDAMENT_CACHE: processes with homes of their own (two servers, a test, a benchmark) share
+    one dequantized copy of a GGUF. Two that start at once on an empty cache both build it; the
+    second to finish finds the first's in place and drops its own, so both load the one directory
+    and nothing half-written or duplicated is left behind."""
+    cache = tmp_path / "shared-cache"
+    code = "from fundament.config import DEFAULT_MODELS\nfrom fundament.models.loading import hf_dir_for\nprint(hf_dir_for(DEFAULT_MODELS[0]))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "FUNDAMENT_CACHE": str(cache), "FUNDAMENT_HOME": str(tmp_path / f"home{i}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    dirs = {Path(out.strip().splitlines()[-1]) for out, _ in outs}
+    built = list((cache / "gguf").iterdir())
+    assert len(dirs) == 1 and built == list(dirs), (dirs, built)  # no .tmp-* left, no second copy
+    assert (built[0] / "config.json").exists() and (built[0] / "model.safetensors").stat().st_size > 100_000_000
+    assert not any((tmp_path / f"home{i}" / "cache").exists() for i in range(2))
 
 
 def test_api_keys_when_configured(by_path_server):

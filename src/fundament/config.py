@@ -32,6 +32,13 @@ def fundament_home() -> Path:
     return Path(os.environ.get("FUNDAMENT_HOME") or Path.home() / ".cache" / "fundament")
 
 
+def fundament_cache() -> Path:
+    """Where what can be rebuilt from a model's files (a GGUF's dequantized directory) lives:
+    $FUNDAMENT_CACHE, else $FUNDAMENT_HOME/cache. Servers with homes of their own (one per user,
+    test or benchmark) share one cache, and one copy of each model's weights on disk, through it."""
+    return Path(os.environ.get("FUNDAMENT_CACHE") or fundament_home() / "cache")
+
+
 @dataclass(config=SECTION)
 class SamplingDefaults:
     """What a request gets for each sampling field it leaves out (see docs/models.md)."""

@@ -1,7 +1,8 @@
 """Finding a model's files and turning them into something the engine can read fast.
 
 A GGUF file is dequantized once (by transformers' GGUF reader) into a Hugging Face directory of
-safetensors under $FUNDAMENT_HOME/cache, keyed by the file's size and mtime; later starts read that.
+safetensors under $FUNDAMENT_CACHE (default $FUNDAMENT_HOME/cache), keyed by the file's path, size
+and mtime; later starts read that.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import ModelSpec, fundament_home
+from ..config import ModelSpec, fundament_cache
 from ..errors import ConfigError
 from .gguf_rope import restore_rope_scaling
 
@@ -51,7 +52,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     source = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{GGUF_CACHE_VERSION}"
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return fundament_home() / "cache" / "gguf" / f"{gguf.stem}-{key}"
+    return fundament_cache() / "gguf" / f"{gguf.stem}-{key}"
 
 
 def dequantize_gguf(gguf: Path) -> Path:
@@ -81,7 +82,13 @@ def dequantize_gguf(gguf: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(str(gguf.resolve()) + "\n")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+            # another process (a second server on the same cache) finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
