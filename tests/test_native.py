@@ -23,6 +23,42 @@ def test_kernel_builds_where_a_compiler_is():
     assert hasattr(torch.ops.fundament, "decode_layers")
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "cpu",
+    [
+        "x86-64-v2",  # no AVX2: the engine's Python paths only
+        "x86-64-v3",  # AVX2 and FMA (an AVX2-only EPYC): the float32 kernel
+        "skylake-avx512",  # AVX512 without BF16
+        "cooperlake",  # AVX512-BF16 without AMX (as the EPYCs of this project)
+        "sapphirerapids",  # AMX: the bf16 and int8 tiles
+    ],
+)
+def test_the_kernel_compiles_for_every_level_of_cpu_it_serves(cpu):
+    """The build is -march=native, so the CI machine only ever compiles its own CPU's branches of
+    the kernel's #if's; this compiles the others (syntax and types, no code): a helper declared
+    inside an AVX512-BF16 block once broke the build on AVX2-only CPUs, which then lost the
+    float32 kernel with a warning."""
+    import os
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    flags = [f"-I{p}" for p in (*include_paths(), sysconfig.get_paths()["include"])]
+    cmd = [
+        os.environ.get("CXX", "c++"),
+        "-std=c++17",
+        f"-march={cpu}",
+        "-fopenmp",
+        "-fsyntax-only",
+        *flags,
+        str(native.SOURCE),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def decode_logits(model, prompts, continuations):
     """Prefill each prompt alone, then teacher-force the continuations as one decode batch per step;
     returns per step the (rows, V) logits and the caches."""

@@ -47,6 +47,10 @@ constexpr int64_t kPanel = 16, kGroup = 32, kPairs = kGroup / 2, kBlock = 4, kMa
 
 inline int64_t unit_bytes(int64_t kind) { return kind == kBF16 ? 1024 : kind == kI8 ? 512 : 320; }
 
+// Whether int4 products need each row's group sums (group_sums) for their offsets: on the vector
+// units, which multiply levels; not on the tiles, which take int4's values with the offsets in.
+inline bool i4_needs_group_sums() { return !qgemm_amx::enabled(); }
+
 #if FUNDAMENT_QGEMM
 
 // One unit's 16 weight vectors (a panel, a group) into out[0 .. 16): the weights in bf16 (bf16,
@@ -82,10 +86,6 @@ inline void dequantize(int64_t kind, const uint8_t* unit, __m512bh* out, float* 
     out[i] = (__m512bh)_mm512_permutexvar_epi16(lanes, levels);
   }
 }
-
-// Whether int4 products need each row's group sums (group_sums) for their offsets: on the vector
-// units, which multiply levels; not on the tiles, which take int4's values with the offsets in.
-inline bool i4_needs_group_sums() { return !qgemm_amx::enabled(); }
 
 // An int4 unit's 16 weight vectors as bf16 values, level * scale + offset rounded once: what AMX's
 // tiles multiply (qgemm_amx.h), so a tile's sums need no per-group scaling and its C tile adds up
