@@ -1,6 +1,7 @@
 """One int4 projection's matmul by number of rows, in process, one thread: the packed bf16 kernel on
-AMX's tiles, the same kernel on the vector units, and the float32 path's int8 rows
-(`qgemm_i8.h`, timed with its quantizing). What docs/engine.md's table of the tiles against int8
+AMX's tiles, the same kernel on the vector units, and the float32 path's int8 rows (timed with
+their quantizing) on the vector units (`qgemm_i8.h`) and on AMX's integer tiles
+(`qgemm_i8_amx.h`, from 2 rows). What docs/engine.md's table of the tiles against int8
 rows comes from; the units are interleaved `--rounds` times and each figure is microseconds a call.
 
     .venv/bin/python benchmarks/bench_kernel.py --rounds 4
@@ -41,8 +42,10 @@ def main() -> None:
     op, none = torch.ops.fundament, torch.empty(0)
     amx = "amx_bf16" in cpu_flags()
     print(f"cpu: {cpu_name()}; amx {'yes' if amx else 'no'}; one thread")
-    units = [("tiles", 1, False), ("vector bf16", 0, False), ("int8 rows", 0, True)]
+    units = [("tiles", 1, False), ("vector bf16", 0, False), ("int8 rows", 0, True), ("int8 tiles", 1, True)]
     units = [u for u in units if (u[1] == 0 or amx) and (u[2] or op.qgemm_available())]
+    if "amx_int8" not in cpu_flags():
+        units = [u for u in units if u[0] != "int8 tiles"]
     times: dict[tuple, list[float]] = {}
     for n, k in SHAPES:
         levels = torch.randint(0, 16, (n, k), dtype=torch.uint8)

@@ -98,6 +98,33 @@ def test_rows_are_batch_invariant(make, rows):
         assert torch.equal(lin(x[:n], n_decode=n, n_int8=n if i8 else 0), alone[:n]), f"{n} rows"
 
 
+def test_int8_rows_on_amx_integer_tiles_are_the_vector_units_bits():
+    """Where the CPU has AMX-INT8, int8 rows times int4 weights from 2 rows take the integer tiles
+    (csrc/qgemm_i8_amx.h: exact int32 sums per group, then the vector path's float steps in its
+    order), so every row count gives the bits the vector units give, and a row the bits it has
+    alone: the kernel's choice by number of rows cannot change a request's tokens."""
+    from fundament.models.device import cpu_flags
+
+    if "amx_int8" not in cpu_flags():
+        pytest.skip("no AMX-INT8 on this CPU")
+    op = torch.ops.fundament.qgemm_amx
+    before = op()
+    lin = int8x(q4_weight(), torch.randn(OUT))
+    x = torch.randn(70, IN) * (1 + 10 * torch.rand(70, 1))  # rows of different scales
+    x[5, 32:96] = 0  # all-zero groups
+    try:
+        got = {}
+        for tiles in (0, 1):
+            assert op(tiles) is bool(tiles)
+            got[tiles] = {n: lin(x[:n], n_decode=n, n_int8=n) for n in (*ROWS, 70)}
+        alone = torch.cat([lin(x[i : i + 1], n_decode=1, n_int8=1) for i in range(70)])
+    finally:
+        op(int(before))
+    for n in (*ROWS, 70):
+        assert torch.equal(got[1][n], got[0][n]), f"{n} rows: tiles != vector units"
+        assert torch.equal(got[1][n], alone[:n]), f"{n} rows: a row != alone"
+
+
 def test_every_kind_of_the_layout():
     """The other kinds qgemm.h's layout has (bf16, int8 with column scales) read right too."""
     w = (torch.randn(OUT, IN) * 0.05).to(torch.bfloat16)

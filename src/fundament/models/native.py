@@ -21,7 +21,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 # included by SOURCE: part of the build's key
 HEADERS = [
     Path(__file__).parent / "csrc" / h
-    for h in ("qgemm.h", "qgemm_amx.h", "qgemm_i8.h", "qgemm_f32.h", "attend.h", "team.h")
+    for h in ("qgemm.h", "qgemm_amx.h", "qgemm_i8.h", "qgemm_i8_amx.h", "qgemm_f32.h", "attend.h", "team.h")
 ]
 # Vectorized float reductions (attention's dot products and sums) need reassociation; the order
 # is still fixed at compile time, so a row's result never depends on its batch.

@@ -28,6 +28,7 @@
 
 #include "qgemm.h"
 #include "qgemm_i8.h"  // int8 activations; FUNDAMENT_QGEMM32, kI8G, kInt8X, kTileRows
+#include "qgemm_i8_amx.h"  // the same int8 rows on AMX's integer tiles
 
 namespace qgemm32 {
 
@@ -194,16 +195,25 @@ inline at::Tensor gemm(const at::Tensor& x_in, int64_t kind, const at::Tensor& a
         if (!xq16.empty()) std::copy(xq.data() + r * K, xq.data() + (r + 1) * K, xq16.data() + r * K);
       }
     });
+  // int8 rows times int4 on AMX's integer tiles from 2 rows (qgemm_i8_amx.h: the same bits)
+  const bool tiles = int8x && kind == kI4 && M > 1 && qgemm_i8_amx::enabled();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> w, acc;  // kept across calls: allocating costs more than a row
     if (w.size() < static_cast<size_t>(kBlock * kUnitFloats)) w.resize(kBlock * kUnitFloats);
     if (acc.size() < static_cast<size_t>(M * kBlock * kPanel)) acc.resize(M * kBlock * kPanel);
     const int64_t lda = kBlock * kPanel;
+#if FUNDAMENT_AMX_I8
+    if (tiles) qgemm_i8_amx::configure(std::min(M, qgemm_i8_amx::kRows));
+#endif
     for (int64_t first = begin; first < end;) {
       const int64_t blk = first / kBlock, skip = first % kBlock;  // the layout's block, panels of it before ours
       const int64_t width = std::min(kBlock, panels - blk * kBlock), P = std::min(width - skip, end - first);
       const uint8_t* base = ap + blk * kBlock * G * U;
-      if (int8x && M == 1) {  // one row: its sums in registers over every group
+      if (tiles) {
+#if FUNDAMENT_AMX_I8
+        qgemm_i8_amx::block(M, K, xq.data(), xd.data(), xs.data(), base + skip * U, width, U, P, acc.data(), lda);
+#endif
+      } else if (int8x && M == 1) {  // one row: its sums in registers over every group
         const int8_t* q = xq.data();
         const int16_t* q16 = xq16.empty() ? nullptr : xq16.data();
         const uint8_t* ours = base + skip * U;
