@@ -42,10 +42,9 @@ def main() -> None:
     op, none = torch.ops.fundament, torch.empty(0)
     amx = "amx_bf16" in cpu_flags()
     print(f"cpu: {cpu_name()}; amx {'yes' if amx else 'no'}; one thread")
+    tiles_of = {False: amx, True: "amx_int8" in cpu_flags()}  # bf16 tiles, int8 tiles
     units = [("tiles", 1, False), ("vector bf16", 0, False), ("int8 rows", 0, True), ("int8 tiles", 1, True)]
-    units = [u for u in units if (u[1] == 0 or amx) and (u[2] or op.qgemm_available())]
-    if "amx_int8" not in cpu_flags():
-        units = [u for u in units if u[0] != "int8 tiles"]
+    units = [u for u in units if (u[1] == 0 or tiles_of[u[2]]) and (u[2] or op.qgemm_available())]
     times: dict[tuple, list[float]] = {}
     for n, k in SHAPES:
         levels = torch.randint(0, 16, (n, k), dtype=torch.uint8)

@@ -99,16 +99,16 @@ inline void scale_into(__m512 (&acc)[kRows], const int32_t* c, const uint8_t* un
 // One panel for a tile of MR rows over every group: each group's product goes to the tiles while
 // the previous group's sums are scaled (two C tiles and buffers in turn).
 template <int MR>
-inline void panel(int64_t K, const int8_t* qa, const float* d, const float* s, int64_t G, const uint8_t* const* b,
+inline void panel(int64_t K, const int8_t* qa, const float* d, const float* s, int64_t G, const uint8_t* b,
                   const uint8_t* unit0, int64_t step, float* out, int64_t ldo) {
   constexpr int64_t kAheadG = 3;  // groups in the tiles while one is scaled
   alignas(64) int32_t c[4][kRows * 16];
   __m512 acc[kRows];
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < std::min(kAheadG, G); ++g) product(static_cast<int>(g & 3), qa + g * 32, K, b[g], c[g & 3]);
+  for (int64_t g = 0; g < std::min(kAheadG, G); ++g) product(static_cast<int>(g & 3), qa + g * 32, K, b + g * kB, c[g & 3]);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t n = g + kAheadG;
-    if (n < G) product(static_cast<int>(n & 3), qa + n * 32, K, b[n], c[n & 3]);
+    if (n < G) product(static_cast<int>(n & 3), qa + n * 32, K, b + n * kB, c[n & 3]);
     scale_into<MR>(acc, c[g & 3], unit0 + g * step, d + g, s + g, G);
   }
   for (int r = 0; r < MR; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
@@ -121,16 +121,11 @@ inline void block(int64_t M, int64_t K, const int8_t* q, const float* d, const f
                   int64_t width, int64_t U, int64_t P, float* out, int64_t ldo) {
   const int64_t G = K / 32, rows = std::min(M, kRows);
   thread_local std::vector<__m512i> wbuf;  // made B tiles, [panel][group]
-  thread_local std::vector<const uint8_t*> where;
   thread_local std::vector<int8_t> pad;  // a last, partial tile's rows
   if (wbuf.size() < static_cast<size_t>(P * G * kB / 64)) wbuf.resize(P * G * kB / 64);
-  if (where.size() < static_cast<size_t>(P * G)) where.resize(P * G);
   uint8_t* buf = reinterpret_cast<uint8_t*>(wbuf.data());
   for (int64_t p = 0; p < P; ++p)
-    for (int64_t g = 0; g < G; ++g) {
-      where[p * G + g] = buf + (p * G + g) * kB;
-      make_b(base + (g * width + p) * U, buf + (p * G + g) * kB);
-    }
+    for (int64_t g = 0; g < G; ++g) make_b(base + (g * width + p) * U, buf + (p * G + g) * kB);
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t mr = std::min(kRows, M - r0);
     const int8_t* qa = q + r0 * K;
@@ -140,7 +135,7 @@ inline void block(int64_t M, int64_t K, const int8_t* q, const float* d, const f
       qa = pad.data();
     }
     for (int64_t p = 0; p < P; ++p) {
-      const uint8_t* const* b = where.data() + p * G;
+      const uint8_t* b = buf + p * G * kB;  // the panel's made B tiles, a group kB apart
       const uint8_t* unit0 = base + p * U;
       float* o = out + r0 * ldo + p * 16;
       const float *dr = d + r0 * G, *sr = s + r0 * G;
